@@ -1,0 +1,31 @@
+# Set-up and the two main jobs. Every target creates .venv and installs the kit when missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed-stamp
+PROFILE ?= smoke
+
+.PHONY: install reproduce test lint bench clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+reproduce: $(STAMP)  ## main job: execute every notebook (smoke profile) and regenerate figures/
+	$(VENV)/bin/hilal reproduce --profile $(PROFILE)
+
+test: $(STAMP)  ## lint, stripped-notebook check, unit tests, every notebook at the smoke profile
+	$(VENV)/bin/ruff check hilal tests bench
+	$(PY) -m pytest -q -ra --durations=15
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hilal tests bench
+
+bench: $(STAMP)
+	$(VENV)/bin/hilal bench hessian --out bench/results/hessian.json
+	$(VENV)/bin/hilal bench search --out bench/results/search.json
+	$(VENV)/bin/hilal bench analog --out bench/results/analog.json

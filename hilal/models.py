@@ -1,0 +1,197 @@
+"""Model registry. Every builder adapts to the dataset's channels, input size and class count."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hilal.registry import HilalError, Registry
+
+MODELS: Registry = Registry("model")
+
+
+def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
+                checkpoint: str | Path | None = None, **kwargs: Any) -> nn.Module:
+    """Build a registered model; optionally load a local checkpoint (a state_dict or {'model': sd})."""
+    model = MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model
+
+
+def model_for(name: str, splits: Any, **kwargs: Any) -> nn.Module:
+    """Build ``name`` for a :class:`hilal.data.Splits` (its channels, size, classes and task)."""
+    return build_model(name, in_channels=splits.in_channels, num_classes=splits.num_classes,
+                       image_size=splits.image_size, **{**splits.meta.get("model_kwargs", {}), **kwargs})
+
+
+def load_weights(model: nn.Module, checkpoint: str | Path) -> nn.Module:
+    path = Path(checkpoint)
+    if not path.exists():
+        raise HilalError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model" in state:
+        state = state["model"]
+    model.load_state_dict(state)
+    return model
+
+
+# --- CNNs -------------------------------------------------------------------------------------------
+
+class _Block(nn.Module):
+    """Basic residual block (two 3x3 convs); a 1x1 conv shortcut when shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNetCIFAR(nn.Module):
+    """CIFAR-style ResNet: 3x3 stem, three stages of 16/32/64 channels, global pool, linear head."""
+
+    def __init__(self, blocks_per_stage: int, in_channels: int, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, cin = [], width
+        for i, cout in enumerate((width, 2 * width, 4 * width)):
+            layers = []
+            for b in range(blocks_per_stage):
+                layers.append(_Block(cin, cout, 2 if (i > 0 and b == 0) else 1))
+                cin = cout
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@MODELS.register("resnet8")
+def resnet8(in_channels: int = 3, num_classes: int = 10, **_: Any) -> nn.Module:
+    """ResNet-8 in the MLPerf Tiny layout: stem + 3 residual stages of one block, 10 mappable layers."""
+    return ResNetCIFAR(1, in_channels, num_classes)
+
+
+@MODELS.register("resnet20")
+def resnet20(in_channels: int = 3, num_classes: int = 10, **_: Any) -> nn.Module:
+    """ResNet-20 for CIFAR (He et al. 2016), 1x1-conv shortcuts: 22 mappable layers."""
+    return ResNetCIFAR(3, in_channels, num_classes)
+
+
+def _pool_or_id(size: int) -> tuple[nn.Module, int]:
+    return (nn.MaxPool2d(2), size // 2) if size >= 2 else (nn.Identity(), size)
+
+
+@MODELS.register("alexnet")
+def alexnet(in_channels: int = 3, num_classes: int = 10, image_size: int = 32, **_: Any) -> nn.Module:
+    """AlexNet's CIFAR variant: 5 convs (64-192-384-256-256), 3 FC layers; pools shrink with the input."""
+    size, feats = image_size, []
+    spec = [(in_channels, 64, True), (64, 192, True), (192, 384, False), (384, 256, False), (256, 256, True)]
+    for cin, cout, pool in spec:
+        feats += [nn.Conv2d(cin, cout, 3, 1, 1), nn.ReLU(inplace=True)]
+        if pool:
+            p, size = _pool_or_id(size)
+            feats.append(p)
+    return nn.Sequential(
+        nn.Sequential(*feats), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Sequential(nn.Dropout(0.5), nn.Linear(256 * 4, 1024), nn.ReLU(inplace=True),
+                      nn.Dropout(0.5), nn.Linear(1024, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes)))
+
+
+@MODELS.register("vgg16")
+def vgg16(in_channels: int = 3, num_classes: int = 10, image_size: int = 32, **_: Any) -> nn.Module:
+    """VGG-16's CIFAR variant: 13 conv+BN layers, 512-wide classifier; pools stop at 1x1."""
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    layers: list[nn.Module] = []
+    cin, size = in_channels, image_size
+    for v in cfg:
+        if v == "M":
+            p, size = _pool_or_id(size)
+            layers.append(p)
+        else:
+            layers += [nn.Conv2d(cin, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU(True)]
+            cin = int(v)
+    return nn.Sequential(nn.Sequential(*layers), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Sequential(nn.Linear(512, 512), nn.ReLU(True), nn.Linear(512, num_classes)))
+
+
+@MODELS.register("resnet50")
+def resnet50(in_channels: int = 3, num_classes: int = 10, image_size: int = 224, weights: str | None = None,
+             **_: Any) -> nn.Module:
+    """torchvision ResNet-50 (no weights by default); small inputs get a 3x3 stem without max-pool."""
+    import torchvision
+
+    model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
+    if weights is not None:
+        _load_torchvision_pretrained(model, "resnet50", weights, num_classes)
+    if image_size < 64 or in_channels != 3:
+        k, s = (3, 1) if image_size < 64 else (7, 2)
+        model.conv1 = nn.Conv2d(in_channels, 64, k, s, k // 2, bias=False)
+        if image_size < 64:
+            model.maxpool = nn.Identity()
+    return model
+
+
+class _Resize(nn.Module):
+    """Upsamples inputs to the size a patch-16 transformer needs, and repeats grey channels to RGB."""
+
+    def __init__(self, size: int, channels: int) -> None:
+        super().__init__()
+        self.size, self.channels = size, channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:
+            x = x.expand(-1, self.channels, -1, -1)
+        if x.shape[-1] != self.size:
+            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return x
+
+
+@MODELS.register("vit_b16")
+def vit_b16(in_channels: int = 3, num_classes: int = 10, image_size: int = 224, weights: str | None = None,
+            **_: Any) -> nn.Module:
+    """torchvision ViT-B/16; inputs smaller than 32 or not a multiple of 16 are upsampled first."""
+    import torchvision
+
+    size = image_size if image_size % 16 == 0 and image_size >= 32 else max(32, 16 * -(-image_size // 16))
+    model = torchvision.models.vit_b_16(weights=None, image_size=size, num_classes=num_classes)
+    if weights is not None:
+        _load_torchvision_pretrained(model, "vit_b_16", weights, num_classes)
+    if size == image_size and in_channels == 3:
+        return model
+    return nn.Sequential(_Resize(size, 3), model)
+
+
+def _load_torchvision_pretrained(model: nn.Module, arch: str, weights: str, num_classes: int) -> None:
+    """Load torchvision's pretrained weights (cached or downloadable), keeping a fresh head when classes differ."""
+    import torchvision
+
+    try:
+        w = torchvision.models.get_weight(weights)
+        state = w.get_state_dict(progress=False)
+    except Exception as e:
+        warnings.warn(f"{arch}: pretrained weights {weights!r} could not be loaded ({e}); random init. "
+                      f"Place them in torch's hub cache (TORCH_HOME) to use them offline.", stacklevel=3)
+        return
+    own = model.state_dict()
+    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(keep, strict=False)

@@ -1,0 +1,77 @@
+"""Where data, checkpoints and figures live. Override with HILAL_DATA_DIR / HILAL_FIGURES_DIR."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_PKG = Path(__file__).resolve().parent
+
+
+def project_root() -> Path:
+    """The checkout's root when running from a clone, else the current directory."""
+    root = _PKG.parent
+    if (root / "pyproject.toml").exists() and (root / "notebooks").exists():
+        return root
+    return Path.cwd()
+
+
+def data_dir() -> Path:
+    p = Path(os.environ.get("HILAL_DATA_DIR", project_root() / "data"))
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def figures_dir() -> Path:
+    p = Path(os.environ.get("HILAL_FIGURES_DIR", project_root() / "figures"))
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def offline() -> bool:
+    """True when downloads must not be attempted (HILAL_OFFLINE=1)."""
+    return os.environ.get("HILAL_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file."""
+    return _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_json_dump(obj: Any, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (temporary file + rename)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+
+    return _atomic(Path(path), write)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")

@@ -1,0 +1,240 @@
+"""Digital training, evaluation, and noise-injection (hardware-aware) fine-tuning, with checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hilal.analog import ANALOG_TYPES
+from hilal.data import Splits, load_dataset, loader
+from hilal.models import model_for
+from hilal.paths import atomic_torch_save, data_dir
+from hilal.registry import HilalError
+
+
+@dataclass
+class TrainConfig:
+    """Digital training settings (SGD with Nesterov momentum and a cosine schedule)."""
+
+    epochs: int = 15
+    """Passes over the training split."""
+    lr: float = 0.05
+    """Peak learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """L2 penalty."""
+    batch_size: int = 64
+    """Mini-batch size."""
+    seed: int = 0
+    """Seed for initialization and shuffling."""
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    return batch.to(device) if torch.is_tensor(batch) else batch
+
+
+def task_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The task loss of one batch already on the model's device.
+
+    ``(inputs, labels)`` -> cross-entropy; a dict with ``start_positions``/``end_positions`` ->
+    the mean of start and end cross-entropy (extractive QA).
+    """
+    if isinstance(batch, Mapping):
+        if "start_positions" not in batch or "end_positions" not in batch:
+            raise HilalError("a question-answering batch needs 'start_positions' and 'end_positions'")
+        inputs = {k: v for k, v in batch.items() if k not in ("start_positions", "end_positions",
+                                                               "example_id", "offset_mapping")}
+        out = model(**inputs)
+        start, end = _qa_logits(out)
+        ce = nn.functional.cross_entropy
+        return (ce(start, batch["start_positions"]) + ce(end, batch["end_positions"])) / 2
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise HilalError("a classification batch must be (inputs, labels); got a batch without labels")
+    x, y = batch[0], batch[1]
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _qa_logits(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(out, "start_logits"):
+        return out.start_logits, out.end_logits
+    return out[0], out[1]
+
+
+def split_of(splits: Splits, split: str) -> Any:
+    if split not in ("train", "calib", "test"):
+        raise HilalError(f"unknown split {split!r}; valid choices: train, calib, test")
+    return getattr(splits, split)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, splits: Splits, split: str = "test", batch_size: int = 512) -> dict[str, float]:
+    """Task metrics of ``model`` on a split: ``{'accuracy': ...}`` (fractions); QA adds ``em`` and ``f1``
+    and reports F1 as ``accuracy``. The model is put in eval mode."""
+    model.eval()
+    if "evaluator" in splits.meta:
+        return splits.meta["evaluator"](model, split)
+    device = model_device(model)
+    correct = total = 0
+    for x, y in loader(split_of(splits, split), batch_size=batch_size):
+        pred = model(x.to(device)).argmax(1)
+        correct += int((pred == y.to(device)).sum())
+        total += len(y)
+    return {"accuracy": correct / max(total, 1)}
+
+
+def score(model: nn.Module, splits: Splits, split: str = "test") -> float:
+    """The headline metric as a fraction (accuracy, or F1 for QA)."""
+    return float(evaluate(model, splits, split)["accuracy"])
+
+
+def _check_finite(loss: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise HilalError(f"non-finite loss ({loss.item()}) during {where}; lower the learning rate or check "
+                         "the data")
+
+
+def train_digital(model: nn.Module, splits: Splits, cfg: TrainConfig | None = None, progress: bool = True,
+                  checkpoint: str | Path | None = None) -> nn.Module:
+    """Train ``model`` digitally. With ``checkpoint``, state is written atomically after every epoch and an
+    interrupted run resumes from the last finished epoch."""
+    cfg = cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    device = model_device(model)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
+    start = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        st = torch.load(checkpoint, map_location=device, weights_only=False)
+        if st.get("config") == asdict(cfg) and "optimizer" in st:
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            start = st["epoch"]
+    bar = tqdm(range(start, cfg.epochs), desc="train", disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        for batch in loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, drop_last=True):
+            opt.zero_grad(set_to_none=True)
+            loss = task_loss(model, to_device(batch, device))
+            _check_finite(loss, f"digital training (epoch {epoch})")
+            loss.backward()
+            opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if checkpoint is not None:
+            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "epoch": epoch + 1, "config": asdict(cfg)},
+                              checkpoint)
+    model.eval()
+    return model
+
+
+def checkpoint_path(model_name: str, dataset: str, seed: int, cfg: TrainConfig) -> Path:
+    return data_dir() / "checkpoints" / f"{model_name}-{dataset}-seed{seed}-{cfg.key()}.pt"
+
+
+def trained_model(model_name: str, splits: Splits | str, seed: int = 0, cfg: TrainConfig | None = None,
+                  progress: bool = True, device: torch.device | str | None = None) -> nn.Module:
+    """A digitally trained model, cached under ``data/checkpoints`` (keyed by model, dataset, seed and the
+    training settings) and reused on later calls."""
+    if isinstance(splits, str):
+        splits = load_dataset(splits, seed=seed)
+    cfg = cfg or TrainConfig(seed=seed)
+    torch.manual_seed(seed)
+    model = model_for(model_name, splits).to(device or default_device())
+    path = checkpoint_path(model_name, splits.name, seed, cfg)
+    if path.exists():
+        st = torch.load(path, map_location=model_device(model), weights_only=False)
+        if st.get("epoch", cfg.epochs) >= cfg.epochs:
+            model.load_state_dict(st["model"])
+            return model.eval()
+    return train_digital(model, splits, cfg, progress=progress, checkpoint=path)
+
+
+@dataclass
+class FinetuneConfig:
+    """One round of noise-injection (hardware-aware) fine-tuning; LionHeart's example defaults."""
+
+    digital_lr: float = 1e-2
+    """Learning rate of the layers that stay digital."""
+    analog_lr: float = 1e-3
+    """Learning rate of the analog layers."""
+    momentum: float = 0.85
+    """SGD momentum for both."""
+    steps: int = -1
+    """Optimizer steps per round; -1 = one pass over the training split."""
+    batch_size: int = 64
+    """Mini-batch size."""
+
+
+def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """aihwkit's AnalogSGD with one group for analog layers (analog_lr) and one for the rest (digital_lr).
+    The analog step applies the tiles' clipping and remapping after every update."""
+    from aihwkit.optim import AnalogSGD
+
+    analog_ids = {id(p) for m in model.modules() if isinstance(m, ANALOG_TYPES) for p in m.parameters()}
+    analog = [p for p in model.parameters() if id(p) in analog_ids]
+    digital = [p for p in model.parameters() if id(p) not in analog_ids and p.requires_grad]
+    groups = [g for g in ({"params": analog, "lr": cfg.analog_lr}, {"params": digital, "lr": cfg.digital_lr})
+              if g["params"]]
+    return AnalogSGD(groups, lr=cfg.digital_lr, momentum=cfg.momentum)
+
+
+def finetune_round(model: nn.Module, splits: Splits, cfg: FinetuneConfig, optimizer: torch.optim.Optimizer,
+                   seed: int = 0, progress: bool = False) -> float:
+    """``cfg.steps`` optimizer steps of noise-injection training (the analog tiles inject the preset's
+    weight noise in training mode). Returns the mean training loss."""
+    device = model_device(model)
+    model.train()
+    steps = cfg.steps if cfg.steps > 0 else math.inf
+    losses: list[float] = []
+    epoch = 0
+    while len(losses) < steps:
+        batches = loader(splits.train, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True)
+        for batch in tqdm(batches, desc="finetune", disable=not progress, leave=False):
+            optimizer.zero_grad(set_to_none=True)
+            loss = task_loss(model, to_device(batch, device))
+            _check_finite(loss, "noise-injection fine-tuning")
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+            if len(losses) >= steps:
+                break
+        epoch += 1
+        if cfg.steps <= 0:
+            break
+    model.eval()
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def parameters_of(model: nn.Module, names: Iterable[str]) -> list[torch.Tensor]:
+    mods = dict(model.named_modules())
+    return [mods[n].weight for n in names]

@@ -1,0 +1,35 @@
+"""Shared seeded tiny cases."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("HILAL_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from hilal.data import load_dataset
+
+    return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="session")
+def resnet8_digits(digits):
+    """A digitally trained ResNet-8 on digits (cached under data/checkpoints)."""
+    from hilal.train import trained_model
+
+    return trained_model("resnet8", digits, seed=0, progress=False)
