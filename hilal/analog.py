@@ -194,8 +194,10 @@ def count_params(model: nn.Module) -> dict[str, int]:
     """Weight-matrix parameter count of every mappable layer (the part that goes on a crossbar)."""
     out = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, DIGITAL_TYPES) and name:
-            out[name] = int(mod.weight.numel())
+        if isinstance(mod, DIGITAL_TYPES + ANALOG_TYPES) and name:
+            # analog layers keep their weights in tiles (``.weight`` is None): count from the shape
+            rows = mod.out_channels if hasattr(mod, "out_channels") else mod.out_features
+            out[name] = int(rows * _fan_in(mod))
     return out
 
 
@@ -208,3 +210,24 @@ def analog_share(macs: dict[str, int], layers: Iterable[str]) -> float:
 def analog_tiles(model: nn.Module) -> list[Any]:
     """All aihwkit inference tiles of a (partly) analog model."""
     return [m for m in model.modules() if hasattr(m, "program_weights") and hasattr(m, "drift_weights")]
+
+
+def extend_analog(model: nn.Module, layers: Iterable[str], preset: str | TorchInferenceRPUConfig = "pcm") -> nn.Module:
+    """A copy of a (partly) analog ``model`` in which the named layers are analog as well.
+
+    Layers that are analog already keep their trained tiles; only the new ones are converted (through
+    ``convert_to_analog`` on the layer alone). A fully digital model is converted with :func:`to_analog`.
+    Cheaper than converting the whole model again when layers are added one stage at a time.
+    """
+    layers = check_layers(model, layers)
+    if not analog_layers(model):
+        return to_analog(model, layers, preset)
+    out = deepcopy(model)
+    for name in layers:
+        mod = out.get_submodule(name)
+        if isinstance(mod, ANALOG_TYPES):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, child, convert_to_analog(mod, get_preset(preset), ensure_analog_root=False))
+    return out

@@ -36,7 +36,7 @@ def inference_state(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for t, (w, alpha) in zip(tiles, saved):
+        for t, (w, alpha) in zip(tiles, saved, strict=True):
             t.tile.weight.data.copy_(w)
             if alpha is not None:
                 t.alpha = alpha
@@ -92,3 +92,60 @@ def time_label(t: float) -> str:
         if t >= s:
             return f"{t / s:.3g} {unit}"
     return f"{t:.3g} s"
+
+
+def _loss_and_accuracy(model: nn.Module, splits: Splits, split: str, batch_size: int = 512) -> tuple[float, float]:
+    """Sample-weighted mean task loss and accuracy (or F1) of ``model`` on a split, in eval mode."""
+    from hilal.data import loader
+    from hilal.train import model_device, split_of, task_loss, to_device
+
+    model.eval()
+    device = model_device(model)
+    custom = "evaluator" in splits.meta
+    loss_sum, correct, total = 0.0, 0, 0
+    with torch.no_grad():
+        for batch in loader(split_of(splits, split), batch_size=batch_size):
+            batch = to_device(batch, device)
+            if custom or isinstance(batch, dict):
+                n = int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0]) \
+                    if isinstance(batch, dict) else int(batch[0].shape[0])
+                loss_sum += float(task_loss(model, batch)) * n
+            else:
+                x, y = batch[0], batch[1]
+                n = int(y.shape[0])
+                logits = model(x)
+                loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(1) == y).sum())
+            total += n
+    acc = score(model, splits, split) if custom else correct / max(total, 1)
+    return loss_sum / max(total, 1), float(acc)
+
+
+def single_layer_sensitivity(model: nn.Module, splits: Splits, preset: str | object = "pcm",
+                             t_inference: float = ONE_DAY, reps: int = 20, seed: int = 0, split: str = "calib",
+                             layers: Sequence[str] | None = None, progress: bool = False) -> pd.DataFrame:
+    """Measured sensitivity of every mappable layer: only that layer analog (``to_analog``), ``reps`` seeded
+    programmings + drift to ``t_inference``, mean task loss and accuracy on ``split`` compared with the
+    digital model. Columns: layer, loss, loss_increase, loss_increase_se, accuracy, accuracy_drop.
+
+    This is what the expected loss increase (ELI) predicts; it also contains converter and output noise,
+    which ELI does not model."""
+    from hilal.analog import check_layers, mappable_layers, to_analog
+
+    layers = check_layers(model, layers if layers is not None else mappable_layers(model))
+    base_loss, base_acc = _loss_and_accuracy(model, splits, split)
+    rows = []
+    for name in tqdm(layers, desc="single-layer", disable=not progress, leave=False):
+        analog = to_analog(model, [name], preset)
+        losses, accs = np.empty(reps), np.empty(reps)
+        with inference_state(analog):
+            for r in range(reps):
+                torch.manual_seed(seed * 100_003 + r)
+                program_and_drift(analog, t_inference)
+                losses[r], accs[r] = _loss_and_accuracy(analog, splits, split)
+        se = losses.std(ddof=1) / np.sqrt(reps) if reps > 1 else float("nan")
+        rows.append({"layer": name, "loss": float(losses.mean()), "loss_increase": float(losses.mean() - base_loss),
+                     "loss_increase_se": float(se), "accuracy": float(accs.mean()),
+                     "accuracy_drop": float(base_acc - accs.mean())})
+    return pd.DataFrame(rows, columns=["layer", "loss", "loss_increase", "loss_increase_se", "accuracy",
+                                       "accuracy_drop"])

@@ -1,0 +1,141 @@
+"""The ``hilal`` command: analyze, map, reproduce, bench (the contract in DESIGN.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from hilal.registry import HilalError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model name (see hilal.models.MODELS)")
+    p.add_argument("--dataset", required=True, help="dataset name (see hilal.data.DATASETS)")
+    p.add_argument("--preset", default="pcm_harsh", help="aihwkit preset: pcm, pcm_harsh, pcm_hilal, ideal")
+    p.add_argument("--checkpoint", default=None, help="digital weights to start from (default: train and cache)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="digital training epochs when no checkpoint is given")
+    p.add_argument("--t-eval", type=float, default=86400.0, help="inference time in seconds (default 1 day)")
+    p.add_argument("--out", required=True, help="JSON file to write (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _model(args: argparse.Namespace) -> tuple[Any, Any]:
+    from hilal.analog import PRESETS
+    from hilal.data import load_dataset
+    from hilal.models import MODELS, model_for
+    from hilal.train import TrainConfig, default_device, trained_model
+
+    MODELS[args.model], PRESETS[args.preset]  # noqa: B018  (validate names before any work)
+    splits = load_dataset(args.dataset, seed=args.seed)
+    if args.checkpoint:
+        model = model_for(args.model, splits, checkpoint=args.checkpoint).to(default_device()).eval()
+    else:
+        cfg = TrainConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+        model = trained_model(args.model, splits, seed=args.seed, cfg=cfg, progress=not args.quiet)
+    return model, splits
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from hilal.cluster import cluster_layers
+    from hilal.hessian import HessianConfig, layer_metrics
+    from hilal.paths import atomic_json_dump
+
+    model, splits = _model(args)
+    cfg = HessianConfig(t_inference=args.t_eval, seed=args.seed, probes=args.probes, eli_samples=args.samples)
+    df = cluster_layers(layer_metrics(model, splits, args.preset, cfg, progress=not args.quiet),
+                        method=args.cluster, seed=args.seed)
+    cols = ["layer", "params", "macs", "trace", "lambda_max", "concentration", "eli", "cluster"]
+    extra = [c for c in df.columns if c.endswith("_se")]
+    print(df[cols].to_string(index=False))
+    layers = df[cols + extra].rename(columns={"layer": "name"}).to_dict(orient="records")
+    atomic_json_dump({"model": args.model, "dataset": args.dataset, "preset": args.preset, "t_inference": args.t_eval,
+                      "hvps": df.attrs.get("hvps"), "layers": layers}, args.out)
+
+
+def cmd_map(args: argparse.Namespace) -> None:
+    from hilal.mapping import METHODS, MappingConfig, run_mapping
+    from hilal.paths import atomic_json_dump
+
+    METHODS[args.method]  # noqa: B018
+    model, splits = _model(args)
+    cfg = MappingConfig(preset=args.preset, t_eval=args.t_eval, reps=args.reps, drop_threshold=args.drop_threshold,
+                        patience=args.patience, max_rounds=args.max_rounds, stages=args.stages, search=args.search,
+                        robust_only=args.robust_only, cluster=args.cluster, ablation=args.ablation, seed=args.seed,
+                        workdir=args.workdir)
+    res = run_mapping(args.method, model, splits, cfg, progress=not args.quiet)
+    d = res.to_dict()
+    d.update(model=args.model, dataset=args.dataset)
+    atomic_json_dump(d, args.out)
+    t = res.timings
+    print(f"{res.method}: {len(res.analog_layers)}/{res.extra['n_layers']} analog layers, "
+          f"analog MAC share {res.analog_mac_share:.3f}, accuracy {res.accuracy_mean:.4f} ± {res.accuracy_std:.4f} "
+          f"(FP {res.fp_accuracy:.4f}) at t={res.t_eval:g}s; search {t['search_s']:.1f}s, "
+          f"mapping {t['mapping_s']:.1f}s, total {t['total_s']:.1f}s -> {args.out}")
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from hilal.reproduce import reproduce
+
+    reproduce(args.profile, only=args.only)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from hilal.bench import run_bench
+
+    run_bench(args.kind, out=args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hilal", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("analyze", help="per-layer curvature metrics and robust/sensitive clusters")
+    _common(a)
+    a.add_argument("--probes", type=int, default=32, help="Hutchinson probes")
+    a.add_argument("--samples", type=int, default=16, help="Monte-Carlo noise samples for ELI")
+    a.add_argument("--cluster", default="kmeans", help="kmeans, gmm or agglomerative")
+    a.set_defaults(fn=cmd_analyze)
+
+    m = sub.add_parser("map", help="allocate layers to analog tiles with one method")
+    _common(m)
+    m.add_argument("--method", required=True,
+                   help="hilal, hilal-paper, lionheart, random, all-analog, all-analog-ft, all-digital")
+    m.add_argument("--reps", type=int, default=10)
+    m.add_argument("--drop-threshold", type=float, default=0.02, help="tolerated accuracy drop (fraction)")
+    m.add_argument("--patience", type=int, default=2)
+    m.add_argument("--max-rounds", type=int, default=6)
+    m.add_argument("--stages", type=int, default=1)
+    m.add_argument("--search", default="gallop", help="gallop, bisect or walk")
+    m.add_argument("--robust-only", action="store_true")
+    m.add_argument("--cluster", default="kmeans")
+    m.add_argument("--ablation", default="eli-r", help="hilal-paper features")
+    m.add_argument("--workdir", default=None, help="journal folder: an interrupted run resumes from it")
+    m.set_defaults(fn=cmd_map)
+
+    r = sub.add_parser("reproduce", help="execute the notebooks with papermill and regenerate figures/")
+    r.add_argument("--profile", default="smoke", help="smoke or paper")
+    r.add_argument("--only", default=None, help="notebook number(s), e.g. 03 or 00,05")
+    r.set_defaults(fn=cmd_reproduce)
+
+    b = sub.add_parser("bench", help="side-by-side benchmarks")
+    b.add_argument("kind", help="hessian, search or analog")
+    b.add_argument("--out", required=True)
+    b.add_argument("--quick", action="store_true", help="smaller sizes (for a quick look)")
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except HilalError as e:
+        print(f"hilal {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""Layer-allocation methods: HILAL, the paper's variant, LionHeart, and plain baselines.
+
+Every method shares one retraining routine (:func:`retrain`: the same optimizer settings, steps per round
+and patience rule) and one evaluation (:func:`hilal.evaluate.noisy_scores` at ``t_eval`` over ``reps`` on the
+calibration split inside the loop, on the test split at the end), so a HILAL stage and a LionHeart round cost
+the same and any speed-up comes from the method.
+
+Timings: ``search_s`` is the time spent deciding (curvature metrics, ordering, clustering, and retraining
+rounds whose result was rejected), ``mapping_s`` the retraining whose result was kept, ``eval_s`` the final
+evaluation, ``total_s`` everything including the floating-point baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hilal.analog import analog_layers, analog_share, count_macs, extend_analog, mappable_layers, to_analog
+from hilal.data import Splits, loader
+from hilal.evaluate import ONE_DAY, noisy_scores
+from hilal.paths import atomic_json_dump, atomic_torch_save
+from hilal.registry import HilalError, Registry, check_choice
+from hilal.train import FinetuneConfig, finetune_round, make_optimizer, score
+
+SEARCHES = ("gallop", "bisect", "walk")
+
+
+@dataclass
+class MappingConfig:
+    """Settings shared by every mapping method (one budget and one evaluation for all)."""
+
+    preset: str = "pcm_harsh"
+    """aihwkit preset (hilal.analog.PRESETS)."""
+    t_eval: float = ONE_DAY
+    """Inference time (s) at which accuracy is judged."""
+    reps: int = 10
+    """Programming/drift repetitions per evaluation."""
+    drop_threshold: float = 0.02
+    """Tolerated accuracy drop (fraction) below the digital baseline (LionHeart's threshold; HILAL's
+    tolerance for the sensitive extension)."""
+    patience: int = 2
+    """Retraining stops when this many evaluations in a row are below the best one (LionHeart's rule)."""
+    max_rounds: int = 6
+    """Upper bound on fine-tuning rounds per stage."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Optimizer settings and steps per round (one pass over the training split by default)."""
+    stages: int = 1
+    """HILAL: number of stages over which the robust cluster is offloaded."""
+    robust_only: bool = False
+    """HILAL: stop after the robust cluster."""
+    search: str = "gallop"
+    """HILAL: how the longest feasible prefix of the ELI-ordered sensitive layers is found:
+    ``gallop`` (1, 2, 4... then bisection), ``bisect`` or ``walk`` (one layer per round)."""
+    cluster: str = "kmeans"
+    """Clustering method (hilal.cluster)."""
+    hessian: dict[str, Any] = field(default_factory=dict)
+    """Overrides of hilal.hessian.HessianConfig (its t_inference defaults to ``t_eval``)."""
+    ablation: str = "eli-r"
+    """hilal-paper: the features clustered (eli-r, eli-only, r-only, topeigen-only, topeigen/params,
+    trace-only)."""
+    gamma: float = 0.08
+    """hilal-paper: isotropic noise scale, sigma = gamma * max|W|."""
+    sensitivity_batches: int = 1
+    """hilal-paper: training mini-batches averaged for its descriptors."""
+    seed: int = 0
+    """Seed for noise, shuffling and random orders."""
+    final_reps: int | None = None
+    """Repetitions of the final test evaluation (default: ``reps``)."""
+    workdir: str | None = None
+    """Folder for the resumable journal; an interrupted run started again skips finished rounds."""
+
+    def key(self) -> str:
+        d = asdict(self)
+        d.pop("workdir")
+        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass
+class MappingResult:
+    """What every method returns (``to_dict`` gives DESIGN.md's result.json)."""
+
+    method: str
+    analog_layers: list[str]
+    analog_mac_share: float
+    accuracy_mean: float
+    accuracy_std: float
+    fp_accuracy: float
+    t_eval: float
+    reps: int
+    timings: dict[str, float]
+    rounds: int = 0
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    metrics: pd.DataFrame | None = None
+    model: nn.Module | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("method", "analog_layers", "analog_mac_share", "accuracy_mean",
+                                           "accuracy_std", "fp_accuracy", "t_eval", "reps", "timings",
+                                           "rounds")}
+        d["history"] = self.history.to_dict(orient="records")
+        if self.metrics is not None:
+            d["metrics"] = self.metrics.to_dict(orient="records")
+        d.update(self.extra)
+        return d
+
+
+METHODS: Registry[Callable[..., MappingResult]] = Registry("method")
+
+
+# --- shared machinery ----------------------------------------------------------------------------------
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer (cheaper than a state_dict of an aihwkit model)."""
+    out = {f"p:{k}": v.detach().clone() for k, v in model.named_parameters()}
+    out.update({f"b:{k}": v.detach().clone() for k, v in model.named_buffers()})
+    return out
+
+
+@torch.no_grad()
+def restore(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
+    """Copy a :func:`snapshot` back into a model of the same structure."""
+    for k, v in model.named_parameters():
+        v.copy_(snap[f"p:{k}"])
+    for k, v in model.named_buffers():
+        if f"b:{k}" in snap:
+            v.copy_(snap[f"b:{k}"])
+
+
+class Journal:
+    """Resumable record of finished steps: one JSON index plus one weights file per kept model."""
+
+    def __init__(self, workdir: str | None, method: str, cfg: MappingConfig, tag: str) -> None:
+        self.dir = Path(workdir) / f"{method}-{tag}-{cfg.key()}" if workdir else None
+        self.steps: dict[str, Any] = {}
+        if self.dir and (self.dir / "journal.json").exists():
+            self.steps = json.loads((self.dir / "journal.json").read_text())
+
+    def get(self, key: str) -> Any:
+        return self.steps.get(key)
+
+    def put(self, key: str, value: Any, model: nn.Module | None = None) -> None:
+        self.steps[key] = value
+        if self.dir is None:
+            return
+        if model is not None:
+            atomic_torch_save(snapshot(model), self.dir / f"{_safe(key)}.pt")
+        atomic_json_dump(self.steps, self.dir / "journal.json")
+
+    def load_model(self, key: str, model: nn.Module) -> bool:
+        path = self.dir / f"{_safe(key)}.pt" if self.dir else None
+        if path is None or not path.exists():
+            return False
+        restore(model, torch.load(path, map_location="cpu", weights_only=False))
+        return True
+
+
+def _safe(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
+
+
+@dataclass
+class Round:
+    """Outcome of one retraining stage."""
+
+    score: float
+    rounds: int
+    seconds: float
+
+
+def retrain(model: nn.Module, splits: Splits, cfg: MappingConfig, seed: int, drift: bool = True,
+            progress: bool = False) -> Round:
+    """Noise-injection fine-tuning until ``patience`` evaluations in a row fall below the best one (or
+    ``max_rounds``); the best weights are kept in ``model``. Each evaluation is the mean score over ``reps``
+    programmings at ``t_eval`` (or, with ``drift=False``, of the unprogrammed model) on the calibration split.
+    """
+    t0 = time.perf_counter()
+    opt = make_optimizer(model, cfg.finetune)
+    best, best_snap, recent = -np.inf, None, []
+    n = 0
+    for n in range(1, cfg.max_rounds + 1):
+        finetune_round(model, splits, cfg.finetune, opt, seed=seed * 101 + n)
+        s = _in_loop_score(model, splits, cfg, seed + n, drift)
+        recent.append(s)
+        if s > best:
+            best, best_snap = s, snapshot(model)
+        if len(recent) >= cfg.patience and max(recent[-cfg.patience:]) < best:
+            break
+    if best_snap is not None:
+        restore(model, best_snap)
+    return Round(float(best), n, time.perf_counter() - t0)
+
+
+def _in_loop_score(model: nn.Module, splits: Splits, cfg: MappingConfig, seed: int, drift: bool) -> float:
+    if drift:
+        return float(noisy_scores(model, splits, cfg.t_eval, cfg.reps, seed, split="calib").mean())
+    torch.manual_seed(seed)
+    return float(np.mean([score(model, splits, "calib") for _ in range(cfg.reps)]))
+
+
+class _Run:
+    """Book-keeping shared by the methods: baseline, MACs, timings, history, journal, final evaluation."""
+
+    def __init__(self, method: str, model: nn.Module, splits: Splits, cfg: MappingConfig, progress: bool) -> None:
+        self.t0 = time.perf_counter()
+        self.method, self.digital, self.splits, self.cfg, self.progress = method, model, splits, cfg, progress
+        if not mappable_layers(model):
+            raise HilalError("the model has no mappable layer (no Conv1d/Conv2d/Linear module)")
+        if analog_layers(model):
+            raise HilalError("pass the digital model to run_mapping; it already has analog layers")
+        model.eval()
+        self.macs = count_macs(model, splits.example_input(2))
+        self.fp_test = score(model, splits, "test")
+        self.baseline = score(model, splits, "calib")
+        self.timings = {"search_s": 0.0, "mapping_s": 0.0, "eval_s": 0.0}
+        self.rows: list[dict[str, Any]] = []
+        self.journal = Journal(cfg.workdir, method, cfg, f"{type(model).__name__}-{splits.name}")
+        self.rounds = 0
+        self.model: nn.Module = model
+        self.layers: list[str] = []
+
+    def floor(self) -> float:
+        return self.baseline - self.cfg.drop_threshold
+
+    def stage(self, key: str, layers: list[str], accept: Callable[[float], bool] | None = None,
+              drift: bool = True) -> bool:
+        """Make ``layers`` analog on top of the current model, retrain, and keep the result if ``accept``
+        (always when None). Journaled: a finished stage is replayed from disk, not recomputed."""
+        new_layers = [n for n in self.layers + layers if n]
+        done = self.journal.get(key)
+        candidate = extend_analog(self.model, layers, self.cfg.preset)
+        if done is not None:
+            ok = done["kept"]
+            if ok:
+                self.journal.load_model(key, candidate)
+            self._record(key, layers, done["score"], done["rounds"], done["seconds"], ok, replayed=True)
+        else:
+            torch.manual_seed(self.cfg.seed + len(self.rows))
+            r = retrain(candidate, self.splits, self.cfg, self.cfg.seed + 7919 * len(self.rows), drift)
+            ok = True if accept is None else bool(accept(r.score))
+            self.journal.put(key, {"kept": ok, "score": r.score, "rounds": r.rounds, "seconds": r.seconds},
+                             candidate if ok else None)
+            self._record(key, layers, r.score, r.rounds, r.seconds, ok)
+        if ok:
+            self.model, self.layers = candidate, new_layers
+        return ok
+
+    def _record(self, key: str, layers: list[str], s: float, rounds: int, seconds: float, kept: bool,
+                replayed: bool = False) -> None:
+        self.rounds += rounds
+        self.timings["mapping_s" if kept else "search_s"] += seconds
+        self.rows.append({"step": key, "layers": ",".join(layers), "score": s, "floor": self.floor(),
+                          "rounds": rounds, "seconds": seconds, "kept": kept, "replayed": replayed})
+        if self.progress:
+            tqdm.write(f"[{self.method}] {key}: +{layers} score={s:.4f} floor={self.floor():.4f} "
+                       f"{'kept' if kept else 'rejected'} ({rounds} rounds, {seconds:.1f}s)")
+
+    def finish(self, metrics: pd.DataFrame | None = None, **extra: Any) -> MappingResult:
+        t = time.perf_counter()
+        reps = self.cfg.final_reps or self.cfg.reps
+        scores = noisy_scores(self.model, self.splits, self.cfg.t_eval, reps, self.cfg.seed + 1, split="test")
+        self.timings["eval_s"] = time.perf_counter() - t
+        self.timings["total_s"] = time.perf_counter() - self.t0
+        layers = [n for n in mappable_layers(self.digital) if n in set(analog_layers(self.model))]
+        return MappingResult(
+            method=self.method, analog_layers=layers, analog_mac_share=analog_share(self.macs, layers),
+            accuracy_mean=float(scores.mean()), accuracy_std=float(scores.std(ddof=1)) if reps > 1 else 0.0,
+            fp_accuracy=self.fp_test, t_eval=self.cfg.t_eval, reps=reps,
+            timings={k: round(v, 3) for k, v in self.timings.items()}, rounds=self.rounds,
+            history=pd.DataFrame(self.rows), metrics=metrics, model=self.model,
+            extra={"n_layers": len(self.macs), "baseline_calib": self.baseline, "preset": self.cfg.preset,
+                   **extra})
+
+    def timed_search(self, fn: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        out = fn()
+        self.timings["search_s"] += time.perf_counter() - t
+        return out
+
+
+def run_mapping(method: str, model: nn.Module, splits: Splits, cfg: MappingConfig | None = None,
+                progress: bool = True) -> MappingResult:
+    """Run one allocation method on a trained digital ``model`` (left unmodified)."""
+    fn = METHODS[method]
+    cfg = cfg or MappingConfig()
+    check_choice("search", cfg.search, SEARCHES)
+    return fn(_Run(method, model, splits, cfg, progress))
+
+
+# --- HILAL ---------------------------------------------------------------------------------------------
+
+def _hessian_cfg(cfg: MappingConfig) -> Any:
+    from hilal.hessian import HessianConfig
+
+    return HessianConfig(**{"t_inference": cfg.t_eval, "seed": cfg.seed, **cfg.hessian})
+
+
+def _metrics(run: _Run) -> pd.DataFrame:
+    from hilal.cluster import cluster_layers
+    from hilal.hessian import layer_metrics
+
+    cached = run.journal.get("metrics")
+    if cached is not None:
+        return pd.DataFrame(cached)
+    df = layer_metrics(run.digital, run.splits, run.cfg.preset, _hessian_cfg(run.cfg), progress=run.progress)
+    df = cluster_layers(df, method=run.cfg.cluster, seed=run.cfg.seed)
+    run.journal.put("metrics", df.to_dict(orient="records"))
+    return df
+
+
+@METHODS.register("hilal")
+def hilal(run: _Run) -> MappingResult:
+    """Curvature metrics -> robust/sensitive clusters -> robust layers offloaded in ascending ELI over
+    ``stages`` stages with fine-tuning -> the ELI-ordered sensitive layers while accuracy stays within the
+    tolerance (longest feasible prefix by gallop/bisect/walk)."""
+    cfg = run.cfg
+    df = run.timed_search(lambda: _metrics(run))
+    order = df.sort_values("eli", kind="stable")
+    robust = order.loc[order["cluster"] == "robust", "layer"].tolist()
+    sensitive = order.loc[order["cluster"] == "sensitive", "layer"].tolist()
+    for i, chunk in enumerate(np.array_split(np.array(robust, dtype=object), max(1, min(cfg.stages, len(robust))))):
+        if len(chunk):
+            run.stage(f"robust-{i}", list(chunk))
+    if not cfg.robust_only and sensitive:
+        _extend_prefix(run, sensitive)
+    return run.finish(metrics=df, robust=robust, sensitive=sensitive)
+
+
+def _extend_prefix(run: _Run, layers: list[str]) -> None:
+    """Find the longest prefix of ``layers`` whose offloading keeps the calibration score above the floor,
+    assuming feasibility is monotone in the prefix length (the ELI order)."""
+    ok = lambda s: s >= run.floor()  # noqa: E731
+    lo, hi = 0, len(layers)  # prefix lo is known feasible, hi+1 known infeasible
+    if run.cfg.search == "walk":
+        for i, name in enumerate(layers):
+            if not run.stage(f"sensitive-{i}", [name], ok):
+                return
+        return
+    if run.cfg.search == "gallop":
+        step = 1
+        while lo < hi:
+            k = min(lo + step, hi)
+            if run.stage(f"prefix-{k}", layers[lo:k], ok):
+                lo, step = k, step * 2
+            else:
+                hi = k - 1
+                break
+    while lo < hi:
+        k = (lo + hi + 1) // 2
+        if run.stage(f"prefix-{k}", layers[lo:k], ok):
+            lo = k
+        else:
+            hi = k - 1
+
+
+# --- the paper's own variant ----------------------------------------------------------------------------
+
+ABLATIONS = {
+    "eli-r": ("eli_norm", "r"),
+    "eli-only": ("eli_norm",),
+    "r-only": ("r",),
+    "topeigen-only": ("lambda_max",),
+    "topeigen/params": ("lambda_per_param",),
+    "trace-only": ("trace",),
+}
+
+
+def paper_descriptors(run: _Run) -> pd.DataFrame:
+    """The paper's descriptors on ``sensitivity_batches`` training mini-batches: ELI_norm =
+    ½ (gamma max|W|)² tr(H_ll) / n_params, r = lambda_max / trace, and the ablation features."""
+    from hilal.hessian import layer_metrics
+
+    cfg = run.cfg
+    it = iter(loader(run.splits.train, batch_size=run.cfg.finetune.batch_size, shuffle=True, seed=cfg.seed))
+    batches = [next(it) for _ in range(cfg.sensitivity_batches)]
+    hcfg = _hessian_cfg(cfg)
+    hcfg.eli_samples = 0
+    df = layer_metrics(run.digital, batches, cfg.preset, hcfg, progress=run.progress)
+    mods = dict(run.digital.named_modules())
+    wmax = np.array([float(mods[n].weight.detach().abs().max()) for n in df["layer"]])
+    df["eli_norm"] = 0.5 * (cfg.gamma * wmax) ** 2 * df["trace"] / df["params"]
+    df["r"] = df["lambda_max"] / df["trace"]
+    df["lambda_per_param"] = df["lambda_max"] / df["params"]
+    return df
+
+
+def paper_clusters(df: pd.DataFrame, ablation: str, seed: int, restarts: int = 8) -> pd.DataFrame:
+    """k-means (k=2, restarts) on the z-scored ablation features; robust = cluster whose centroid has the
+    lower first feature."""
+    from sklearn.cluster import KMeans
+
+    cols = list(ABLATIONS[check_choice("ablation", ablation, tuple(ABLATIONS))])
+    x = df[cols].to_numpy(float)
+    z = (x - x.mean(0)) / (x.std(0) + 1e-12)
+    out = df.copy()
+    if len(df) < 2:
+        out["cluster"] = "robust"
+        return out
+    km = KMeans(2, n_init=restarts, random_state=seed).fit(z)
+    robust = int(np.argmin(km.cluster_centers_[:, 0]))
+    out["cluster"] = np.where(km.labels_ == robust, "robust", "sensitive")
+    return out
+
+
+@METHODS.register("hilal-paper")
+def hilal_paper(run: _Run) -> MappingResult:
+    """The HILAL paper's variant: descriptors on training batches, isotropic noise, k-means on
+    [ELI_norm, r] (or an ablation's feature), robust layers sorted by (ELI_norm, r) and offloaded one per
+    stage with retraining judged without drift; sensitive layers never tried."""
+    cfg = run.cfg
+    df = run.timed_search(lambda: paper_clusters(paper_descriptors(run), cfg.ablation, cfg.seed))
+    robust = df[df["cluster"] == "robust"].sort_values(["eli_norm", "r"], kind="stable")["layer"].tolist()
+    for i, name in enumerate(robust):
+        run.stage(f"robust-{i}", [name], drift=False)
+    res = run.finish(metrics=df, robust=robust, ablation=cfg.ablation)
+    nodrift = noisy_scores(run.model, run.splits, 0.0, res.reps, cfg.seed + 2, split="test")
+    res.extra["accuracy_t0_mean"] = float(nodrift.mean())
+    return res
+
+
+# --- LionHeart and baselines ---------------------------------------------------------------------------
+
+def _greedy(run: _Run, order: list[str]) -> MappingResult:
+    ok = lambda s: s >= run.floor()  # noqa: E731
+    for i, name in enumerate(tqdm(order, desc=run.method, disable=not run.progress, leave=False)):
+        run.stage(f"candidate-{i}", [name], ok)
+    return run.finish(order=order)
+
+
+@METHODS.register("lionheart")
+def lionheart(run: _Run) -> MappingResult:
+    """IBM/lionheart's greedy loop: candidates by descending MACs; add one, retrain with patience, keep it if
+    the best score stays within ``drop_threshold`` of the digital baseline, else revert."""
+    order = run.timed_search(lambda: sorted(run.macs, key=lambda n: -run.macs[n]))
+    return _greedy(run, order)
+
+
+@METHODS.register("random")
+def random_order(run: _Run) -> MappingResult:
+    """LionHeart's accept/reject loop over a random (seeded) layer order."""
+    order = list(run.macs)
+    random.Random(run.cfg.seed).shuffle(order)
+    return _greedy(run, order)
+
+
+@METHODS.register("all-digital")
+def all_digital(run: _Run) -> MappingResult:
+    """Nothing analog: the floating-point reference."""
+    return run.finish()
+
+
+@METHODS.register("all-analog")
+def all_analog(run: _Run) -> MappingResult:
+    """Every mappable layer analog, no fine-tuning."""
+    run.model = to_analog(run.digital, mappable_layers(run.digital), run.cfg.preset)
+    run.layers = mappable_layers(run.digital)
+    return run.finish()
+
+
+@METHODS.register("all-analog-ft")
+def all_analog_ft(run: _Run) -> MappingResult:
+    """Every mappable layer analog, with one noise-injection retraining stage."""
+    run.stage("all", mappable_layers(run.digital))
+    return run.finish()
