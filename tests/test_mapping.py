@@ -1,0 +1,163 @@
+"""Mapping methods: the prefix searches against exhaustive search, LionHeart's loop, resume, the record."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hilal.analog import analog_layers, count_macs, mappable_layers
+from hilal.mapping import METHODS, MappingConfig, _extend_prefix, retrain, run_mapping
+from hilal.registry import HilalError
+from hilal.train import FinetuneConfig
+
+RESULT_KEYS = {"method", "analog_layers", "analog_mac_share", "accuracy_mean", "accuracy_std", "fp_accuracy",
+               "t_eval", "reps", "timings"}
+
+
+def tiny_cfg(**kw) -> MappingConfig:
+    base = dict(preset="pcm_harsh", reps=2, patience=1, max_rounds=2, finetune=FinetuneConfig(steps=3), seed=0)
+    return MappingConfig(**{**base, **kw})
+
+
+class PrefixOracle:
+    """Stands in for a mapping run whose stage feasibility is a known monotone function of the prefix."""
+
+    def __init__(self, feasible_upto: int, search: str) -> None:
+        self.k, self.layers, self.calls = feasible_upto, [], 0
+        self.cfg = MappingConfig(search=search)
+
+    def floor(self) -> float:
+        return 0.5
+
+    def stage(self, key, layers, accept=None, drift=True):
+        self.calls += 1
+        ok = accept(1.0 if len(self.layers) + len(layers) <= self.k else 0.0)
+        if ok:
+            self.layers = self.layers + list(layers)
+        return ok
+
+
+@pytest.mark.parametrize("search", ["gallop", "bisect", "walk"])
+def test_prefix_search_matches_exhaustive(search):
+    for n in range(0, 9):
+        names = [f"l{i}" for i in range(n)]
+        for k in range(n + 1):
+            run = PrefixOracle(k, search)
+            _extend_prefix(run, names)
+            assert run.layers == names[:k], (search, n, k)
+            bound = {"walk": min(k + 1, n), "bisect": math.ceil(math.log2(n + 1)),
+                     "gallop": 2 * math.ceil(math.log2(k + 1)) + 1}[search]
+            assert run.calls <= max(bound, 0 if n == 0 else 1), (search, n, k, run.calls)
+
+
+def test_unknown_method_and_search(resnet8_digits, digits):
+    with pytest.raises(HilalError, match="valid choices"):
+        run_mapping("greedy", resnet8_digits, digits)
+    with pytest.raises(HilalError, match="gallop"):
+        run_mapping("hilal", resnet8_digits, digits, MappingConfig(search="linear"))
+
+
+def test_rejects_models_without_layers_or_already_analog(digits, resnet8_digits):
+    with pytest.raises(HilalError, match="no mappable layer"):
+        run_mapping("all-digital", nn.Sequential(nn.Flatten(), nn.ReLU()), digits)
+    from hilal.analog import to_analog
+
+    with pytest.raises(HilalError, match="digital model"):
+        run_mapping("all-digital", to_analog(resnet8_digits, ["fc"], "pcm"), digits)
+
+
+def test_baselines_record(resnet8_digits, digits):
+    d = run_mapping("all-digital", resnet8_digits, digits, tiny_cfg(), progress=False)
+    assert d.analog_mac_share == 0.0 and d.analog_layers == []
+    assert d.accuracy_mean == pytest.approx(d.fp_accuracy) and d.accuracy_std == pytest.approx(0.0, abs=1e-12)
+    a = run_mapping("all-analog", resnet8_digits, digits, tiny_cfg(t_eval=365 * 86400.0), progress=False)
+    assert a.analog_mac_share == pytest.approx(1.0) and a.analog_layers == mappable_layers(resnet8_digits)
+    assert a.accuracy_mean < d.accuracy_mean - 0.05
+    for r in (d, a):
+        assert RESULT_KEYS <= set(r.to_dict())
+        assert set(r.timings) >= {"search_s", "mapping_s", "total_s"}
+    # the model passed in is left digital
+    assert analog_layers(resnet8_digits) == []
+
+
+def test_lionheart_loop(resnet8_digits, digits):
+    res = run_mapping("lionheart", resnet8_digits, digits, tiny_cfg(drop_threshold=0.03), progress=False)
+    macs = count_macs(resnet8_digits, digits.example_input(2))
+    order = res.extra["order"]
+    assert [macs[n] for n in order] == sorted(macs.values(), reverse=True)
+    h = res.history
+    assert len(h) == len(order)
+    floor = res.extra["baseline_calib"] - 0.03
+    assert list(h["kept"]) == [s >= floor for s in h["score"]]
+    kept = [layer for layer, k in zip(h["layers"], h["kept"], strict=True) if k]
+    assert sorted(res.analog_layers) == sorted(kept)
+    assert res.analog_mac_share == pytest.approx(sum(macs[n] for n in kept) / sum(macs.values()))
+    assert sorted(analog_layers(res.model)) == sorted(kept)
+
+
+def test_retrain_keeps_best_and_respects_patience(resnet8_digits, digits):
+    from hilal.analog import to_analog
+
+    model = to_analog(resnet8_digits, mappable_layers(resnet8_digits), "pcm_harsh")
+    r = retrain(model, digits, tiny_cfg(max_rounds=3, patience=1), seed=0)
+    assert 1 <= r.rounds <= 3 and 0.0 <= r.score <= 1.0
+
+
+def test_resume_skips_finished_rounds(resnet8_digits, digits, tmp_path, monkeypatch):
+    cfg = tiny_cfg(workdir=str(tmp_path), max_rounds=1)
+    full = run_mapping("lionheart", resnet8_digits, digits, tiny_cfg(max_rounds=1), progress=False)
+
+    import hilal.mapping as hm
+
+    real, calls = hm.retrain, itertools.count()
+
+    def flaky(*a, **k):
+        if next(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(hm, "retrain", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_mapping("lionheart", resnet8_digits, digits, cfg, progress=False)
+    monkeypatch.setattr(hm, "retrain", real)
+    resumed = run_mapping("lionheart", resnet8_digits, digits, cfg, progress=False)
+    assert resumed.history["replayed"].sum() == 3
+    assert resumed.analog_layers == full.analog_layers
+    assert list(resumed.history["score"]) == pytest.approx(list(full.history["score"]))
+    assert resumed.accuracy_mean == pytest.approx(full.accuracy_mean)
+
+
+def test_hilal_offloads_robust_cluster(resnet8_digits, digits):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(hessian={"probes": 8, "eli_samples": 4, "max_samples": 256})
+    res = run_mapping("hilal", resnet8_digits, digits, cfg, progress=False)
+    m = res.metrics
+    robust = m.loc[m["cluster"] == "robust", "layer"].tolist()
+    assert robust and set(robust) <= set(res.analog_layers)
+    sens = m[m["cluster"] == "sensitive"].sort_values("eli")["layer"].tolist()
+    extra = [n for n in res.analog_layers if n not in robust]
+    assert extra == sens[: len(extra)]  # the sensitive extension is a prefix of the ELI order
+    assert m.loc[m["cluster"] == "robust", "eli"].mean() < m.loc[m["cluster"] == "sensitive", "eli"].mean()
+
+
+def test_paper_variant_and_ablations(resnet8_digits, digits):
+    cfg = tiny_cfg(hessian={"probes": 4, "power_iters": 5}, ablation="trace-only")
+    res = run_mapping("hilal-paper", resnet8_digits, digits, cfg, progress=False)
+    m = res.metrics
+    robust = m[m["cluster"] == "robust"].sort_values(["eli_norm", "r"])["layer"].tolist()
+    assert res.extra["robust"] == robust
+    assert sorted(res.analog_layers) == sorted(robust)  # sensitive layers are never tried
+    w = dict(resnet8_digits.named_modules())
+    row = m.iloc[0]
+    sigma = 0.08 * float(w[row["layer"]].weight.abs().max())
+    assert row["eli_norm"] == pytest.approx(0.5 * sigma**2 * row["trace"] / row["params"])
+    assert "accuracy_t0_mean" in res.extra
+
+
+def test_methods_registry():
+    assert set(METHODS.names()) >= {"hilal", "hilal-paper", "lionheart", "random", "all-analog", "all-analog-ft",
+                                    "all-digital"}
