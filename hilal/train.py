@@ -138,6 +138,7 @@ def train_digital(model: nn.Module, splits: Splits, cfg: TrainConfig | None = No
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
             start = st["epoch"]
+            _set_rng_state(st.get("rng"))
     bar = tqdm(range(start, cfg.epochs), desc="train", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
@@ -151,10 +152,26 @@ def train_digital(model: nn.Module, splits: Splits, cfg: TrainConfig | None = No
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if checkpoint is not None:
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "epoch": epoch + 1, "config": asdict(cfg)},
-                              checkpoint)
+                               "scheduler": sched.state_dict(), "epoch": epoch + 1, "config": asdict(cfg),
+                               "rng": _rng_state()}, checkpoint)
     model.eval()
     return model
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global RNG states (dropout, random layers), saved so that a resumed run continues identically."""
+    st: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any] | None) -> None:
+    if not st:
+        return
+    torch.set_rng_state(st["torch"].cpu())
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
 
 
 def checkpoint_path(model_name: str, dataset: str, seed: int, cfg: TrainConfig) -> Path:
@@ -225,7 +242,7 @@ def finetune_round(model: nn.Module, splits: Splits, cfg: FinetuneConfig, optimi
             _check_finite(loss, "noise-injection fine-tuning")
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if len(losses) >= steps:
                 break
         epoch += 1
