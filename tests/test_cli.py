@@ -1,0 +1,49 @@
+"""The ``hilal`` command: JSON contract and clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hilal.cli import main
+
+RESULT_FIELDS = {"method", "analog_layers", "analog_mac_share", "accuracy_mean", "accuracy_std", "fp_accuracy",
+                 "t_eval", "reps", "timings"}
+
+
+def test_map_all_digital_and_all_analog(tmp_path, resnet8_digits):
+    out_d, out_a = tmp_path / "d.json", tmp_path / "a.json"
+    common = ["--model", "resnet8", "--dataset", "digits", "--preset", "pcm_harsh", "--quiet", "--reps", "3",
+              "--t-eval", str(365 * 86400)]
+    assert main(["map", "--method", "all-digital", *common, "--out", str(out_d)]) == 0
+    assert main(["map", "--method", "all-analog", *common, "--out", str(out_a)]) == 0
+    d, a = json.loads(out_d.read_text()), json.loads(out_a.read_text())
+    assert RESULT_FIELDS <= set(d) and RESULT_FIELDS <= set(a)
+    assert d["analog_mac_share"] == 0 and a["analog_mac_share"] == pytest.approx(1.0)
+    assert {"search_s", "mapping_s", "total_s"} <= set(d["timings"])
+    assert a["accuracy_mean"] < d["accuracy_mean"] - 0.1  # the harsh preset bites
+    assert 0 <= a["accuracy_mean"] <= 1 and 0 <= d["fp_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "resnet99", "--dataset", "digits"], "unknown model 'resnet99'; valid choices: "),
+    (["--model", "resnet8", "--dataset", "mnist"], "unknown dataset 'mnist'; valid choices: "),
+    (["--model", "resnet8", "--dataset", "digits", "--preset", "rram"], "unknown preset 'rram'"),
+    (["--model", "resnet8", "--dataset", "cifar10"], "cifar-10-batches-py"),
+])
+def test_errors_name_the_problem(tmp_path, capsys, args, needle, monkeypatch):
+    monkeypatch.setenv("HILAL_DATA_DIR", str(tmp_path))
+    rc = main(["map", "--method", "all-digital", *args, "--out", str(tmp_path / "x.json")])
+    assert rc == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_unknown_method_exit_code():
+    r = subprocess.run([sys.executable, "-m", "hilal.cli", "map", "--method", "greedy", "--model", "resnet8",
+                        "--dataset", "digits", "--out", "/dev/null"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "unknown method 'greedy'" in r.stderr and "lionheart" in r.stderr
