@@ -1,0 +1,222 @@
+"""Figure helpers: the files they write, the numbers they plot, brute-force checks of the statistics."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from hilal import plots  # noqa: E402
+from hilal.evaluate import ONE_DAY, ONE_YEAR  # noqa: E402
+from hilal.registry import HilalError  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def figdir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HILAL_FIGURES_DIR", str(tmp_path / "figs"))
+    yield tmp_path / "figs"
+    plt.close("all")
+
+
+def drift_like(seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for net in ("a", "b"):
+        for preset, slope in (("mild", 0.001), ("harsh", 0.05)):
+            for t in (60.0, 3600.0, ONE_DAY, ONE_YEAR):
+                for r in range(4):
+                    acc = 0.95 - slope * np.log10(t / 60) + rng.normal(0, 0.01)
+                    rows.append({"network": net, "preset": preset, "t_inference": t, "rep": r, "accuracy": acc})
+    return pd.DataFrame(rows)
+
+
+def results_like() -> list[dict]:
+    layers = ["conv1", "layer1.conv", "fc"]
+
+    def res(method, analog, share, mean, std, search, mapping, rounds):
+        return {"method": method, "analog_layers": analog, "analog_mac_share": share, "accuracy_mean": mean,
+                "accuracy_std": std, "fp_accuracy": 0.98, "t_eval": ONE_DAY, "reps": 5, "rounds": rounds,
+                "timings": {"search_s": search, "mapping_s": mapping, "total_s": search + mapping + 0.5}}
+
+    return [res("lionheart", layers[:1], 0.5, 0.96, 0.01, 10.0, 20.0, 12),
+            res("all-digital", [], 0.0, 0.98, 0.0, 0.0, 0.0, 0),
+            res("hilal", layers[1:], 0.4, 0.97, 0.005, 2.0, 5.0, 4),
+            res("all-analog", layers, 1.0, 0.6, 0.05, 0.0, 0.0, 0)]
+
+
+def test_savefig_writes_png_and_csv_with_the_plotted_numbers(figdir):
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    data = pd.DataFrame({"x": [1, 2], "y": [3.5, 4.25]})
+    png = plots.savefig(fig, "09_demo", data)
+    assert png == figdir / "09_demo.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    back = pd.read_csv(figdir / "09_demo.csv")
+    pd.testing.assert_frame_equal(back, data)
+
+
+@pytest.mark.parametrize("name", ["demo", "9_demo", "09_demo.png", "09 demo", "../09_demo"])
+def test_savefig_rejects_names_outside_the_convention(name):
+    fig, _ = plt.subplots()
+    with pytest.raises(HilalError, match="NN_what"):
+        plots.savefig(fig, name, pd.DataFrame({"x": [1]}))
+
+
+def test_savefig_needs_the_numbers():
+    fig, _ = plt.subplots()
+    with pytest.raises(HilalError, match="DataFrame"):
+        plots.savefig(fig, "09_demo", pd.DataFrame())
+
+
+def test_save_summary(figdir):
+    path = plots.save_summary("03", {"spearman": {"eli": np.float64(0.9)}, "layers": np.int64(10)})
+    assert path == figdir / "03_summary.json"
+    assert json.loads(path.read_text()) == {"spearman": {"eli": 0.9}, "layers": 10}
+    with pytest.raises(HilalError, match="two-digit"):
+        plots.save_summary("3", {})
+
+
+def test_time_axis_has_human_ticks_inside_the_range():
+    fig, ax = plt.subplots()
+    plots.time_axis(ax, [60, 3600, ONE_DAY, 30 * ONE_DAY, ONE_YEAR])
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1 min", "1 h", "1 day", "1 month", "1 year"]
+    fig, ax = plt.subplots()
+    plots.time_axis(ax, [3600, ONE_DAY])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1 h", "1 day"]
+
+
+def test_drift_curves_plot_mean_and_std_over_repetitions():
+    table = drift_like()
+    fig, data = plots.drift_curves(table, hue="preset", col="network", fp={"a": 0.97, "b": 0.96})
+    for (net, preset, t), g in table.groupby(["network", "preset", "t_inference"]):
+        row = data[(data.network == net) & (data.preset == preset) & (data.t_inference == t)]
+        assert len(row) == 1
+        acc = g["accuracy"].to_numpy()
+        assert row["mean"].item() == pytest.approx(acc.sum() / len(acc))
+        assert row["std"].item() == pytest.approx(np.sqrt(((acc - acc.mean()) ** 2).sum() / (len(acc) - 1)))
+    axes = fig.get_axes()
+    assert len(axes) == 2
+    for ax in axes:
+        lines = [ln for ln in ax.get_lines() if ln.get_label() in ("mild", "harsh")]
+        assert len(lines) == 2
+        # the plotted y values are the means, in time order
+        for ln in lines:
+            sub = data[(data.network == ax.get_title()) & (data.preset == ln.get_label())].sort_values("t_inference")
+            np.testing.assert_allclose(ln.get_ydata(), sub["mean"])
+        fp_lines = [ln for ln in ax.get_lines() if ln.get_label() == "digital (FP)"]
+        assert fp_lines and fp_lines[0].get_ydata()[0] == {"a": 0.97, "b": 0.96}[ax.get_title()]
+        assert ax.get_xlabel() and ax.get_xscale() == "log"
+    assert "accuracy" in axes[0].get_ylabel()
+
+
+def test_headline_nests_by_keys_and_time_label():
+    _, data = plots.drift_curves(drift_like(), hue="preset", col="network")
+    h = plots.headline(data, ["network", "preset"])
+    assert set(h) == {"a", "b"} and set(h["a"]) == {"mild", "harsh"}
+    assert set(h["a"]["harsh"]) == {"1 min", "1 h", "1 day", "1 year"}
+    row = data[(data.network == "b") & (data.preset == "mild") & (data.t_inference == ONE_YEAR)]
+    assert h["b"]["mild"]["1 year"] == pytest.approx(row["mean"].item())
+
+
+def brute_spearman(x, y):
+    def ranks(v):
+        v = np.asarray(v, float)
+        r = np.empty(len(v))
+        for i, vi in enumerate(v):  # average rank for ties
+            r[i] = (v < vi).sum() + ((v == vi).sum() + 1) / 2
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def test_rank_correlations_match_brute_force():
+    rng = np.random.default_rng(1)
+    n = 9
+    metrics = pd.DataFrame({"layer": [f"l{i}" for i in range(n)], "trace": rng.random(n),
+                            "lambda_max": rng.random(n), "concentration": np.round(rng.random(n), 1),
+                            "eli": np.arange(n, dtype=float)})
+    sens = pd.DataFrame({"layer": [f"l{i}" for i in range(n)][::-1],
+                         "loss_increase": (np.arange(n, dtype=float) ** 2)[::-1]})
+    corr = plots.rank_correlations(metrics, sens).set_index("metric")
+    merged = metrics.merge(sens, on="layer")
+    for c in ("trace", "lambda_max", "concentration", "eli"):
+        assert corr.loc[c, "spearman"] == pytest.approx(brute_spearman(merged[c], merged["loss_increase"]))
+    assert corr.loc["eli", "spearman"] == pytest.approx(1.0)  # same order after the join on layer names
+    with pytest.raises(HilalError, match="at least 3"):
+        plots.rank_correlations(metrics.head(2), sens)
+
+
+def test_mapping_table_and_layer_matrix():
+    res = results_like()
+    table = plots.mapping_table(res)
+    assert table["method"].tolist() == ["hilal", "lionheart", "all-analog", "all-digital"]
+    row = table.set_index("method").loc["lionheart"]
+    assert row["accuracy_drop"] == pytest.approx(0.98 - 0.96)
+    assert row["analog_layers"] == 1 and row["total_s"] == pytest.approx(30.5)
+    mat = plots.layer_matrix(res, ["conv1", "layer1.conv", "fc"])
+    assert mat.loc["conv1"].to_dict() == {"hilal": 0, "lionheart": 1, "all-analog": 1, "all-digital": 0}
+    assert mat["all-analog"].sum() == 3 and mat["all-digital"].sum() == 0
+    assert mat["hilal"].tolist() == [0, 1, 1]
+
+
+def test_runtime_bars_and_speedup():
+    res = results_like()
+    fig, data = plots.runtime_bars(res, reference="lionheart")
+    by = data.set_index("method")
+    assert by.loc["hilal", "speedup_vs_lionheart"] == pytest.approx(30.5 / 7.5)
+    assert plots.speedup(res, "hilal", "lionheart") == pytest.approx(30.5 / 7.5)
+    with pytest.raises(HilalError, match="random"):
+        plots.speedup(res, "random", "lionheart")
+    ax = fig.get_axes()[0]
+    assert "time" in ax.get_xlabel() and "(s)" in ax.get_xlabel()
+
+
+def test_mapping_figures_carry_their_numbers():
+    res = results_like()
+    fig, data = plots.mapping_overview(res, drop_threshold=0.02)
+    assert data["analog_mac_share"].tolist() == [0.4, 0.5, 1.0, 0.0]
+    assert all(ax.get_xlabel() for ax in fig.get_axes())
+    macs = {"conv1": 100, "layer1.conv": 50, "fc": 50}
+    fig, data = plots.layer_heatmap(res, list(macs), macs=macs)
+    assert data["layer"].tolist() == list(macs) and data["macs"].tolist() == [100, 50, 50]
+    assert data["hilal"].tolist() == [0, 1, 1]
+    labels = [t.get_text() for t in fig.get_axes()[0].get_yticklabels()]
+    assert labels[0].endswith("(50%)")
+
+
+def test_layer_figures():
+    n = 6
+    merged = pd.DataFrame({"layer": [f"block{i}.conv" for i in range(n)], "trace": np.logspace(0, 4, n),
+                           "trace_se": np.ones(n), "lambda_max": np.logspace(-1, 2, n),
+                           "concentration": np.linspace(0.1, 0.9, n), "eli": np.logspace(-5, -1, n),
+                           "loss_increase": np.linspace(-0.01, 0.5, n), "macs": np.arange(1, n + 1) * 1000,
+                           "cluster": ["robust"] * 3 + ["sensitive"] * 3})
+    fig, data = plots.layer_profile(merged)
+    assert len(fig.get_axes()) == 5 and "trace_se" in data
+    assert fig.get_axes()[0].get_yscale() == "log"  # trace spans four decades
+    fig, data = plots.sensitivity_scatter(merged)
+    assert data["spearman_eli"].iloc[0] == pytest.approx(1.0)
+    assert [ax.get_title() for ax in fig.get_axes()][3] == "Spearman ρ = 1.00"
+    fig, data = plots.cluster_plane(merged)
+    np.testing.assert_allclose(data["log10_eli"], np.log10(merged["eli"]))
+    ax = fig.get_axes()[0]
+    assert "ELI" in ax.get_xlabel() and "concentration" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["robust (3 layers)", "sensitive (3 layers)"]
+
+
+def test_accuracy_bars():
+    zoo = pd.DataFrame({"model": ["resnet8", "resnet20"], "dataset": ["digits", "digits"], "accuracy": [0.98, 0.97]})
+    fig, data = plots.accuracy_bars(zoo)
+    ax = fig.get_axes()[0]
+    heights = sorted(p.get_height() for p in ax.patches if p.get_height() > 0)
+    assert heights == pytest.approx([0.97, 0.98])
+    assert data.equals(zoo[["model", "dataset", "accuracy"]])

@@ -1,0 +1,183 @@
+"""The papermill runner (profiles, parameter checks, failures) and the results shared between notebooks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from nbformat.v4 import new_code_cell, new_notebook
+
+from hilal import reproduce as rp
+from hilal.registry import HilalError
+
+
+def write_nb(folder: Path, name: str, params: str, body: str) -> Path:
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [new_code_cell("import os"), new_code_cell(params, metadata={"tags": ["parameters"]}),
+                new_code_cell(body)]
+    path = folder / name
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Two small notebooks and a profile file."""
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    write_nb(folder, "00_first.ipynb", 'A = 1  # any int\nSHARED = "x"  # any string',
+             'import json, pathlib\n'
+             'out = pathlib.Path(os.environ["HILAL_FIGURES_DIR"])\n'
+             '(out / "00_values.json").write_text(json.dumps({"A": A, "SHARED": SHARED}))')
+    write_nb(folder, "01_second.ipynb", "B = 2  # any int\nFAIL = False  # True or False",
+             'assert not FAIL, "asked to fail"')
+    return folder
+
+
+def profile(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_profile_lists_the_valid_ones():
+    with pytest.raises(HilalError, match=r"unknown profile 'nope'.*paper.*smoke"):
+        rp.load_profile("nope")
+    with pytest.raises(HilalError, match="does not exist"):
+        rp.load_profile("/no/such/profile.yaml")
+
+
+def test_profile_sections_are_checked(tmp_path):
+    with pytest.raises(HilalError, match=r"unknown section.*'extras'"):
+        rp.load_profile(profile(tmp_path, "extras: 1\n"))
+    prof = rp.load_profile(profile(tmp_path, "notebooks:\n  3: {A: 1}\n  '04': {}\n  05: {}\n"))
+    assert set(prof["notebooks"]) == {"03", "04", "05"}
+
+
+def test_plan_applies_common_where_declared_and_sections_per_notebook(tmp_path, tiny):
+    p = profile(tmp_path, "common: {SHARED: y, B: 5}\nnotebooks:\n  '00': {A: 7}\n")
+    todo = rp.plan(p, folder=tiny)
+    assert list(todo) == ["00", "01"]
+    assert todo["00"][1] == {"SHARED": "y", "A": 7}
+    assert todo["01"][1] == {"B": 5}
+    assert list(rp.plan(p, only=1, folder=tiny)) == ["01"]
+    assert list(rp.plan(p, only="01,00", folder=tiny)) == ["01", "00"]
+
+
+def test_unknown_notebook_number(tmp_path, tiny):
+    p = profile(tmp_path, "common: {}\n")
+    with pytest.raises(HilalError, match=r"unknown notebook '07'; valid choices: 00, 01"):
+        rp.plan(p, only="07", folder=tiny)
+    with pytest.raises(HilalError, match=r"unknown notebook '09'"):
+        rp.plan(profile(tmp_path, "notebooks:\n  '09': {A: 1}\n"), folder=tiny)
+
+
+def test_undeclared_parameters_are_errors_before_anything_runs(tmp_path, tiny, monkeypatch):
+    import papermill
+
+    def boom(*a, **k):
+        raise AssertionError("nothing may execute when a parameter is wrong")
+
+    monkeypatch.setattr(papermill, "execute_notebook", boom)
+    p = profile(tmp_path, "notebooks:\n  '01': {B: 3, TYPO: 1}\n")
+    with pytest.raises(HilalError, match=r"'TYPO'.*01_second.ipynb.*declares: B, FAIL"):
+        rp.reproduce(p, notebooks=tiny, out_dir=tmp_path / "run", progress=False)
+    p = profile(tmp_path, "common: {NOBODY: 1}\n")
+    with pytest.raises(HilalError, match=r"common parameter 'NOBODY' is declared by no notebook"):
+        rp.reproduce(p, notebooks=tiny, out_dir=tmp_path / "run", progress=False)
+    with pytest.raises(HilalError, match=r"'B' \(overrides.*00_first.ipynb"):
+        rp.reproduce(profile(tmp_path, "{}\n"), notebooks=tiny, overrides={"B": 1}, progress=False,
+                     out_dir=tmp_path / "run")
+
+
+def test_real_profiles_match_the_notebooks():
+    for name in ("smoke", "paper"):
+        todo = rp.plan(name)
+        assert list(todo) == list(rp.list_notebooks())
+        assert all(params for _, params in todo.values())
+
+
+@pytest.mark.slow
+def test_reproduce_executes_with_parameters_env_and_reports_failures(tmp_path, tiny, monkeypatch):
+    # a clean HOME: the kernel must not depend on anything registered per user
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("JUPYTER_PATH", raising=False)
+    figs = tmp_path / "figs"
+    p = profile(tmp_path, "common: {SHARED: z}\nnotebooks:\n  '00': {A: 42}\n  '01': {FAIL: true}\n")
+    with pytest.raises(rp.ReproduceError, match=r"1 notebook\(s\) failed: 01_second: AssertionError: asked to fail") \
+            as err:
+        rp.reproduce(p, notebooks=tiny, out_dir=tmp_path / "run", figures=figs, progress=False)
+    table = err.value.table
+    assert table.set_index("notebook")["status"].to_dict() == {"00": "ok", "01": "failed"}
+    assert json.loads((figs / "00_values.json").read_text()) == {"A": 42, "SHARED": "z"}
+    assert (tmp_path / "run" / "00_first.ipynb").exists() and (tmp_path / "run" / "reproduce.csv").exists()
+    table = rp.reproduce(p, only="00", notebooks=tiny, out_dir=tmp_path / "run2", figures=figs, progress=False)
+    assert table["status"].tolist() == ["ok"] and table["seconds"].iloc[0] > 0
+
+
+def test_mapping_results_are_stored_and_reused_with_identical_settings(tmp_path, monkeypatch, digits):
+    from hilal.evaluate import noisy_scores
+    from hilal.mapping import MappingConfig, snapshot
+    from hilal.train import FinetuneConfig
+
+    monkeypatch.setenv("HILAL_DATA_DIR", str(tmp_path / "data"))
+    cfg = MappingConfig(preset="pcm_harsh", reps=2, patience=1, max_rounds=1, finetune=FinetuneConfig(steps=3))
+    first = rp.mapping_results(["all-analog-ft", "all-digital"], "resnet8", digits, cfg, progress=False)
+    assert not any(m.reused for m in first.values())
+    again = rp.mapping_results(["all-analog-ft", "all-digital"], "resnet8", digits, cfg, progress=False)
+    assert all(m.reused for m in again.values())
+    for name in first:
+        assert again[name].result == first[name].result
+        a, b = snapshot(first[name].model), snapshot(again[name].model)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+    # the fine-tuned model comes back as it was: same scores under the same seeds
+    np.testing.assert_array_equal(noisy_scores(first["all-analog-ft"].model, digits, 3600.0, 2, seed=5),
+                                  noisy_scores(again["all-analog-ft"].model, digits, 3600.0, 2, seed=5))
+    other = rp.mapping_results(["all-digital"], "resnet8", digits, MappingConfig(reps=3), progress=False)
+    assert not other["all-digital"].reused
+    fresh = rp.mapping_results(["all-digital"], "resnet8", digits, cfg, reuse=False, progress=False)
+    assert not fresh["all-digital"].reused
+
+
+def test_layer_metrics_are_cached_by_settings(tmp_path, monkeypatch, digits):
+    import hilal.hessian as hs
+
+    calls = []
+
+    def fake(model, splits, preset, cfg, progress=True):
+        calls.append(cfg.probes)
+        df = pd.DataFrame({"layer": ["a", "b"], "eli": [float(cfg.probes), 2.0]})
+        df.attrs["total_s"] = 1.5
+        return df
+
+    monkeypatch.setattr(hs, "layer_metrics", fake)
+    monkeypatch.setenv("HILAL_DATA_DIR", str(tmp_path / "data"))
+    tag = {"model": "m"}
+    a = rp.layer_metrics_for(None, digits, "pcm", hs.HessianConfig(probes=4), tag=tag, reuse=True)
+    b = rp.layer_metrics_for(None, digits, "pcm", hs.HessianConfig(probes=4), tag=tag, reuse=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert b.attrs["total_s"] == 1.5 and calls == [4]
+    rp.layer_metrics_for(None, digits, "pcm", hs.HessianConfig(probes=8), tag=tag, reuse=True)
+    rp.layer_metrics_for(None, digits, "pcm_harsh", hs.HessianConfig(probes=4), tag=tag, reuse=True)
+    rp.layer_metrics_for(None, digits, "pcm", hs.HessianConfig(probes=4), tag={"model": "n"}, reuse=True)
+    rp.layer_metrics_for(None, digits, "pcm", hs.HessianConfig(probes=4), tag=tag, reuse=False)
+    assert calls == [4, 8, 4, 4, 4]
+
+
+def test_zoo_table_counts_the_model(digits, resnet8_digits):
+    from hilal.analog import count_macs, mappable_layers
+    from hilal.train import score
+
+    zoo = rp.zoo_table(["resnet8"], ["digits"], progress=False)
+    row = zoo.iloc[0]
+    assert row["layers"] == len(mappable_layers(resnet8_digits))
+    assert row["mmacs"] == pytest.approx(sum(count_macs(resnet8_digits, digits.example_input(2)).values()) / 1e6)
+    assert row["accuracy"] == pytest.approx(score(resnet8_digits, digits, "test"))
