@@ -406,8 +406,9 @@ def layer_heatmap(results: Iterable[Mapping[str, Any]], layers: Sequence[str],
 
 def runtime_bars(results: Iterable[Mapping[str, Any]], reference: str = "lionheart",
                  title: str = "Search and mapping time per method") -> tuple[Figure, pd.DataFrame]:
-    """Stacked horizontal bars of search time (metrics/clustering/ordering) and mapping time (retraining and
-    evaluation) per method, each labelled with its total and the speed-up over ``reference``."""
+    """Stacked horizontal bars of search time (curvature, clustering, ordering, rejected retraining rounds)
+    and mapping time (retraining rounds that were kept) per method, each labelled with its total, its
+    fine-tuning rounds and (for methods that retrain) the speed-up over ``reference``."""
     data = mapping_table(results)[["method", "search_s", "mapping_s", "total_s", "rounds", "analog_layers"]]
     ref = data.loc[data["method"] == reference, "total_s"]
     data["speedup_vs_" + reference] = (float(ref.iloc[0]) / data["total_s"]) if len(ref) else np.nan
@@ -415,13 +416,13 @@ def runtime_bars(results: Iterable[Mapping[str, Any]], reference: str = "lionhea
     with style():
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(data) + 1.8))
         y = np.arange(len(data))
-        ax.barh(y, data["search_s"], color=pal[0], label="search (curvature, clustering, ordering)")
-        ax.barh(y, data["mapping_s"], left=data["search_s"], color=pal[1], label="mapping (retraining + evaluation)")
+        ax.barh(y, data["search_s"], color=pal[0], label="search (curvature, ordering, rejected rounds)")
+        ax.barh(y, data["mapping_s"], left=data["search_s"], color=pal[1], label="mapping (kept retraining rounds)")
         top = data["total_s"].max()
         for yi, r in data.iterrows():
             sp = r["speedup_vs_" + reference]
-            txt = f"{r['total_s']:.1f} s, {int(r['rounds'])} rounds"
-            if np.isfinite(sp) and r["method"] != reference:
+            txt = f"{r['total_s']:.1f} s in all, {int(r['rounds'])} rounds"
+            if np.isfinite(sp) and r["method"] != reference and r["rounds"] > 0:  # methods that search
                 txt += f"  ({sp:.1f}× vs {reference})"
             ax.text(r["total_s"] + 0.01 * top, yi, txt, va="center", fontsize=8)
         ax.set_xlim(0, top * 1.6)

@@ -64,6 +64,7 @@ def test_notebook_is_stripped_and_follows_the_conventions(key):
     for c in cells:
         lines = c.source.splitlines()
         assert len(lines) <= MAX_LINES, f"{path.name}: a code cell of {len(lines)} lines"
+        assert all(len(line) <= 110 for line in lines), f"{path.name}: lines over 110 characters"
         tree = ast.parse(python_of(c.source))
         defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
                                                               ast.Lambda))]
@@ -188,11 +189,15 @@ def test_05_mapping_numbers(smoke):
     assert m["all-digital"]["analog_mac_share"] == 0 and abs(m["all-digital"]["accuracy_drop"]) < 1e-9
     assert m["all-analog"]["analog_mac_share"] == pytest.approx(1.0)
     assert m["all-analog"]["accuracy_drop"] > 0.05
-    for method in ("hilal", "lionheart"):
-        assert m[method]["analog_mac_share"] > 0.2
-        # chosen on the calibration split within the tolerance; the test split may differ a little
-        assert m[method]["accuracy_drop"] < s["drop_threshold"] + 0.04
-        assert m[method]["accuracy_drop"] < m["all-analog"]["accuracy_drop"]
+    # LionHeart keeps a layer only within the tolerance (on the calibration split; the test split may differ)
+    assert 0.2 < m["lionheart"]["analog_mac_share"] < 1
+    assert m["lionheart"]["accuracy_drop"] < s["drop_threshold"] + 0.04
+    # HILAL offloads at least the robust cluster of notebook 04 (same curvature settings) and keeps the
+    # layers whose extension failed digital
+    robust = set(summary(smoke, "04")["robust"])
+    assert robust <= set(m["hilal"]["analog_layers"])
+    assert m["hilal"]["accuracy_drop"] < m["all-analog"]["accuracy_drop"]
+    assert m["hilal-paper"]["analog_mac_share"] > 0
 
 
 @pytest.mark.slow
@@ -211,5 +216,7 @@ def test_07_drift_per_method_numbers(smoke):
     assert all(v == pytest.approx(fp) for v in acc["all-digital"].values())  # nothing analog, nothing drifts
     assert acc["all-analog"]["1 year"] < fp - 0.1
     assert acc["hilal"]["1 year"] > acc["all-analog"]["1 year"]
-    assert acc["hilal"]["1 day"] > fp - 0.1
+    # the stored final models behave as in notebook 05 (evaluated there at T_EVAL = 1 day, other seeds)
+    for method, r in summary(smoke, "05")["methods"].items():
+        assert acc[method]["1 day"] == pytest.approx(r["accuracy_mean"], abs=0.08), method
 
