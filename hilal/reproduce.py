@@ -207,7 +207,9 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
     pkg_root = str(Path(hilal.__file__).resolve().parent.parent)
     pypath = os.pathsep.join([pkg_root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
     rows = []
-    with _environ(HILAL_FIGURES_DIR=str(fig_dir.resolve()), PYTHONPATH=pypath, MPLBACKEND="Agg"):
+    # inline backend: the executed copies under runs/ show their figures (an inherited Agg would hide them)
+    with _environ(HILAL_FIGURES_DIR=str(fig_dir.resolve()), PYTHONPATH=pypath,
+                  MPLBACKEND="module://matplotlib_inline.backend_inline"):
         for key, (path, params) in todo.items():
             out_nb = run_dir / path.name
             if progress:
