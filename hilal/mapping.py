@@ -34,7 +34,8 @@ from hilal.paths import atomic_json_dump, atomic_torch_save
 from hilal.registry import HilalError, Registry, check_choice
 from hilal.train import FinetuneConfig, finetune_round, make_optimizer, score
 
-SEARCHES = ("gallop", "bisect", "walk")
+SEARCHES = ("screen", "gallop", "bisect", "walk")
+ORDERS = ("eli", "eli_per_mac")
 
 
 @dataclass
@@ -60,9 +61,14 @@ class MappingConfig:
     """HILAL: number of stages over which the robust cluster is offloaded."""
     robust_only: bool = False
     """HILAL: stop after the robust cluster."""
-    search: str = "gallop"
-    """HILAL: how the longest feasible prefix of the ELI-ordered sensitive layers is found:
-    ``gallop`` (1, 2, 4... then bisection), ``bisect`` or ``walk`` (one layer per round)."""
+    search: str = "screen"
+    """HILAL: how the longest feasible prefix of the ordered sensitive layers is found. ``screen``: bisection
+    on zero-shot scores (no retraining; the retraining gain measured on the robust stage is added), then one
+    retrained stage to confirm, with retrained bisection below it if that fails; ``gallop`` (1, 2, 4... then
+    bisection), ``bisect`` or ``walk`` (one layer per stage) retrain at every probe."""
+    order: str = "eli"
+    """HILAL: order inside each cluster: ``eli`` (ascending ELI, as published) or ``eli_per_mac`` (ascending
+    ELI per multiply-accumulate: the most analog work per unit of expected loss first)."""
     cluster: str = "kmeans"
     """Clustering method (hilal.cluster)."""
     hessian: dict[str, Any] = field(default_factory=dict)
@@ -235,9 +241,10 @@ class _Run:
         return self.baseline - self.cfg.drop_threshold
 
     def stage(self, key: str, layers: list[str], accept: Callable[[float], bool] | None = None,
-              drift: bool = True) -> bool:
+              drift: bool = True, zero_shot: bool = False) -> bool:
         """Make ``layers`` analog on top of the current model, retrain, and keep the result if ``accept``
-        (always when None). Journaled: a finished stage is replayed from disk, not recomputed."""
+        (always when None). With ``zero_shot`` the candidate is also scored before retraining (recorded as
+        ``zero_shot``). Journaled: a finished stage is replayed from disk, not recomputed."""
         new_layers = [n for n in self.layers + layers if n]
         done = self.journal.get(key)
         candidate = extend_analog(self.model, layers, self.cfg.preset)
@@ -245,27 +252,45 @@ class _Run:
             ok = done["kept"]
             if ok:
                 self.journal.load_model(key, candidate)
-            self._record(key, layers, done["score"], done["rounds"], done["seconds"], ok, replayed=True)
+            self._record(key, layers, done, ok, replayed=True)
         else:
+            seed = self.cfg.seed + 7919 * len(self.rows)
+            t = time.perf_counter()
+            z = _in_loop_score(candidate, self.splits, self.cfg, seed, drift) if zero_shot else None
+            z_s = time.perf_counter() - t
             torch.manual_seed(self.cfg.seed + len(self.rows))
-            r = retrain(candidate, self.splits, self.cfg, self.cfg.seed + 7919 * len(self.rows), drift)
+            r = retrain(candidate, self.splits, self.cfg, seed, drift)
             ok = True if accept is None else bool(accept(r.score))
-            self.journal.put(key, {"kept": ok, "score": r.score, "rounds": r.rounds, "seconds": r.seconds},
-                             candidate if ok else None)
-            self._record(key, layers, r.score, r.rounds, r.seconds, ok)
+            done = {"kept": ok, "score": r.score, "rounds": r.rounds, "seconds": r.seconds + z_s, "zero_shot": z}
+            self.journal.put(key, done, candidate if ok else None)
+            self._record(key, layers, done, ok)
         if ok:
             self.model, self.layers = candidate, new_layers
         return ok
 
-    def _record(self, key: str, layers: list[str], s: float, rounds: int, seconds: float, kept: bool,
-                replayed: bool = False) -> None:
-        self.rounds += rounds
-        self.timings["mapping_s" if kept else "search_s"] += seconds
-        self.rows.append({"step": key, "layers": ",".join(layers), "score": s, "floor": self.floor(),
-                          "rounds": rounds, "seconds": seconds, "kept": kept, "replayed": replayed})
+    def screen(self, key: str, layers: list[str]) -> float:
+        """Zero-shot score (no retraining) of the current model with ``layers`` made analog as well."""
+        done = self.journal.get(key)
+        if done is None:
+            t = time.perf_counter()
+            candidate = extend_analog(self.model, layers, self.cfg.preset)
+            s = _in_loop_score(candidate, self.splits, self.cfg, self.cfg.seed + 7919 * len(self.rows), True)
+            done = {"kept": False, "score": s, "rounds": 0, "seconds": time.perf_counter() - t, "zero_shot": s}
+            self.journal.put(key, done)
+        self._record(key, layers, done, False)
+        return float(done["score"])
+
+    def _record(self, key: str, layers: list[str], done: dict[str, Any], kept: bool, replayed: bool = False) -> None:
+        self.rounds += done["rounds"]
+        self.timings["mapping_s" if kept else "search_s"] += done["seconds"]
+        self.rows.append({"step": key, "layers": ",".join(layers), "score": done["score"],
+                          "zero_shot": done.get("zero_shot"), "floor": self.floor(), "rounds": done["rounds"],
+                          "seconds": done["seconds"], "kept": kept, "replayed": replayed})
+        s, rounds, seconds = done["score"], done["rounds"], done["seconds"]
+        verdict = "kept" if kept else "zero-shot" if not rounds else "rejected"
         if self.progress:
             tqdm.write(f"[{self.method}] {key}: +{layers} score={s:.4f} floor={self.floor():.4f} "
-                       f"{'kept' if kept else 'rejected'} ({rounds} rounds, {seconds:.1f}s)")
+                       f"{verdict} ({rounds} rounds, {seconds:.1f}s)")
 
     def finish(self, metrics: pd.DataFrame | None = None, **extra: Any) -> MappingResult:
         t = time.perf_counter()
@@ -296,6 +321,7 @@ def run_mapping(method: str, model: nn.Module, splits: Splits, cfg: MappingConfi
     fn = METHODS[method]
     cfg = cfg or MappingConfig()
     check_choice("search", cfg.search, SEARCHES)
+    check_choice("order", cfg.order, ORDERS)
     return fn(_Run(method, model, splits, cfg, progress))
 
 
@@ -322,33 +348,53 @@ def _metrics(run: _Run) -> pd.DataFrame:
 
 @METHODS.register("hilal")
 def hilal(run: _Run) -> MappingResult:
-    """Curvature metrics -> robust/sensitive clusters -> robust layers offloaded in ascending ELI over
-    ``stages`` stages with fine-tuning -> the ELI-ordered sensitive layers while accuracy stays within the
-    tolerance (longest feasible prefix by gallop/bisect/walk)."""
+    """Curvature metrics -> robust/sensitive clusters -> robust layers offloaded in ascending ELI (or ELI per
+    MAC) over ``stages`` stages with fine-tuning -> the sensitive layers in the same order while accuracy
+    stays within the tolerance (longest feasible prefix: screened, gallop, bisect or walk)."""
     cfg = run.cfg
     df = run.timed_search(lambda: _metrics(run))
-    order = df.sort_values("eli", kind="stable")
+    key = df["eli"] / df["macs"] if cfg.order == "eli_per_mac" else df["eli"]
+    order = df.assign(_key=key).sort_values("_key", kind="stable")
     robust = order.loc[order["cluster"] == "robust", "layer"].tolist()
     sensitive = order.loc[order["cluster"] == "sensitive", "layer"].tolist()
-    for i, chunk in enumerate(np.array_split(np.array(robust, dtype=object), max(1, min(cfg.stages, len(robust))))):
-        if len(chunk):
-            run.stage(f"robust-{i}", list(chunk))
+    chunks = [list(c) for c in np.array_split(np.array(robust, dtype=object), max(1, min(cfg.stages, len(robust))))]
+    gain = 0.0
+    for i, chunk in enumerate(c for c in chunks if c):
+        run.stage(f"robust-{i}", chunk, zero_shot=cfg.search == "screen")
+        row = run.rows[-1]
+        if row["zero_shot"] is not None:
+            gain = max(gain, row["score"] - row["zero_shot"])
     if not cfg.robust_only and sensitive:
-        _extend_prefix(run, sensitive)
-    return run.finish(metrics=df, robust=robust, sensitive=sensitive)
+        _extend_prefix(run, sensitive, gain)
+    return run.finish(metrics=df, robust=robust, sensitive=sensitive, retrain_gain=gain)
 
 
-def _extend_prefix(run: _Run, layers: list[str]) -> None:
+def _extend_prefix(run: _Run, layers: list[str], gain: float = 0.0) -> None:
     """Find the longest prefix of ``layers`` whose offloading keeps the calibration score above the floor,
     assuming feasibility is monotone in the prefix length (the ELI order)."""
     ok = lambda s: s >= run.floor()  # noqa: E731
-    lo, hi = 0, len(layers)  # prefix lo is known feasible, hi+1 known infeasible
-    if run.cfg.search == "walk":
+    search = run.cfg.search
+    lo, hi = 0, len(layers)  # prefix lo is known feasible, hi + 1 known infeasible
+    if search == "walk":
         for i, name in enumerate(layers):
             if not run.stage(f"sensitive-{i}", [name], ok):
                 return
         return
-    if run.cfg.search == "gallop":
+    if search == "screen":
+        base, s_lo, s_hi = len(run.layers), 0, hi
+        while s_lo < s_hi:  # zero-shot bisection, the retraining gain measured on the robust stage added
+            k = (s_lo + s_hi + 1) // 2
+            if run.screen(f"screen-{base}-{k}", layers[:k]) + gain >= run.floor():
+                s_lo = k
+            else:
+                s_hi = k - 1
+        if s_lo > 0:
+            if run.stage(f"prefix-{s_lo}", layers[:s_lo], ok):
+                lo = s_lo  # confirmed; retraining may carry further, so gallop upwards from here
+            else:
+                hi = s_lo - 1
+                search = "bisect"
+    if search in ("gallop", "screen"):
         step = 1
         while lo < hi:
             k = min(lo + step, hi)
