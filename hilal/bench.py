@@ -1,0 +1,419 @@
+"""Side-by-side speed benchmarks (``hilal bench hessian|search|analog``).
+
+Both sides of every comparison run in the same process, interleaved within each repeat, and the reported
+ratio is the ratio of the medians over repeats, so background load affects both sides alike.
+
+- ``hessian``: Hutchinson traces and the expected loss increase (ELI) of every mappable layer, from the joint
+  pass (one HVP per probe / noise sample for all layers, :mod:`hilal.hessian`) versus PyHessian's ``hessian``
+  class run one layer at a time (only that layer's weight requiring grad; ``.trace()`` for the traces and
+  ``pyhessian.utils.hessian_vector_product`` on the same noise samples for the ELI quadratic term). Same data,
+  same number of probes and the same noise samples on both sides.
+- ``search``: ``run_mapping("hilal")`` versus ``run_mapping("lionheart")`` with one :class:`MappingConfig`.
+- ``analog``: forward time of the all-analog aihwkit model versus the digital one, and one drift evaluation.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from hilal.paths import atomic_json_dump
+from hilal.registry import HilalError, check_choice
+
+KINDS = ("hessian", "search", "analog")
+
+
+@dataclass
+class BenchConfig:
+    """Sizes of the benchmarks (``quick`` shrinks them)."""
+
+    models: tuple[str, ...] = ("resnet8", "resnet20", "vit_tiny")
+    """Models (``hilal.models.MODELS``); names not registered are skipped with a note."""
+    dataset: str = "digits"
+    """Dataset (``hilal.data.DATASETS``)."""
+    preset: str = "pcm_harsh"
+    """aihwkit preset for noise samples, mappings and analog models."""
+    repeats: int = 3
+    """Timed repeats per side; medians are reported."""
+    seed: int = 0
+    """Seed of the dataset split, training, probes and noise."""
+    probes: int = 32
+    """hessian: Hutchinson probes per layer (both sides)."""
+    eli_samples: int = 16
+    """hessian: noise samples for the ELI (both sides)."""
+    max_samples: int = 512
+    """hessian: calibration samples (one batch, both sides)."""
+    t_inference: float = 86400.0
+    """hessian/analog: inference time (s) of the noise samples and of the drift evaluation."""
+    search_models: tuple[str, ...] = ("resnet8", "resnet20")
+    """search: models to map."""
+    mapping: dict[str, Any] = field(default_factory=dict)
+    """search: overrides of :class:`hilal.mapping.MappingConfig` (the same for both methods)."""
+    forward_iters: int = 20
+    """analog: forward passes per timed repeat."""
+    batch_size: int = 256
+    """analog: batch of test inputs for the forward timing."""
+    threads: int | None = None
+    """torch intra-op threads (None: torch's default). On a shared, loaded CPU, 1 avoids the large slow-down
+    of oversubscribed OpenMP threads."""
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchConfig:
+        """Smaller sizes for a quick look (minutes on a laptop CPU)."""
+        base = cls(repeats=1, probes=16, eli_samples=8, max_samples=256, forward_iters=5,
+                   mapping={"reps": 5, "max_rounds": 4})
+        return replace(base, **overrides)
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import aihwkit
+
+    dev = "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"torch": torch.__version__, "aihwkit": aihwkit.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": dev,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(np.median(np.asarray(xs, float)))
+
+
+def _clock(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def _registered(names: Sequence[str], notes: list[str]) -> list[str]:
+    from hilal.models import MODELS
+
+    known = set(MODELS.names()) if hasattr(MODELS, "names") else set(MODELS)
+    out = []
+    for n in names:
+        if n in known:
+            out.append(n)
+        else:
+            notes.append(f"model {n!r} is not in the MODELS registry; skipped")
+    return out
+
+
+def _trained(name: str, splits: Any, seed: int) -> nn.Module:
+    from hilal.train import trained_model
+
+    return trained_model(name, splits, seed=seed, progress=False).cpu().eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hessian: joint pass versus PyHessian one layer at a time
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a - b) / np.maximum(np.abs(b), 1e-12)
+
+
+def _z(a: np.ndarray, sa: np.ndarray, b: np.ndarray, sb: np.ndarray) -> np.ndarray:
+    return np.abs(a - b) / np.maximum(np.sqrt(sa**2 + sb**2), 1e-30)
+
+
+def joint_estimates(model: nn.Module, batch: Any, layers: Sequence[str], noise: Sequence[Sequence[torch.Tensor]],
+                    probes: int, seed: int) -> dict[str, Any]:
+    """Traces and ELI of all ``layers`` from one Hessian operator: one HVP per probe and per noise sample."""
+    from hilal.hessian import HessianOperator, expected_loss_increase, hutchinson_traces
+
+    op = HessianOperator(model, [batch], layers)
+    trace, trace_se = hutchinson_traces(op, probes, "joint", seed)
+    eli = expected_loss_increase(op, noise, "joint", seed)
+    return {"trace": trace, "trace_se": trace_se, "eli": eli["eli"], "eli_se": eli["eli_se"], "hvps": op.hvps}
+
+
+def pyhessian_estimates(model: nn.Module, batch: Any, layers: Sequence[str],
+                        noise: Sequence[Sequence[torch.Tensor]], probes: int) -> dict[str, Any]:
+    """The same estimates the way a PyHessian user gets them: for each layer a ``pyhessian.hessian`` object
+    with only that layer's weight requiring grad, ``.trace(maxIter=probes)`` (tolerance disabled so that
+    exactly ``probes`` probes run) and one ``hessian_vector_product`` per noise sample for the ELI."""
+    from pyhessian import hessian as PyHessian
+    from pyhessian.utils import group_product, hessian_vector_product
+
+    mods = dict(model.named_modules())
+    x, y = batch[0], batch[1]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    n, s = len(layers), len(noise)
+    trace, trace_se, eli, eli_se = (np.empty(n) for _ in range(4))
+    hvps = 0
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for i, name in enumerate(layers):
+            w = mods[name].weight
+            w.requires_grad_(True)
+            with warnings.catch_warnings():  # PyHessian's backward(create_graph=True) warns about .grad cycles
+                warnings.simplefilter("ignore")
+                h = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+                vals = np.asarray(h.trace(maxIter=probes, tol=-1.0), float)
+            g = h.gradsH[0].detach()
+            per_sample = np.empty(s)
+            for k, dw in enumerate(noise):
+                hv = hessian_vector_product(h.gradsH, h.params, [dw[i]])
+                per_sample[k] = float(group_product([g], [dw[i]])) + 0.5 * float(group_product(hv, [dw[i]]))
+            hvps += len(vals) + s
+            trace[i], trace_se[i] = vals.mean(), vals.std(ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else np.nan
+            eli[i], eli_se[i] = per_sample.mean(), per_sample.std(ddof=1) / np.sqrt(s) if s > 1 else np.nan
+            w.grad = None  # drops the create_graph gradient and with it the graph
+            w.requires_grad_(False)
+            del h
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+            p.grad = None
+    return {"trace": trace, "trace_se": trace_se, "eli": eli, "eli_se": eli_se, "hvps": hvps}
+
+
+def bench_hessian(cfg: BenchConfig, notes: list[str], progress: bool = True) -> list[dict[str, Any]]:
+    """One record per model: times (median over repeats) and HVP counts of both sides, the speed-up, and the
+    agreement of the estimates (relative difference, and difference in units of the combined Monte-Carlo
+    standard error)."""
+    from hilal.data import load_dataset
+
+    splits = load_dataset(cfg.dataset, seed=cfg.seed)
+    return [_hessian_one(name, splits, cfg, progress) for name in _registered(cfg.models, notes)]
+
+
+def _hessian_one(name: str, splits: Any, cfg: BenchConfig, progress: bool) -> dict[str, Any]:
+    from hilal.analog import mappable_layers
+    from hilal.hessian import HessianConfig, calibration_batches, sample_weight_noise
+
+    model = _trained(name, splits, cfg.seed)
+    layers = mappable_layers(model)
+    (batch,) = calibration_batches(splits, HessianConfig(max_samples=cfg.max_samples, batch_size=cfg.max_samples))
+    noise_s, noise = _clock(lambda: sample_weight_noise(model, layers, cfg.preset, cfg.t_inference,
+                                                        cfg.eli_samples, cfg.seed))
+    sides = [("joint", lambda: joint_estimates(model, batch, layers, noise, cfg.probes, cfg.seed)),
+             ("per_layer", lambda: pyhessian_estimates(model, batch, layers, noise, cfg.probes))]
+    times: dict[str, list[float]] = {"joint": [], "per_layer": []}
+    first: dict[str, dict[str, Any]] = {}
+    for r in range(cfg.repeats):
+        for side, fn in sides if r % 2 == 0 else sides[::-1]:
+            t, est = _clock(fn)
+            times[side].append(t)
+            first.setdefault(side, est)
+        if progress:
+            print(f"[bench hessian] {name} repeat {r + 1}/{cfg.repeats}: joint {times['joint'][-1]:.2f}s, "
+                  f"per-layer {times['per_layer'][-1]:.2f}s", flush=True)
+    joint, pl = first["joint"], first["per_layer"]
+    joint_t, pl_t = times["joint"], times["per_layer"]
+    rel_tr, rel_eli = _rel(joint["trace"], pl["trace"]), _rel(joint["eli"], pl["eli"])
+    z_tr = _z(joint["trace"], joint["trace_se"], pl["trace"], pl["trace_se"])
+    z_eli = _z(joint["eli"], joint["eli_se"], pl["eli"], pl["eli_se"])
+    est = pd.DataFrame({"layer": layers, "trace_joint": joint["trace"], "trace_joint_se": joint["trace_se"],
+                        "trace_pyhessian": pl["trace"], "trace_pyhessian_se": pl["trace_se"],
+                        "eli_joint": joint["eli"], "eli_joint_se": joint["eli_se"], "eli_pyhessian": pl["eli"],
+                        "eli_pyhessian_se": pl["eli_se"], "trace_z": z_tr, "eli_z": z_eli})
+    js, ps = _median(joint_t), _median(pl_t)
+    return {
+        "model": name, "dataset": cfg.dataset, "preset": cfg.preset, "layers": len(layers),
+        "samples": int(batch[0].shape[0]), "probes": cfg.probes, "eli_samples": cfg.eli_samples,
+        "hvps_joint": int(joint["hvps"]), "hvps_per_layer": int(pl["hvps"]),
+        "joint_s": js, "per_layer_s": ps, "speedup": ps / js, "target_speedup": 0.5 * len(layers),
+        "joint_times": joint_t, "per_layer_times": pl_t, "noise_s": noise_s,
+        "max_rel_diff": float(max(rel_tr.max(), rel_eli.max())),
+        "max_rel_diff_trace": float(rel_tr.max()), "max_rel_diff_eli": float(rel_eli.max()),
+        "median_rel_diff_trace": float(np.median(rel_tr)), "median_rel_diff_eli": float(np.median(rel_eli)),
+        "max_z_trace": float(z_tr.max()), "max_z_eli": float(z_eli.max()),
+        "mean_rel_se_trace": float(np.mean(joint["trace_se"] / np.maximum(np.abs(joint["trace"]), 1e-12))),
+        "estimates": est.to_dict(orient="records"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# search: HILAL versus LionHeart under one MappingConfig
+
+
+def _result_record(res: Any) -> dict[str, Any]:
+    d = res.to_dict()
+    d.pop("metrics", None)  # the per-layer table is in `hilal analyze`; keep the record small
+    return d
+
+
+def bench_search(cfg: BenchConfig, notes: list[str], progress: bool = True) -> list[dict[str, Any]]:
+    """One record per model: both methods' result records (timings are medians over repeats, the rest from
+    the first repeat) and the speed-up of the total time."""
+    from hilal.data import load_dataset
+    from hilal.mapping import MappingConfig, run_mapping
+
+    splits = load_dataset(cfg.dataset, seed=cfg.seed)
+    mcfg = MappingConfig(**{"preset": cfg.preset, "seed": cfg.seed, **cfg.mapping})
+    records = []
+    for name in _registered(cfg.search_models, notes):
+        model = _trained(name, splits, cfg.seed)
+        runs: dict[str, list[Any]] = {"hilal": [], "lionheart": []}
+        for r in range(cfg.repeats):
+            for method in ("hilal", "lionheart") if r % 2 == 0 else ("lionheart", "hilal"):
+                res = run_mapping(method, model, splits, mcfg, progress=False)
+                res.model = None
+                runs[method].append(res)
+                if progress:
+                    print(f"[bench search] {name} {method} repeat {r + 1}/{cfg.repeats}: "
+                          f"{res.timings['total_s']:.1f}s, {len(res.analog_layers)} analog layers, "
+                          f"acc {res.accuracy_mean:.4f}", flush=True)
+        rec: dict[str, Any] = {"model": name, "dataset": cfg.dataset, "preset": cfg.preset,
+                               "config": asdict(mcfg)}
+        for method, rs in runs.items():
+            d = _result_record(rs[0])
+            d["timings"] = {k: _median([x.timings[k] for x in rs]) for k in rs[0].timings}
+            d["total_times"] = [x.timings["total_s"] for x in rs]
+            d["same_result_all_repeats"] = all(x.analog_layers == rs[0].analog_layers
+                                               and x.accuracy_mean == rs[0].accuracy_mean for x in rs)
+            rec[method] = d
+        rec["speedup"] = rec["lionheart"]["timings"]["total_s"] / rec["hilal"]["timings"]["total_s"]
+        records.append(rec)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------
+# analog: aihwkit simulation overhead
+
+
+def bench_analog(cfg: BenchConfig, notes: list[str], progress: bool = True) -> list[dict[str, Any]]:
+    """One record per model: median time of ``forward_iters`` forward passes of the digital model and of the
+    all-analog model (eval mode, unprogrammed), and of one drift evaluation (``noisy_scores`` with
+    ``reps=1`` on the test split) next to one digital evaluation."""
+    from hilal.data import load_dataset, loader
+
+    splits = load_dataset(cfg.dataset, seed=cfg.seed)
+    x = next(iter(loader(splits.test, batch_size=cfg.batch_size)))[0]
+    return [_analog_one(name, splits, x, cfg, progress) for name in _registered(cfg.models, notes)]
+
+
+def _analog_one(name: str, splits: Any, x: torch.Tensor, cfg: BenchConfig, progress: bool) -> dict[str, Any]:
+    from hilal.analog import mappable_layers, to_analog
+    from hilal.evaluate import noisy_scores
+    from hilal.train import score
+
+    model = _trained(name, splits, cfg.seed)
+    analog = to_analog(model, mappable_layers(model), cfg.preset).eval()
+
+    @torch.no_grad()
+    def forwards(m: nn.Module) -> None:
+        for _ in range(cfg.forward_iters):
+            m(x)
+
+    forwards(model), forwards(analog)  # warm-up
+    t: dict[str, list[float]] = {"digital": [], "analog": [], "drift": [], "digital_eval": []}
+    for r in range(cfg.repeats):
+        t["digital"].append(_clock(lambda: forwards(model))[0] / cfg.forward_iters)
+        t["analog"].append(_clock(lambda: forwards(analog))[0] / cfg.forward_iters)
+        t["digital_eval"].append(_clock(lambda: score(model, splits, "test"))[0])
+        t["drift"].append(_clock(lambda r=r: noisy_scores(analog, splits, cfg.t_inference, 1, cfg.seed + r))[0])
+    rec = {"model": name, "dataset": cfg.dataset, "preset": cfg.preset, "batch": int(x.shape[0]),
+           "layers": len(mappable_layers(model)), "digital_s": _median(t["digital"]),
+           "analog_s": _median(t["analog"]), "drift_eval_s": _median(t["drift"]),
+           "digital_eval_s": _median(t["digital_eval"])}
+    rec["overhead"] = rec["analog_s"] / rec["digital_s"]
+    rec["drift_eval_overhead"] = rec["drift_eval_s"] / rec["digital_eval_s"]
+    if progress:
+        print(f"[bench analog] {name}: digital {rec['digital_s'] * 1e3:.2f} ms, analog "
+              f"{rec['analog_s'] * 1e3:.2f} ms, drift eval {rec['drift_eval_s']:.3f}s", flush=True)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tables and the entry point
+
+BENCHES: dict[str, Callable[[BenchConfig, list[str], bool], list[dict[str, Any]]]] = {
+    "hessian": bench_hessian, "search": bench_search, "analog": bench_analog}
+
+
+def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The summary table of a benchmark's records (what is printed and shown in the README)."""
+    check_choice("kind", kind, KINDS)
+    if kind == "hessian":
+        cols = ["model", "layers", "probes", "eli_samples", "hvps_joint", "hvps_per_layer", "joint_s",
+                "per_layer_s", "speedup", "target_speedup", "max_rel_diff_trace", "max_rel_diff_eli",
+                "max_z_trace", "max_z_eli"]
+        return pd.DataFrame(records, columns=cols)
+    if kind == "analog":
+        return pd.DataFrame(records, columns=["model", "layers", "batch", "digital_s", "analog_s", "overhead",
+                                              "digital_eval_s", "drift_eval_s", "drift_eval_overhead"])
+    rows = []
+    for r in records:
+        for method in ("hilal", "lionheart"):
+            d = r[method]
+            rows.append({"model": r["model"], "method": method, "search_s": d["timings"]["search_s"],
+                         "mapping_s": d["timings"]["mapping_s"], "total_s": d["timings"]["total_s"],
+                         "rounds": d["rounds"], "analog_layers": f"{len(d['analog_layers'])}/{d['n_layers']}",
+                         "analog_mac_share": d["analog_mac_share"], "accuracy_mean": d["accuracy_mean"],
+                         "accuracy_std": d["accuracy_std"], "fp_accuracy": d["fp_accuracy"],
+                         "speedup": r["speedup"] if method == "hilal" else 1.0})
+    return pd.DataFrame(rows)
+
+
+def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, progress: bool = True,
+              **overrides: Any) -> dict[str, Any]:
+    """Run one benchmark, print its table, and write ``{"kind", "machine", "config", "records", "notes"}`` as
+    JSON to ``out`` (if given). ``overrides`` set :class:`BenchConfig` fields."""
+    check_choice("kind", kind, KINDS)
+    valid = {f.name for f in fields(BenchConfig)}
+    bad = sorted(set(overrides) - valid)
+    if bad:
+        raise HilalError(f"unknown benchmark setting(s) {bad}; valid: {sorted(valid)}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+    cfg = BenchConfig.quick(**overrides) if quick else BenchConfig(**overrides)
+    notes: list[str] = []
+    old_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    try:
+        records = BENCHES[kind](cfg, notes, progress)
+        machine = machine_info()
+    finally:
+        torch.set_num_threads(old_threads)
+    result = {"kind": kind, "quick": quick, "machine": machine, "config": asdict(cfg), "records": records,
+              "notes": notes, "wall_s": time.perf_counter() - t0}
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
+        print(table(kind, records).to_string(index=False))
+    for n in notes:
+        print("note:", n)
+    if out is not None:
+        atomic_json_dump(result, out)
+        print(f"-> {out}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bench/*.py`` scripts: ``KIND [--out F] [--quick] [--repeats N] [--models A,B]
+    [--threads T] [--probes P] [--samples S]``; the output defaults to ``bench/results/KIND.json``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    p.add_argument("kind", choices=KINDS)
+    p.add_argument("--out", default=None, help="JSON output (default bench/results/KIND.json)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per side (medians are reported)")
+    p.add_argument("--models", default=None, help="comma-separated model names")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--probes", type=int, default=None, help="hessian: Hutchinson probes")
+    p.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
+    a = p.parse_args(argv)
+    from hilal.paths import project_root
+
+    out = a.out or project_root() / "bench" / "results" / f"{a.kind}.json"
+    models = tuple(a.models.split(",")) if a.models else None
+    key = "search_models" if a.kind == "search" else "models"
+    run_bench(a.kind, out=out, quick=a.quick, repeats=a.repeats, threads=a.threads, probes=a.probes,
+              eli_samples=a.samples, **{key: models})
+    return 0

@@ -1,0 +1,125 @@
+"""Benchmarks: the JSON each one writes (tiny sizes), ratios recomputed from the recorded times, and the
+PyHessian per-layer reference checked against a dense Hessian. No timed assertions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hilal.bench import BenchConfig, main, pyhessian_estimates, run_bench, table
+from hilal.registry import HilalError
+from hilal.train import FinetuneConfig
+
+MACHINE_KEYS = {"torch", "threads", "device", "cpu_count", "python"}
+
+
+def _load(path):
+    data = json.loads(path.read_text())
+    assert MACHINE_KEYS <= set(data["machine"])
+    assert data["machine"]["torch"] == torch.__version__
+    return data
+
+
+def test_hessian_bench_json(tmp_path, resnet8_digits):
+    from hilal.analog import mappable_layers
+
+    out = tmp_path / "hessian.json"
+    run_bench("hessian", out=out, models=["resnet8", "no_such_model"], repeats=2, probes=3, eli_samples=2,
+              max_samples=48, progress=False)
+    data = _load(out)
+    assert data["kind"] == "hessian" and any("no_such_model" in n for n in data["notes"])
+    (rec,) = data["records"]
+    n_layers = len(mappable_layers(resnet8_digits))
+    assert rec["model"] == "resnet8" and rec["layers"] == n_layers and rec["samples"] == 48
+    assert rec["hvps_joint"] == 3 + 2
+    assert rec["hvps_per_layer"] == n_layers * (3 + 2)
+    assert len(rec["joint_times"]) == len(rec["per_layer_times"]) == 2
+    assert rec["joint_s"] == pytest.approx(np.median(rec["joint_times"]))
+    assert rec["per_layer_s"] == pytest.approx(np.median(rec["per_layer_times"]))
+    assert rec["speedup"] == pytest.approx(rec["per_layer_s"] / rec["joint_s"])
+    est = {k: np.array([e[k] for e in rec["estimates"]]) for k in rec["estimates"][0] if k != "layer"}
+    assert [e["layer"] for e in rec["estimates"]] == mappable_layers(resnet8_digits)
+    rel_tr = np.abs(est["trace_joint"] - est["trace_pyhessian"]) / np.abs(est["trace_pyhessian"])
+    assert rec["max_rel_diff_trace"] == pytest.approx(rel_tr.max())
+    assert rec["max_rel_diff"] == pytest.approx(max(rec["max_rel_diff_trace"], rec["max_rel_diff_eli"]))
+    z = np.abs(est["eli_joint"] - est["eli_pyhessian"]) / np.hypot(est["eli_joint_se"], est["eli_pyhessian_se"])
+    assert rec["max_z_eli"] == pytest.approx(z.max())
+    assert list(table("hessian", data["records"])["model"]) == ["resnet8"]
+
+
+def test_pyhessian_reference_matches_dense_hessian():
+    """The per-layer side (PyHessian objects, one layer at a time) gives exactly g.dw + 1/2 dw^T H_ll dw per
+    noise sample, and an unbiased trace: compared with the dense Hessian of a tiny float64 MLP."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    layers = ["0", "2"]
+    noise = [[0.1 * torch.randn_like(model[0].weight), 0.1 * torch.randn_like(model[2].weight)] for _ in range(3)]
+    est = pyhessian_estimates(model, (x, y), layers, noise, probes=400)
+    assert est["hvps"] == 2 * (400 + 3)
+    for i, name in enumerate(layers):
+        w0 = model.get_submodule(name).weight.detach().clone()
+
+        def loss_of(w, name=name):
+            return nn.functional.cross_entropy(torch.func.functional_call(model, {f"{name}.weight": w}, (x,)), y)
+
+        h = torch.autograd.functional.hessian(loss_of, w0).reshape(w0.numel(), w0.numel())
+        g = torch.autograd.grad(loss_of(w0.requires_grad_(True)), w0)[0].reshape(-1)
+        exact = np.mean([float(g @ dw[i].reshape(-1) + 0.5 * dw[i].reshape(-1) @ h @ dw[i].reshape(-1))
+                         for dw in noise])
+        assert est["eli"][i] == pytest.approx(exact, rel=1e-8)
+        assert abs(est["trace"][i] - float(h.trace())) < 4 * est["trace_se"][i] + 1e-9
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())  # model left as it was
+
+
+def test_search_bench_json(tmp_path, resnet8_digits):
+    out = tmp_path / "search.json"
+    from hilal.hessian import HessianConfig
+
+    tiny = {"probes": 2, "eli_samples": 2, "first_order_samples": 2, "power_iters": 2, "max_samples": 32}
+    known = {f.name for f in fields(HessianConfig)}
+    mapping = {"reps": 1, "max_rounds": 1, "patience": 1, "finetune": FinetuneConfig(steps=1),
+               "hessian": {k: v for k, v in tiny.items() if k in known}}
+    run_bench("search", out=out, search_models=["resnet8"], repeats=1, mapping=mapping, progress=False)
+    data = _load(out)
+    (rec,) = data["records"]
+    assert (rec["model"], rec["dataset"], rec["preset"]) == ("resnet8", "digits", "pcm_harsh")
+    assert rec["config"]["reps"] == 1 and rec["config"]["finetune"]["steps"] == 1
+    for method in ("hilal", "lionheart"):
+        r = rec[method]
+        assert r["method"] == method and r["preset"] == "pcm_harsh"
+        assert set(r["timings"]) >= {"search_s", "mapping_s", "total_s"}
+        assert r["timings"]["total_s"] == pytest.approx(np.median(r["total_times"]))
+        assert 0.0 <= r["analog_mac_share"] <= 1.0 and 0.0 <= r["accuracy_mean"] <= 1.0
+        assert r["reps"] == 1 and isinstance(r["history"], list)
+    assert rec["speedup"] == pytest.approx(rec["lionheart"]["timings"]["total_s"] / rec["hilal"]["timings"]["total_s"])
+    t = table("search", data["records"])
+    assert list(t["method"]) == ["hilal", "lionheart"]
+    assert t.loc[0, "speedup"] == pytest.approx(rec["speedup"])
+
+
+def test_analog_bench_json(tmp_path, resnet8_digits):
+    from hilal.analog import mappable_layers
+
+    out = tmp_path / "analog.json"
+    assert main(["analog", "--quick", "--models", "resnet8", "--threads", "1", "--out", str(out)]) == 0
+    data = _load(out)
+    assert data["machine"]["threads"] == 1 and data["config"]["models"] == ["resnet8"]
+    (rec,) = data["records"]
+    assert rec["model"] == "resnet8" and rec["layers"] == len(mappable_layers(resnet8_digits))
+    assert min(rec["digital_s"], rec["analog_s"], rec["drift_eval_s"]) > 0
+    assert rec["overhead"] == pytest.approx(rec["analog_s"] / rec["digital_s"])
+    assert rec["drift_eval_overhead"] == pytest.approx(rec["drift_eval_s"] / rec["digital_eval_s"])
+
+
+def test_bad_settings_name_the_problem():
+    with pytest.raises(HilalError, match="kind"):
+        run_bench("nope")
+    with pytest.raises(HilalError, match="probez"):
+        run_bench("hessian", probez=3)
+    assert BenchConfig.quick(repeats=2).repeats == 2 and BenchConfig.quick().probes < BenchConfig().probes
