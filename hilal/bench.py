@@ -182,6 +182,24 @@ def pyhessian_estimates(model: nn.Module, batch: Any, layers: Sequence[str],
     return {"trace": trace, "trace_se": trace_se, "eli": eli, "eli_se": eli_se, "hvps": hvps}
 
 
+def hvp_costs(model: nn.Module, batch: Any, layers: Sequence[str], repeats: int = 3) -> dict[str, float]:
+    """Median seconds of one full HVP (all layers) and of the L block-restricted HVPs (one per layer) on the
+    same kept graph. Their ratio bounds what the joint pass can gain over a per-layer loop at equal probe
+    counts, graph builds aside: a late layer's block HVP stops early in the double backward, so it costs far
+    less than a full one."""
+    from hilal.hessian import HessianOperator
+
+    op = HessianOperator(model, [batch], layers)
+    gen = torch.Generator().manual_seed(0)
+    v = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in op.params]
+    full, blocks = [], []
+    for _ in range(repeats):
+        full.append(_clock(lambda: op.hvp(v))[0])
+        blocks.append(_clock(lambda: [op.block_hvp(i, v[i]) for i in range(len(v))])[0])
+    f, b = _median(full), _median(blocks)
+    return {"full_hvp_s": f, "block_hvps_s": b, "hvp_cost_ratio": b / f}
+
+
 def bench_hessian(cfg: BenchConfig, notes: list[str], progress: bool = True) -> list[dict[str, Any]]:
     """One record per model: times (median over repeats) and HVP counts of both sides, the speed-up, and the
     agreement of the estimates (relative difference, and difference in units of the combined Monte-Carlo
@@ -215,6 +233,7 @@ def _hessian_one(name: str, splits: Any, cfg: BenchConfig, progress: bool) -> di
                   f"per-layer {times['per_layer'][-1]:.2f}s", flush=True)
     joint, pl = first["joint"], first["per_layer"]
     joint_t, pl_t = times["joint"], times["per_layer"]
+    costs = hvp_costs(model, batch, layers, max(cfg.repeats, 3))
     rel_tr, rel_eli = _rel(joint["trace"], pl["trace"]), _rel(joint["eli"], pl["eli"])
     z_tr = _z(joint["trace"], joint["trace_se"], pl["trace"], pl["trace_se"])
     z_eli = _z(joint["eli"], joint["eli_se"], pl["eli"], pl["eli_se"])
@@ -228,7 +247,7 @@ def _hessian_one(name: str, splits: Any, cfg: BenchConfig, progress: bool) -> di
         "samples": int(batch[0].shape[0]), "probes": cfg.probes, "eli_samples": cfg.eli_samples,
         "hvps_joint": int(joint["hvps"]), "hvps_per_layer": int(pl["hvps"]),
         "joint_s": js, "per_layer_s": ps, "speedup": ps / js, "target_speedup": 0.5 * len(layers),
-        "joint_times": joint_t, "per_layer_times": pl_t, "noise_s": noise_s,
+        "joint_times": joint_t, "per_layer_times": pl_t, "noise_s": noise_s, **costs,
         "max_rel_diff": float(max(rel_tr.max(), rel_eli.max())),
         "max_rel_diff_trace": float(rel_tr.max()), "max_rel_diff_eli": float(rel_eli.max()),
         "median_rel_diff_trace": float(np.median(rel_tr)), "median_rel_diff_eli": float(np.median(rel_eli)),
@@ -342,7 +361,7 @@ def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     check_choice("kind", kind, KINDS)
     if kind == "hessian":
         cols = ["model", "layers", "probes", "eli_samples", "hvps_joint", "hvps_per_layer", "joint_s",
-                "per_layer_s", "speedup", "target_speedup", "max_rel_diff_trace", "max_rel_diff_eli",
+                "per_layer_s", "speedup", "target_speedup", "hvp_cost_ratio", "max_rel_diff_trace", "max_rel_diff_eli",
                 "max_z_trace", "max_z_eli"]
         return pd.DataFrame(records, columns=cols)
     if kind == "analog":

@@ -42,6 +42,7 @@ def test_hessian_bench_json(tmp_path, resnet8_digits):
     assert rec["joint_s"] == pytest.approx(np.median(rec["joint_times"]))
     assert rec["per_layer_s"] == pytest.approx(np.median(rec["per_layer_times"]))
     assert rec["speedup"] == pytest.approx(rec["per_layer_s"] / rec["joint_s"])
+    assert rec["hvp_cost_ratio"] == pytest.approx(rec["block_hvps_s"] / rec["full_hvp_s"])
     est = {k: np.array([e[k] for e in rec["estimates"]]) for k in rec["estimates"][0] if k != "layer"}
     assert [e["layer"] for e in rec["estimates"]] == mappable_layers(resnet8_digits)
     rel_tr = np.abs(est["trace_joint"] - est["trace_pyhessian"]) / np.abs(est["trace_pyhessian"])
