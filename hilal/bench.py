@@ -380,6 +380,27 @@ def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def markdown(df: pd.DataFrame, digits: int = 3) -> str:
+    """A pipe table of ``df`` for the README (floats to ``digits`` significant digits)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def markdown_from_json(path: str | Path) -> str:
+    """The README table of a JSON file written by :func:`run_bench`."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    return markdown(table(data["kind"], data["records"]))
+
+
 def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, progress: bool = True,
               **overrides: Any) -> dict[str, Any]:
     """Run one benchmark, print its table, and write ``{"kind", "machine", "config", "records", "notes"}`` as

@@ -124,3 +124,12 @@ def test_bad_settings_name_the_problem():
     with pytest.raises(HilalError, match="probez"):
         run_bench("hessian", probez=3)
     assert BenchConfig.quick(repeats=2).repeats == 2 and BenchConfig.quick().probes < BenchConfig().probes
+
+
+def test_markdown_table():
+    import pandas as pd
+
+    from hilal.bench import markdown
+
+    md = markdown(pd.DataFrame({"model": ["resnet8"], "speedup": [3.14159], "hvps": [48]})).splitlines()
+    assert md == ["| model | speedup | hvps |", "|---|---|---|", "| resnet8 | 3.14 | 48 |"]
