@@ -50,6 +50,10 @@ def test_hessian_bench_json(tmp_path, resnet8_digits):
     assert rec["max_rel_diff"] == pytest.approx(max(rec["max_rel_diff_trace"], rec["max_rel_diff_eli"]))
     z = np.abs(est["eli_joint"] - est["eli_pyhessian"]) / np.hypot(est["eli_joint_se"], est["eli_pyhessian_se"])
     assert rec["max_z_eli"] == pytest.approx(z.max())
+    se_ratio = np.median(est["trace_joint_se"] / est["trace_pyhessian_se"])
+    assert rec["se_ratio_trace"] == pytest.approx(se_ratio)
+    worst = max(se_ratio, rec["se_ratio_eli"])
+    assert rec["equal_error_speedup"] == pytest.approx(rec["speedup"] / worst**2)
     assert list(table("hessian", data["records"])["model"]) == ["resnet8"]
 
 
