@@ -337,6 +337,21 @@ def mapping_table(results: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     return df.set_index("method").loc[order].reset_index()
 
 
+def mapping_summary(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Headline numbers per method for :func:`save_summary`: analog layer names and MAC share, accuracy mean,
+    std and drop from floating point, rounds and total seconds."""
+    results = list(results)
+    table = mapping_table(results).set_index("method")
+    out = {}
+    for r in results:
+        row = table.loc[r["method"]]
+        out[r["method"]] = {"analog_layers": list(r["analog_layers"]), "analog_mac_share": row["analog_mac_share"],
+                            "accuracy_mean": row["accuracy_mean"], "accuracy_std": row["accuracy_std"],
+                            "accuracy_drop": row["accuracy_drop"], "rounds": int(row["rounds"]),
+                            "total_s": row["total_s"]}
+    return out
+
+
 def layer_matrix(results: Iterable[Mapping[str, Any]], layers: Sequence[str]) -> pd.DataFrame:
     """Layer × method table: 1 where the method put the layer on analog tiles, 0 where it stayed digital."""
     results = list(results)

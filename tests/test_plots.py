@@ -220,3 +220,11 @@ def test_accuracy_bars():
     heights = sorted(p.get_height() for p in ax.patches if p.get_height() > 0)
     assert heights == pytest.approx([0.97, 0.98])
     assert data.equals(zoo[["model", "dataset", "accuracy"]])
+
+
+def test_mapping_summary_keeps_layer_names():
+    res = results_like()
+    s = plots.mapping_summary(res)
+    assert s["hilal"]["analog_layers"] == ["layer1.conv", "fc"]
+    assert s["lionheart"]["accuracy_drop"] == pytest.approx(0.02) and s["lionheart"]["rounds"] == 12
+    assert json.loads(json.dumps(s)) == s
