@@ -195,3 +195,139 @@ def _load_torchvision_pretrained(model: nn.Module, arch: str, weights: str, num_
     own = model.state_dict()
     keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(keep, strict=False)
+
+
+# --- transformers -----------------------------------------------------------------------------------
+
+class _SelfAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/out ``nn.Linear`` projections (each one mappable).
+    Written out with matmul + softmax so that double backward (Hessian-vector products) works."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise HilalError(f"hidden size {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        att = torch.softmax(q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5, dim=-1)
+        return self.out((att @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class _EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with a GELU MLP (fc1, fc2)."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyViT(nn.Module):
+    """A small Vision Transformer (patch conv, class token, learned positions, pre-norm blocks, linear head)
+    in which every projection is a real ``nn.Linear``."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, patch_size: int, dim: int,
+                 depth: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise HilalError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
+        n = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*(_EncoderBlock(dim, heads, mlp_dim) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+@MODELS.register("vit_tiny")
+def vit_tiny(in_channels: int = 3, num_classes: int = 10, image_size: int = 32, patch_size: int | None = None,
+             dim: int = 64, depth: int = 2, heads: int = 4, mlp_dim: int = 128, **_: Any) -> nn.Module:
+    """A 2-block ViT (hidden 64, 4 heads, MLP 128) for small images; patch 2 for 8x8 inputs, 4 for 32x32.
+    Mappable layers: patch conv, q/k/v/out and fc1/fc2 of every block, head."""
+    patch = patch_size or (max(1, image_size // 4) if image_size <= 16 else max(1, image_size // 8))
+    return TinyViT(in_channels, num_classes, image_size, patch, dim, depth, heads, mlp_dim)
+
+
+def _check_vocab(model: nn.Module, vocab_size: int | None, name: str) -> None:
+    if vocab_size is not None and vocab_size != model.config.vocab_size:
+        raise HilalError(
+            f"{name} has a {model.config.vocab_size}-token vocabulary but the dataset was tokenized with "
+            f"{vocab_size} tokens; load the dataset with this model's tokenizer (e.g. "
+            f"load_dataset('squad', tokenizer='google/mobilebert-uncased')) or use 'mobilebert_tiny'")
+
+
+@MODELS.register("mobilebert")
+def mobilebert(vocab_size: int | None = None, pretrained: str = "google/mobilebert-uncased",
+               allow_random: bool = False, **_: Any) -> nn.Module:
+    """``MobileBertForQuestionAnswering`` from pretrained ``google/mobilebert-uncased`` (a local folder,
+    ``data/models/mobilebert-uncased``, or the Hugging Face hub / its cache). Eager attention, so that
+    Hessian-vector products work. Without the weights: a HilalError, or random init with a warning when
+    ``allow_random=True``."""
+    from transformers import MobileBertConfig, MobileBertForQuestionAnswering
+
+    from hilal.paths import data_dir, offline
+
+    local = data_dir() / "models" / pretrained.split("/")[-1]
+    src = pretrained if Path(pretrained).is_dir() else str(local) if local.is_dir() else pretrained
+    try:
+        model = MobileBertForQuestionAnswering.from_pretrained(
+            src, attn_implementation="eager", local_files_only=offline() and not Path(src).is_dir())
+    except Exception as e:
+        if not allow_random:
+            raise HilalError(
+                f"MobileBERT weights {pretrained!r} are not available ({type(e).__name__}). Download them "
+                f"once with `huggingface-cli download {pretrained}` (Hugging Face cache) or save_pretrained "
+                f"them into {local}; pass allow_random=True to train from a random init, or use "
+                f"'mobilebert_tiny' offline.") from None
+        warnings.warn(f"mobilebert: pretrained weights {pretrained!r} not available; random init",
+                      stacklevel=2)
+        cfg = MobileBertConfig(vocab_size=vocab_size or 30522, attn_implementation="eager")
+        model = MobileBertForQuestionAnswering(cfg)
+    _check_vocab(model, vocab_size, "mobilebert")
+    return model
+
+
+@MODELS.register("mobilebert_tiny")
+def mobilebert_tiny(vocab_size: int | None = None, max_length: int = 512, hidden_size: int = 64,
+                    embedding_size: int = 32, bottleneck_size: int = 32, intermediate_size: int = 64,
+                    num_layers: int = 2, heads: int = 2, ffn_stack: int = 2, **_: Any) -> nn.Module:
+    """A tiny ``MobileBertForQuestionAnswering`` (same class and layer types as MobileBERT: bottlenecks,
+    stacked FFNs, no-norm), random init, eager attention; vocabulary size from the dataset's tokenizer.
+    Mappable layers: embedding transformation, per layer the input/attention bottlenecks, q/k/v,
+    attention output, the FFN stack, intermediate, output and output bottleneck; qa_outputs."""
+    from transformers import MobileBertConfig, MobileBertForQuestionAnswering
+
+    from hilal.qa import SAMPLE_VOCAB
+
+    if vocab_size is None:
+        vocab_size = sum(1 for _ in open(SAMPLE_VOCAB, encoding="utf-8"))
+    cfg = MobileBertConfig(vocab_size=vocab_size, hidden_size=hidden_size, embedding_size=embedding_size,
+                           intra_bottleneck_size=bottleneck_size, intermediate_size=intermediate_size,
+                           num_hidden_layers=num_layers, num_attention_heads=heads,
+                           num_feedforward_networks=ffn_stack, max_position_embeddings=max(max_length, 16),
+                           attn_implementation="eager")
+    return MobileBertForQuestionAnswering(cfg)
+
+
+from hilal import qa as _qa  # noqa: E402,F401  (registers the question-answering datasets)
