@@ -278,7 +278,7 @@ def sensitivity_scatter(merged: pd.DataFrame, target: str = "loss_increase",
     return fig, data
 
 
-def _short(layer: str, width: int = 14) -> str:
+def _short(layer: str, width: int = 20) -> str:
     return layer if len(layer) <= width else "…" + layer[-(width - 1):]
 
 
