@@ -19,7 +19,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -214,14 +214,15 @@ def hvp_costs(model: nn.Module, batch: Any, layers: Sequence[str], repeats: int 
     return {"full_hvp_s": f, "block_hvps_s": b, "hvp_cost_ratio": b / f}
 
 
-def bench_hessian(cfg: BenchConfig, notes: list[str], progress: bool = True) -> list[dict[str, Any]]:
+def bench_hessian(cfg: BenchConfig, notes: list[str], progress: bool = True) -> Iterator[dict[str, Any]]:
     """One record per model: times (median over repeats) and HVP counts of both sides, the speed-up, and the
     agreement of the estimates (relative difference, and difference in units of the combined Monte-Carlo
     standard error)."""
     from hilal.data import load_dataset
 
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
-    return [_hessian_one(name, splits, cfg, progress) for name in _registered(cfg.models, notes)]
+    for name in _registered(cfg.models, notes):
+        yield _hessian_one(name, splits, cfg, progress)
 
 
 def _hessian_one(name: str, splits: Any, cfg: BenchConfig, progress: bool) -> dict[str, Any]:
@@ -281,7 +282,7 @@ def _result_record(res: Any) -> dict[str, Any]:
     return d
 
 
-def bench_search(cfg: BenchConfig, notes: list[str], progress: bool = True) -> list[dict[str, Any]]:
+def bench_search(cfg: BenchConfig, notes: list[str], progress: bool = True) -> Iterator[dict[str, Any]]:
     """One record per model: both methods' result records (timings are medians over repeats, the rest from
     the first repeat) and the speed-up of the total time."""
     from hilal.data import load_dataset
@@ -289,7 +290,6 @@ def bench_search(cfg: BenchConfig, notes: list[str], progress: bool = True) -> l
 
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     mcfg = MappingConfig(**{"preset": cfg.preset, "seed": cfg.seed, **cfg.mapping})
-    records = []
     for name in _registered(cfg.search_models, notes):
         model = _trained(name, splits, cfg.seed)
         runs: dict[str, list[Any]] = {"hilal": [], "lionheart": []}
@@ -312,15 +312,14 @@ def bench_search(cfg: BenchConfig, notes: list[str], progress: bool = True) -> l
                                                and x.accuracy_mean == rs[0].accuracy_mean for x in rs)
             rec[method] = d
         rec["speedup"] = rec["lionheart"]["timings"]["total_s"] / rec["hilal"]["timings"]["total_s"]
-        records.append(rec)
-    return records
+        yield rec
 
 
 # ---------------------------------------------------------------------------------------------------------
 # analog: aihwkit simulation overhead
 
 
-def bench_analog(cfg: BenchConfig, notes: list[str], progress: bool = True) -> list[dict[str, Any]]:
+def bench_analog(cfg: BenchConfig, notes: list[str], progress: bool = True) -> Iterator[dict[str, Any]]:
     """One record per model: median time of ``forward_iters`` forward passes of the digital model and of the
     all-analog model (eval mode, unprogrammed), and of one drift evaluation (``noisy_scores`` with
     ``reps=1`` on the test split) next to one digital evaluation."""
@@ -328,7 +327,8 @@ def bench_analog(cfg: BenchConfig, notes: list[str], progress: bool = True) -> l
 
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     x = next(iter(loader(splits.test, batch_size=cfg.batch_size)))[0]
-    return [_analog_one(name, splits, x, cfg, progress) for name in _registered(cfg.models, notes)]
+    for name in _registered(cfg.models, notes):
+        yield _analog_one(name, splits, x, cfg, progress)
 
 
 def _analog_one(name: str, splits: Any, x: torch.Tensor, cfg: BenchConfig, progress: bool) -> dict[str, Any]:
@@ -366,7 +366,7 @@ def _analog_one(name: str, splits: Any, x: torch.Tensor, cfg: BenchConfig, progr
 # ---------------------------------------------------------------------------------------------------------
 # tables and the entry point
 
-BENCHES: dict[str, Callable[[BenchConfig, list[str], bool], list[dict[str, Any]]]] = {
+BENCHES: dict[str, Callable[[BenchConfig, list[str], bool], Iterator[dict[str, Any]]]] = {
     "hessian": bench_hessian, "search": bench_search, "analog": bench_analog}
 
 
@@ -431,21 +431,28 @@ def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, pro
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
+    records: list[dict[str, Any]] = []
+
+    def result(complete: bool) -> dict[str, Any]:
+        return {"kind": kind, "quick": quick, "complete": complete, "machine": machine_info(),
+                "config": asdict(cfg), "records": records, "notes": notes, "wall_s": time.perf_counter() - t0}
+
     try:
-        records = BENCHES[kind](cfg, notes, progress)
-        machine = machine_info()
+        for rec in BENCHES[kind](cfg, notes, progress):
+            records.append(rec)
+            if out is not None:  # a partial file after every model, so that a long run leaves its results
+                atomic_json_dump(result(False), out)
+        final = result(True)
     finally:
         torch.set_num_threads(old_threads)
-    result = {"kind": kind, "quick": quick, "machine": machine, "config": asdict(cfg), "records": records,
-              "notes": notes, "wall_s": time.perf_counter() - t0}
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
         print(table(kind, records).to_string(index=False))
     for n in notes:
         print("note:", n)
     if out is not None:
-        atomic_json_dump(result, out)
+        atomic_json_dump(final, out)
         print(f"-> {out}")
-    return result
+    return final
 
 
 def main(argv: Sequence[str] | None = None) -> int:
