@@ -25,14 +25,14 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any]:
     from hilal.analog import PRESETS
     from hilal.data import load_dataset
     from hilal.models import MODELS, model_for
-    from hilal.train import TrainConfig, default_device, trained_model
+    from hilal.train import default_device, default_train_config, trained_model
 
     MODELS[args.model], PRESETS[args.preset]  # noqa: B018  (validate names before any work)
     splits = load_dataset(args.dataset, seed=args.seed)
     if args.checkpoint:
         model = model_for(args.model, splits, checkpoint=args.checkpoint).to(default_device()).eval()
     else:
-        cfg = TrainConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+        cfg = default_train_config(splits, args.seed, **({"epochs": args.epochs} if args.epochs else {}))
         model = trained_model(args.model, splits, seed=args.seed, cfg=cfg, progress=not args.quiet)
     return model, splits
 

@@ -200,3 +200,6 @@ def imagenet(seed: int = 0, root: Path | None = None, calib_size: int = 10000, i
     tr, ca, _ = _three_way(labels, calib_size, None, seed)
     return Splits("imagenet", Subset(train_aug, tr.tolist()), Subset(train_plain, ca.tolist()), test,
                   in_channels=3, image_size=image_size, num_classes=len(train_plain.classes))
+
+
+from hilal import qa as _qa  # noqa: E402,F401  (registers the question-answering datasets)

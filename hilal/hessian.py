@@ -34,6 +34,7 @@ from hilal.registry import HilalError, check_choice
 from hilal.train import model_device, task_loss, to_device
 
 MODES = ("joint", "per_layer")
+NOISE_SPACES = ("weight", "output")
 COLUMNS = ["layer", "params", "macs", "trace", "trace_se", "lambda_max", "concentration", "eli", "eli_first",
            "eli_second", "eli_se"]
 
@@ -50,7 +51,7 @@ class HessianConfig:
     """Relative change of the eigenvalue estimate below which a layer's power iteration stops."""
     eli_samples: int = 16
     """Monte-Carlo noise samples (aihwkit programmings + drift) for the quadratic ELI term (one HVP each in
-    ``joint`` mode)."""
+    ``joint`` mode); 0 skips ELI (curvature only)."""
     first_order_samples: int = 128
     """Noise samples for the first-order ELI term g . dw (no HVP, only a programming each; its Monte-Carlo
     error dominates otherwise). The larger of this and ``eli_samples`` is drawn."""
@@ -62,6 +63,12 @@ class HessianConfig:
     """Mini-batch size of the calibration loss (each batch's graph is kept for all HVPs)."""
     mode: str = "joint"
     """``joint``: one HVP per probe/noise sample for all layers; ``per_layer``: one block HVP per layer."""
+    noise: str = "weight"
+    """What ELI expands the loss in. ``weight``: the effective-weight change dw_l (programming, drift, read
+    noise), with the weight Hessian block. ``output``: the whole analog error of the layer's output on the
+    calibration inputs, e_l = y_analog(x_l) - y_digital(x_l) (also converter quantization and output noise),
+    with the Hessian with respect to the layer's output. For weight noise alone the two are identical, since
+    e_l = dW_l x_l and a linear layer's weight Hessian is the output Hessian pulled back through x_l."""
     seed: int = 0
     """Seed of the probes, power-iteration starts and noise samples."""
 
@@ -345,6 +352,123 @@ def expected_loss_increase(op: HessianOperator, noise: Iterable[Sequence[torch.T
 
 
 # ---------------------------------------------------------------------------------------------------------
+# ELI in output space: the whole analog error of each layer, converters included
+
+
+class OutputOperator:
+    """Gradient and Hessian-vector products of the calibration loss with respect to the outputs of the named
+    layers: a zero perturbation z_l is added to every layer's output by a forward hook and the loss is
+    differentiated twice with respect to the z_l. Keeps each batch's layer inputs, so the analog layers can
+    be run on exactly the inputs the digital network feeds them."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[Any], layers: Sequence[str]) -> None:
+        mods = dict(model.named_modules())
+        self.layers = list(layers)
+        self.device = model_device(model)
+        sizes = [_batch_size_of(b) for b in batches]
+        self.batch_weights = [s / sum(sizes) for s in sizes]
+        self.inputs: list[list[torch.Tensor]] = []
+        self.zs: list[list[torch.Tensor]] = []
+        self.grads: list[tuple[torch.Tensor, ...]] = []
+        self.hvps = 0
+        for batch in batches:
+            loss, z, x = self._hooked_loss(model, mods, batch)
+            self.zs.append(z)
+            self.inputs.append(x)
+            self.grads.append(torch.autograd.grad(loss, z, create_graph=True))
+
+    def _hooked_loss(self, model: nn.Module, mods: dict[str, nn.Module], batch: Any
+                     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        zs: dict[int, torch.Tensor] = {}
+        xs: dict[int, torch.Tensor] = {}
+
+        def hook(i: int) -> Any:
+            def fn(mod: nn.Module, inp: tuple, out: torch.Tensor) -> torch.Tensor:
+                zs[i] = torch.zeros_like(out, requires_grad=True)
+                xs[i] = inp[0].detach()
+                return out + zs[i]
+            return fn
+
+        handles = [mods[n].register_forward_hook(hook(i)) for i, n in enumerate(self.layers)]
+        try:
+            loss = task_loss(model, to_device(batch, self.device))
+        finally:
+            for h in handles:
+                h.remove()
+        if not torch.isfinite(loss):
+            raise HilalError(f"non-finite calibration loss ({loss.item()}); check the model and data")
+        missing = [n for i, n in enumerate(self.layers) if i not in zs]
+        if missing:
+            raise HilalError(f"layer(s) {missing} are not used in the forward pass")
+        idx = range(len(self.layers))
+        return loss, [zs[i] for i in idx], [xs[i] for i in idx]
+
+    def hvp(self, b: int, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """H_b v for batch ``b`` (the output perturbations of different batches do not interact)."""
+        out = hessian_vector_product(list(self.grads[b]), self.zs[b], list(v))
+        self.hvps += 1
+        bad = [self.layers[i] for i, h in enumerate(out) if not torch.isfinite(h).all()]
+        if bad:
+            raise HilalError(f"non-finite Hessian-vector product at the output of layer(s) {bad}")
+        return out
+
+
+def output_error_stream(model: nn.Module, op: OutputOperator, preset: Any = "pcm", t_inference: float = 86400.0,
+                        samples: int = 16, seed: int = 0) -> Iterator[list[list[torch.Tensor]]]:
+    """Draws of e_l = y_analog(x_l) - y_digital(x_l) for every layer and calibration batch (batches x layers),
+    sampled through aihwkit: the layers are converted once with the preset; each draw is a seeded
+    programming + drift, and each analog layer then runs (in inference mode, with its converters and output
+    noise) on the inputs the digital network gave it."""
+    from hilal.evaluate import inference_state, program_and_drift
+
+    analog = to_analog(model, op.layers, preset)
+    mods, amods = dict(model.named_modules()), dict(analog.named_modules())
+    with torch.no_grad():
+        clean = [[mods[n](x) for n, x in zip(op.layers, xs, strict=True)] for xs in op.inputs]
+    with inference_state(analog), torch.no_grad():
+        for s in range(samples):
+            torch.manual_seed(seed * 100_003 + s)
+            program_and_drift(analog, t_inference)
+            yield [[amods[n](x) - y for n, x, y in zip(op.layers, xs, ys, strict=True)]
+                   for xs, ys in zip(op.inputs, clean, strict=True)]
+
+
+def output_loss_increase(op: OutputOperator, errors: Iterable[Sequence[Sequence[torch.Tensor]]],
+                         mode: str = "joint", seed: int = 0, quadratic_samples: int | None = None
+                         ) -> dict[str, np.ndarray]:
+    """ELI_l = E[g_l . e_l] + 1/2 E[e_l^T H_l e_l] in output space, summed over batches with their weights;
+    the same estimators (and random-sign joint pass) as :func:`expected_loss_increase`."""
+    check_choice("mode", mode, MODES)
+    gen = torch.Generator().manual_seed(seed + 2)
+    n = len(op.layers)
+    first, quad = [], []
+    for s, err in enumerate(errors):
+        f = np.zeros(n)
+        for w, g, e in zip(op.batch_weights, op.grads, err, strict=True):
+            f += w * np.array([_dot(gi.detach(), ei) for gi, ei in zip(g, e, strict=True)])
+        first.append(f)
+        if quadratic_samples is not None and s >= quadratic_samples:
+            continue
+        q = np.zeros(n)
+        for b, (w, e) in enumerate(zip(op.batch_weights, err, strict=True)):
+            if mode == "joint":
+                signs = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).tolist()
+                v = [sg * ei for sg, ei in zip(signs, e, strict=True)]
+                hv = op.hvp(b, v)
+                q += w * np.array([_dot(a, h) for a, h in zip(v, hv, strict=True)])
+            else:
+                for i in range(n):
+                    v = [ei if j == i else torch.zeros_like(ei) for j, ei in enumerate(e)]
+                    q[i] += w * _dot(e[i], op.hvp(b, v)[i])
+        quad.append(q)
+    if not quad:
+        raise HilalError("the expected loss increase needs at least one noise sample")
+    f, q = np.asarray(first), 0.5 * np.asarray(quad)
+    se = np.sqrt(_se(f) ** 2 + _se(q) ** 2)
+    return {"eli": f.mean(0) + q.mean(0), "eli_first": f.mean(0), "eli_second": q.mean(0), "eli_se": se}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The table
 
 
@@ -357,6 +481,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
     part), backward calls and timings in seconds."""
     cfg = cfg or HessianConfig()
     check_choice("mode", cfg.mode, MODES)
+    check_choice("noise", cfg.noise, NOISE_SPACES)
     all_layers = mappable_layers(model)
     if not all_layers:
         raise HilalError("the model has no mappable (Conv1d/Conv2d/Linear) layer")
@@ -393,11 +518,21 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         hv_eig = op.hvps - hv_trace
         bar.update()
         t0 = time.perf_counter()
-        noise = weight_noise_stream(model, layers, preset, cfg.t_inference,
-                                    max(cfg.first_order_samples, cfg.eli_samples), cfg.seed)
-        eli = expected_loss_increase(op, noise, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples)
+        draws = max(cfg.first_order_samples, cfg.eli_samples)
+        if draws == 0 or cfg.eli_samples == 0:  # curvature only
+            eli = {k: np.full(len(layers), np.nan) for k in ("eli", "eli_first", "eli_second", "eli_se")}
+            hv_eli = 0
+        elif cfg.noise == "output":
+            out_op = OutputOperator(model, batches, layers)
+            errors = output_error_stream(model, out_op, preset, cfg.t_inference, draws, cfg.seed)
+            eli = output_loss_increase(out_op, errors, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples)
+            hv_eli = out_op.hvps // len(batches)
+            del out_op
+        else:
+            noise = weight_noise_stream(model, layers, preset, cfg.t_inference, draws, cfg.seed)
+            eli = expected_loss_increase(op, noise, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples)
+            hv_eli = op.hvps - hv_trace - hv_eig
         timings["eli_s"] = time.perf_counter() - t0
-        hv_eli = op.hvps - hv_trace - hv_eig
         calls = op.calls
         bar.update()
         del op
@@ -419,7 +554,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
                        "macs": [int(macs.get(n, 0)) for n in layers], "trace": trace, "trace_se": trace_se,
                        "lambda_max": lam, "concentration": conc, **eli})[COLUMNS]
     df.attrs.update({"hvps": hv_trace + hv_eig + hv_eli, "hvps_trace": hv_trace, "hvps_eig": hv_eig,
-                     "hvps_eli": hv_eli, "backward_calls": calls, "mode": cfg.mode,
+                     "hvps_eli": hv_eli, "backward_calls": calls, "mode": cfg.mode, "noise": cfg.noise,
                      "samples": sum(_batch_size_of(b) for b in batches),
                      **timings, "total_s": sum(timings.values())})
     return df

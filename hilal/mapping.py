@@ -36,6 +36,8 @@ from hilal.train import FinetuneConfig, finetune_round, make_optimizer, score
 
 SEARCHES = ("screen", "gallop", "bisect", "walk")
 ORDERS = ("eli", "eli_per_mac")
+# Curvature budget inside a mapping: enough to rank layers (notebook 03 shows the full-budget metrics).
+MAPPING_HESSIAN = {"probes": 16, "power_iters": 10, "first_order_samples": 32, "max_samples": 256}
 
 
 @dataclass
@@ -62,17 +64,18 @@ class MappingConfig:
     robust_only: bool = False
     """HILAL: stop after the robust cluster."""
     search: str = "screen"
-    """HILAL: how the longest feasible prefix of the ordered sensitive layers is found. ``screen``: bisection
-    on zero-shot scores (no retraining; the retraining gain measured on the robust stage is added), then one
-    retrained stage to confirm, with retrained bisection below it if that fails; ``gallop`` (1, 2, 4... then
-    bisection), ``bisect`` or ``walk`` (one layer per stage) retrain at every probe."""
+    """HILAL: how far into the ordered sensitive layers to go. ``screen``: stages picked by bisection on
+    zero-shot scores corrected by the measured retraining recovery, each confirmed by one retrained stage
+    (typically two stages in all); ``gallop`` (1, 2, 4... then bisection), ``bisect`` or ``walk`` (one layer
+    per stage) retrain at every probe, after the robust cluster's own ``stages``."""
     order: str = "eli"
     """HILAL: order inside each cluster: ``eli`` (ascending ELI, as published) or ``eli_per_mac`` (ascending
     ELI per multiply-accumulate: the most analog work per unit of expected loss first)."""
     cluster: str = "kmeans"
     """Clustering method (hilal.cluster)."""
     hessian: dict[str, Any] = field(default_factory=dict)
-    """Overrides of hilal.hessian.HessianConfig (its t_inference defaults to ``t_eval``)."""
+    """Overrides of hilal.hessian.HessianConfig on top of ``MAPPING_HESSIAN`` (t_inference defaults to
+    ``t_eval``)."""
     ablation: str = "eli-r"
     """hilal-paper: the features clustered (eli-r, eli-only, r-only, topeigen-only, topeigen/params,
     trace-only)."""
@@ -330,7 +333,7 @@ def run_mapping(method: str, model: nn.Module, splits: Splits, cfg: MappingConfi
 def _hessian_cfg(cfg: MappingConfig) -> Any:
     from hilal.hessian import HessianConfig
 
-    return HessianConfig(**{"t_inference": cfg.t_eval, "seed": cfg.seed, **cfg.hessian})
+    return HessianConfig(**{**MAPPING_HESSIAN, "t_inference": cfg.t_eval, "seed": cfg.seed, **cfg.hessian})
 
 
 def _metrics(run: _Run) -> pd.DataFrame:
@@ -348,53 +351,72 @@ def _metrics(run: _Run) -> pd.DataFrame:
 
 @METHODS.register("hilal")
 def hilal(run: _Run) -> MappingResult:
-    """Curvature metrics -> robust/sensitive clusters -> robust layers offloaded in ascending ELI (or ELI per
-    MAC) over ``stages`` stages with fine-tuning -> the sensitive layers in the same order while accuracy
-    stays within the tolerance (longest feasible prefix: screened, gallop, bisect or walk)."""
+    """Curvature metrics -> robust/sensitive clusters -> layers offloaded robust cluster first, each cluster
+    in ascending ELI (or ELI per MAC), with noise-injection fine-tuning after every stage, as far as accuracy
+    stays within the tolerance. ``search="screen"`` picks each stage from zero-shot scores (see
+    :func:`_screened`; the robust cluster is proposed first and kept if it clears the tolerance); the other
+    searches offload the robust cluster unconditionally in ``stages`` stages, then find the longest feasible
+    prefix of the sensitive layers with retraining at every probe."""
     cfg = run.cfg
     df = run.timed_search(lambda: _metrics(run))
     key = df["eli"] / df["macs"] if cfg.order == "eli_per_mac" else df["eli"]
     order = df.assign(_key=key).sort_values("_key", kind="stable")
     robust = order.loc[order["cluster"] == "robust", "layer"].tolist()
-    sensitive = order.loc[order["cluster"] == "sensitive", "layer"].tolist()
-    chunks = [list(c) for c in np.array_split(np.array(robust, dtype=object), max(1, min(cfg.stages, len(robust))))]
-    gain = 0.0
-    for i, chunk in enumerate(c for c in chunks if c):
-        run.stage(f"robust-{i}", chunk, zero_shot=cfg.search == "screen")
-        row = run.rows[-1]
-        if row["zero_shot"] is not None:
-            gain = max(gain, row["score"] - row["zero_shot"])
-    if not cfg.robust_only and sensitive:
-        _extend_prefix(run, sensitive, gain)
-    return run.finish(metrics=df, robust=robust, sensitive=sensitive, retrain_gain=gain)
+    sensitive = [] if cfg.robust_only else order.loc[order["cluster"] == "sensitive", "layer"].tolist()
+    if cfg.search == "screen":
+        _screened(run, robust + sensitive, len(robust))
+    else:
+        chunks = np.array_split(np.array(robust, dtype=object), max(1, min(cfg.stages, len(robust))))
+        for i, chunk in enumerate(c for c in chunks if len(c)):
+            run.stage(f"robust-{i}", list(chunk))
+        if sensitive:
+            _extend_prefix(run, sensitive)
+    return run.finish(metrics=df, robust=robust, sensitive=sensitive)
 
 
-def _extend_prefix(run: _Run, layers: list[str], gain: float = 0.0) -> None:
+def _screened(run: _Run, order: list[str], n_robust: int) -> None:
+    """Stages chosen from zero-shot scores over ``order`` (robust layers first). Each round bisects, without
+    retraining, for the longest prefix whose zero-shot score z, plus the share rho of the drop
+    (baseline - z) that the last retrained stage recovered, clears the floor; the first round proposes at
+    least the whole robust cluster. The chosen stage is retrained once and kept if it clears the floor: a kept
+    stage moves the start forward, a rejected one lowers the upper end and updates rho, until no longer
+    prefix is worth a stage. Typically two retrained stages in all."""
+    base, floor = run.baseline, run.floor()
+    rho, done, hi, it = 0.0, 0, len(order), 0
+    while True:
+        lo_s, hi_s = done, hi
+        while lo_s < hi_s:
+            k = (lo_s + hi_s + 1) // 2
+            z = run.screen(f"screen-{it}-{k}", order[done:k])
+            if z + rho * max(base - z, 0.0) >= floor:
+                lo_s = k
+            else:
+                hi_s = k - 1
+        k = max(lo_s, min(n_robust, hi)) if it == 0 else lo_s
+        if k == done:
+            return
+        kept = run.stage(f"stage-{it}", order[done:k], lambda s: s >= floor, zero_shot=True)
+        z, s = run.rows[-1]["zero_shot"], run.rows[-1]["score"]
+        if z is not None and base - z > 1e-9:
+            rho = min(max((s - z) / (base - z), 0.0), 0.95)
+        if kept:
+            done = k
+        else:
+            hi = k - 1
+        it += 1
+
+
+def _extend_prefix(run: _Run, layers: list[str]) -> None:
     """Find the longest prefix of ``layers`` whose offloading keeps the calibration score above the floor,
-    assuming feasibility is monotone in the prefix length (the ELI order)."""
+    retraining at every probe and assuming feasibility is monotone in the prefix length (the ELI order)."""
     ok = lambda s: s >= run.floor()  # noqa: E731
-    search = run.cfg.search
     lo, hi = 0, len(layers)  # prefix lo is known feasible, hi + 1 known infeasible
-    if search == "walk":
+    if run.cfg.search == "walk":
         for i, name in enumerate(layers):
             if not run.stage(f"sensitive-{i}", [name], ok):
                 return
         return
-    if search == "screen":
-        base, s_lo, s_hi = len(run.layers), 0, hi
-        while s_lo < s_hi:  # zero-shot bisection, the retraining gain measured on the robust stage added
-            k = (s_lo + s_hi + 1) // 2
-            if run.screen(f"screen-{base}-{k}", layers[:k]) + gain >= run.floor():
-                s_lo = k
-            else:
-                s_hi = k - 1
-        if s_lo > 0:
-            if run.stage(f"prefix-{s_lo}", layers[:s_lo], ok):
-                lo = s_lo  # confirmed; retraining may carry further, so gallop upwards from here
-            else:
-                hi = s_lo - 1
-                search = "bisect"
-    if search in ("gallop", "screen"):
+    if run.cfg.search == "gallop":
         step = 1
         while lo < hi:
             k = min(lo + step, hi)
@@ -432,7 +454,7 @@ def paper_descriptors(run: _Run) -> pd.DataFrame:
     it = iter(loader(run.splits.train, batch_size=run.cfg.finetune.batch_size, shuffle=True, seed=cfg.seed))
     batches = [next(it) for _ in range(cfg.sensitivity_batches)]
     hcfg = _hessian_cfg(cfg)
-    hcfg.eli_samples = 0
+    hcfg.eli_samples = hcfg.first_order_samples = 0  # the paper's ELI uses isotropic noise, below
     df = layer_metrics(run.digital, batches, cfg.preset, hcfg, progress=run.progress)
     mods = dict(run.digital.named_modules())
     wmax = np.array([float(mods[n].weight.detach().abs().max()) for n in df["layer"]])

@@ -329,5 +329,3 @@ def mobilebert_tiny(vocab_size: int | None = None, max_length: int = 512, hidden
                            attn_implementation="eager")
     return MobileBertForQuestionAnswering(cfg)
 
-
-from hilal import qa as _qa  # noqa: E402,F401  (registers the question-answering datasets)

@@ -371,7 +371,10 @@ def qa_splits(name: str, train: list, calib: list, test: list, tokenizer: Any, t
             "model_kwargs": {"vocab_size": len(tokenizer), "max_length": max_length,
                              "tokenizer_name": tokenizer_name},
             "examples": {k: d.examples for k, d in parts.items()}, "max_length": max_length,
-            "doc_stride": doc_stride}
+            "doc_stride": doc_stride,
+            # transformers train far better with AdamW than with the CNNs' SGD recipe
+            "train_config": {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "batch_size": 32},
+            "cache_key": f"{tokenizer_name}-{len(tokenizer)}-{max_length}-{doc_stride}"}
     return Splits(name, parts["train"], parts["calib"], parts["test"], in_channels=1, image_size=max_length,
                   num_classes=2, task="qa", meta=meta)
 

@@ -19,7 +19,7 @@ from hilal.analog import ANALOG_TYPES
 from hilal.data import Splits, load_dataset, loader
 from hilal.models import model_for
 from hilal.paths import atomic_torch_save, data_dir
-from hilal.registry import HilalError
+from hilal.registry import HilalError, check_choice
 
 
 @dataclass
@@ -38,6 +38,8 @@ class TrainConfig:
     """Mini-batch size."""
     seed: int = 0
     """Seed for initialization and shuffling."""
+    optimizer: str = "sgd"
+    """``sgd`` (Nesterov momentum) or ``adamw``."""
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
@@ -127,8 +129,11 @@ def train_digital(model: nn.Module, splits: Splits, cfg: TrainConfig | None = No
     cfg = cfg or TrainConfig()
     torch.manual_seed(cfg.seed)
     device = model_device(model)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                          weight_decay=cfg.weight_decay)
+    if check_choice("optimizer", cfg.optimizer, ("sgd", "adamw")) == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                              weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
     start = 0
     if checkpoint is not None and Path(checkpoint).exists():
@@ -174,8 +179,16 @@ def _set_rng_state(st: dict[str, Any] | None) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
 
 
-def checkpoint_path(model_name: str, dataset: str, seed: int, cfg: TrainConfig) -> Path:
-    return data_dir() / "checkpoints" / f"{model_name}-{dataset}-seed{seed}-{cfg.key()}.pt"
+def default_train_config(splits: Splits, seed: int = 0, **overrides: Any) -> TrainConfig:
+    """The training settings for a dataset: TrainConfig defaults, the dataset's own recipe
+    (``splits.meta["train_config"]``), then ``overrides``."""
+    return TrainConfig(**{**splits.meta.get("train_config", {}), "seed": seed, **overrides})
+
+
+def checkpoint_path(model_name: str, splits: Splits, seed: int, cfg: TrainConfig) -> Path:
+    extra = splits.meta.get("cache_key")
+    key = cfg.key() if not extra else hashlib.sha1(f"{cfg.key()}-{extra}".encode()).hexdigest()[:8]
+    return data_dir() / "checkpoints" / f"{model_name}-{splits.name}-seed{seed}-{key}.pt"
 
 
 def trained_model(model_name: str, splits: Splits | str, seed: int = 0, cfg: TrainConfig | None = None,
@@ -184,10 +197,10 @@ def trained_model(model_name: str, splits: Splits | str, seed: int = 0, cfg: Tra
     training settings) and reused on later calls."""
     if isinstance(splits, str):
         splits = load_dataset(splits, seed=seed)
-    cfg = cfg or TrainConfig(seed=seed)
+    cfg = cfg or default_train_config(splits, seed)
     torch.manual_seed(seed)
     model = model_for(model_name, splits).to(device or default_device())
-    path = checkpoint_path(model_name, splits.name, seed, cfg)
+    path = checkpoint_path(model_name, splits, seed, cfg)
     if path.exists():
         st = torch.load(path, map_location=model_device(model), weights_only=False)
         if st.get("epoch", cfg.epochs) >= cfg.epochs:

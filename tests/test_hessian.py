@@ -373,3 +373,68 @@ def test_eli_ranks_measured_single_layer_sensitivity(resnet8_digits, digits):
     _, harsh_weight = rho("pcm_harsh", ONE_YEAR, True, 30)
     _, harsh_asis = rho("pcm_harsh", ONE_YEAR, False, 30)
     print(f"pcm_harsh 1 year: converter/output noise adds {1 - harsh_weight.sum() / harsh_asis.sum():.0%}")
+    # the output-space expansion sees converter and output noise too: it ranks the as-is sensitivity
+    from hilal.hessian import OutputOperator, output_error_stream, output_loss_increase
+
+    oop = OutputOperator(model, calibration_batches(digits), layers)
+    out = output_loss_increase(oop, output_error_stream(model, oop, "pcm_harsh", ONE_YEAR, 64), "joint",
+                               quadratic_samples=16)
+    r_out = float(spearmanr(out["eli"], harsh_asis)[0])
+    print(f"pcm_harsh t={ONE_YEAR:.0f}s as is, output-space ELI: spearman = {r_out:.3f}")
+    assert r_out >= 0.8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ELI in output space
+
+
+class _SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.fc = nn.Linear(36, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+def test_output_space_eli_equals_weight_space_for_weight_noise():
+    """With perfect converters the analog output error is dW x, and a linear layer's weight Hessian is its
+    output Hessian pulled back through x: both expansions give the same numbers, sample by sample."""
+    from hilal.hessian import OutputOperator, output_error_stream, output_loss_increase, weight_noise_stream
+
+    torch.manual_seed(0)
+    model = _SmallNet().eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(30, 2, 5, 5, generator=g), torch.randint(0, 5, (30,), generator=g)
+    batches = [(x[:18], y[:18]), (x[18:], y[18:])]
+    layers = ["conv", "fc"]
+    cfg = get_preset("pcm_harsh")
+    cfg.forward.is_perfect = True
+    wop, oop = HessianOperator(model, batches, layers), OutputOperator(model, batches, layers)
+    dws = list(weight_noise_stream(model, layers, cfg, 86400.0, 3, seed=5))
+    errs = list(output_error_stream(model, oop, cfg, 86400.0, 3, seed=5))
+    for dw, err in zip(dws, errs, strict=True):
+        w = expected_loss_increase(wop, [dw], "per_layer")
+        o = output_loss_increase(oop, [err], "per_layer")
+        np.testing.assert_allclose(o["eli_first"], w["eli_first"], rtol=2e-3, atol=1e-9)
+        np.testing.assert_allclose(o["eli_second"], w["eli_second"], rtol=2e-3, atol=1e-9)
+        assert np.all(np.abs(w["eli_second"]) > 0)
+
+
+def test_output_space_eli_sees_converter_noise():
+    """Converter and output noise add to the output-space ELI but are invisible to the weight-space one."""
+    torch.manual_seed(0)
+    model = _SmallNet().eval()
+    g = torch.Generator().manual_seed(4)
+    data = [(torch.randn(40, 2, 5, 5, generator=g), torch.randint(0, 5, (40,), generator=g))]
+    perfect = get_preset("pcm_harsh")
+    perfect.forward.is_perfect = True
+    kw = dict(probes=2, power_iters=2, eli_samples=16, first_order_samples=16, t_inference=60.0, mode="per_layer")
+    w = layer_metrics(model, data, perfect, HessianConfig(noise="weight", **kw), progress=False)
+    o = layer_metrics(model, data, "pcm_harsh", HessianConfig(noise="output", **kw), progress=False)
+    o_perfect = layer_metrics(model, data, perfect, HessianConfig(noise="output", **kw), progress=False)
+    assert np.all(o["eli_second"] > 1.3 * o_perfect["eli_second"])
+    np.testing.assert_allclose(o_perfect["eli_second"], w["eli_second"], rtol=0.05)
+    with pytest.raises(HilalError, match="noise"):
+        layer_metrics(model, data, "pcm", HessianConfig(noise="activation"), progress=False)

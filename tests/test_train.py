@@ -132,7 +132,7 @@ def test_trained_model_caches(digits, tmp_path, monkeypatch):
     monkeypatch.setenv("HILAL_DATA_DIR", str(tmp_path))
     cfg = TrainConfig(epochs=1, seed=0)
     first = trained_model("resnet8", digits, seed=0, cfg=cfg, progress=False, device="cpu")
-    path = checkpoint_path("resnet8", "digits", 0, cfg)
+    path = checkpoint_path("resnet8", digits, 0, cfg)
     assert path.parent == tmp_path / "checkpoints" and path.exists()
     mtime = path.stat().st_mtime_ns
 
