@@ -36,8 +36,10 @@ from hilal.train import FinetuneConfig, finetune_round, make_optimizer, score
 
 SEARCHES = ("screen", "gallop", "bisect", "walk")
 ORDERS = ("eli", "eli_per_mac")
-# Curvature budget inside a mapping: enough to rank layers (notebook 03 shows the full-budget metrics).
-MAPPING_HESSIAN = {"probes": 16, "power_iters": 10, "first_order_samples": 32, "max_samples": 256}
+# Curvature budget inside a mapping: enough to rank layers (notebook 03 shows the full-budget metrics). ELI in
+# output space, so converter and output noise count too (they dominate the harsh preset's sensitivity).
+MAPPING_HESSIAN = {"probes": 16, "power_iters": 10, "noise": "output", "eli_samples": 16, "first_order_samples": 16,
+                   "max_samples": 256}
 
 
 @dataclass
@@ -68,9 +70,9 @@ class MappingConfig:
     zero-shot scores corrected by the measured retraining recovery, each confirmed by one retrained stage
     (typically two stages in all); ``gallop`` (1, 2, 4... then bisection), ``bisect`` or ``walk`` (one layer
     per stage) retrain at every probe, after the robust cluster's own ``stages``."""
-    order: str = "eli"
-    """HILAL: order inside each cluster: ``eli`` (ascending ELI, as published) or ``eli_per_mac`` (ascending
-    ELI per multiply-accumulate: the most analog work per unit of expected loss first)."""
+    order: str = "eli_per_mac"
+    """HILAL: order inside each cluster: ``eli_per_mac`` (ascending ELI per multiply-accumulate: the most
+    analog work per unit of expected loss first) or ``eli`` (ascending ELI, as published)."""
     cluster: str = "kmeans"
     """Clustering method (hilal.cluster)."""
     hessian: dict[str, Any] = field(default_factory=dict)
