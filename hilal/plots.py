@@ -118,12 +118,13 @@ def _order(values: Iterable[str], preferred: Sequence[str] = ()) -> list[str]:
 
 def drift_curves(table: pd.DataFrame, hue: str = "preset", col: str | None = None,
                  fp: float | Mapping[str, float] | None = None, title: str | None = None,
-                 metric: str = "accuracy") -> tuple[Figure, pd.DataFrame]:
+                 metric: str = "accuracy", labels: Mapping[str, str] | None = None) -> tuple[Figure, pd.DataFrame]:
     """Accuracy (mean ± std over repetitions) against time since programming, one line per ``hue``.
 
     ``table`` is a tidy drift table (``hilal.evaluate.drift_table``: ``t_inference``, ``rep``,
     ``accuracy`` plus label columns). ``col`` makes one panel per value; ``fp`` draws the digital accuracy
-    as a dashed line (a number, or a mapping from the ``col`` value to a number).
+    as a dashed line (a number, or a mapping from the ``col`` value to a number); ``labels`` renames legend
+    entries (e.g. :func:`share_labels`).
     """
     by = [c for c in (col, hue) if c] + ["t_inference"]
     summ = table.groupby(by, sort=False)["accuracy"].agg(mean="mean", std="std", reps="count").reset_index()
@@ -136,15 +137,17 @@ def drift_curves(table: pd.DataFrame, hue: str = "preset", col: str | None = Non
     marks = dict(zip(hues, [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--"),
                             ("X", "-."), ("*", ":")] * (len(hues) // 8 + 1), strict=False))
     with style():
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.2, 3.8), squeeze=False,
-                                 sharey=True)
+        longest = max(len((labels or {}).get(h, h)) for h in hues)
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.2 + 0.075 * max(0, longest - 12), 3.8),
+                                 squeeze=False, sharey=True)
         for ax, panel in zip(axes[0], panels, strict=True):
             sub = summ if panel is None else summ[summ[col] == panel]
             for h in hues:
                 s = sub[sub[hue] == h].sort_values("t_inference")
                 if s.empty:
                     continue
-                ax.plot(s["t_inference"], s["mean"], marker=marks[h][0], ls=marks[h][1], color=colors[h], label=h,
+                ax.plot(s["t_inference"], s["mean"], marker=marks[h][0], ls=marks[h][1], color=colors[h],
+                        label=(labels or {}).get(h, h),
                         lw=1.8, ms=5, mfc="white" if len(hues) > 1 and hues.index(h) % 2 else colors[h])
                 ax.fill_between(s["t_inference"], s["mean"] - s["std"], s["mean"] + s["std"],
                                 color=colors[h], alpha=0.18, lw=0)
@@ -161,6 +164,11 @@ def drift_curves(table: pd.DataFrame, hue: str = "preset", col: str | None = Non
         if title:
             fig.suptitle(title, fontweight="bold")
     return fig, summ
+
+
+def share_labels(results: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Legend labels ``method (NN % MACs analog)`` from mapping results."""
+    return {r["method"]: f"{r['method']} ({float(r['analog_mac_share']):.0%} MACs analog)" for r in results}
 
 
 # ---------------------------------------------------------------- digital baselines (01)

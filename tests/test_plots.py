@@ -228,3 +228,13 @@ def test_mapping_summary_keeps_layer_names():
     assert s["hilal"]["analog_layers"] == ["layer1.conv", "fc"]
     assert s["lionheart"]["accuracy_drop"] == pytest.approx(0.02) and s["lionheart"]["rounds"] == 12
     assert json.loads(json.dumps(s)) == s
+
+
+def test_share_labels_rename_the_legend():
+    res = results_like()
+    labels = plots.share_labels(res)
+    assert labels["hilal"] == "hilal (40% MACs analog)"
+    table = drift_like().rename(columns={"preset": "method"}).replace({"mild": "hilal", "harsh": "all-analog"})
+    fig, _ = plots.drift_curves(table[table.network == "a"], hue="method", labels=labels)
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts == ["hilal (40% MACs analog)", "all-analog (100% MACs analog)"]
