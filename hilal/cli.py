@@ -76,15 +76,20 @@ def cmd_map(args: argparse.Namespace) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from hilal.reproduce import reproduce
+    from hilal.reproduce import headlines, reproduce
 
-    reproduce(args.profile, only=args.only)
+    table = reproduce(args.profile, only=args.only)
+    print(headlines(table["notebook"].tolist()))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from hilal.bench import run_bench
+    from hilal.bench import main as bench_main
 
-    run_bench(args.kind, out=args.out, quick=args.quick)
+    argv = [args.kind, "--out", args.out] + (["--quick"] if args.quick else [])
+    for flag in ("repeats", "models", "threads", "probes", "samples"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    bench_main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("kind", help="hessian, search or analog")
     b.add_argument("--out", required=True)
     b.add_argument("--quick", action="store_true", help="smaller sizes (for a quick look)")
+    b.add_argument("--repeats", type=int, default=None, help="timed repeats per side (medians are reported)")
+    b.add_argument("--models", default=None, help="comma-separated model names")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
+    b.add_argument("--probes", type=int, default=None, help="hessian: Hutchinson probes")
+    b.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
     b.set_defaults(fn=cmd_bench)
     return p
 

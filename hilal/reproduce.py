@@ -367,3 +367,25 @@ def zoo_table(models: Sequence[str], datasets: Sequence[str], seed: int = 0, epo
                          "accuracy": score(model, splits, "test"), "calib_accuracy": score(model, splits, "calib"),
                          "seconds": round(time.perf_counter() - t0, 1)})
     return pd.DataFrame(rows)
+
+
+def headlines(numbers: Iterable[str], figures: str | Path | None = None) -> str:
+    """The headline numbers the given notebooks recorded (``NN_summary.json``), as text; for the quickstart,
+    the drift table (mean ± std accuracy per preset and inference time)."""
+    fig_dir = Path(figures) if figures else figures_dir()
+    parts = []
+    drift = fig_dir / "00_quickstart_drift.csv"
+    if "00" in numbers and drift.exists():
+        from hilal.evaluate import time_label
+
+        d = pd.read_csv(drift)
+        if {"preset", "t_inference", "mean", "std"} <= set(d.columns):
+            d["cell"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(d["mean"], d["std"], strict=True)]
+            t = d.pivot(index="preset", columns="t_inference", values="cell")
+            t.columns = [time_label(float(c)) for c in t.columns]
+            parts.append("00 quickstart: all-analog test accuracy after programming\n" + t.to_string())
+    for nb in numbers:
+        p = fig_dir / f"{nb}_summary.json"
+        if p.exists():
+            parts.append(f"{nb} summary: {json.dumps(json.loads(p.read_text()), default=str)[:600]}")
+    return "\n\n".join(parts)
