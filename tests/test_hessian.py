@@ -345,8 +345,8 @@ def test_errors():
 def test_eli_ranks_measured_single_layer_sensitivity(resnet8_digits, digits):
     """ELI models weight-level noise (programming, drift, read, drift compensation): compared with the
     measured loss increase of each layer made analog alone, under the pcm preset at one day with weight noise
-    only (perfect converters), as in DESIGN.md. With the preset as is (converter/output noise too) and for
-    pcm_harsh at one year the same numbers are printed, not asserted."""
+    only (perfect converters), as in DESIGN.md; for pcm_harsh at one year with the preset as is (converter and
+    output noise too), the output-space ELI is asserted and the weight-space one printed."""
     from hilal.evaluate import ONE_DAY, ONE_YEAR, single_layer_sensitivity
 
     model = resnet8_digits
@@ -358,21 +358,20 @@ def test_eli_ranks_measured_single_layer_sensitivity(resnet8_digits, digits):
     def rho(preset_name: str, t: float, perfect_io: bool, reps: int) -> tuple[float, np.ndarray]:
         cfg = get_preset(preset_name)
         cfg.forward.is_perfect = perfect_io
-        eli = expected_loss_increase(op, weight_noise_stream(model, layers, cfg, t, 256), "joint",
+        eli = expected_loss_increase(op, weight_noise_stream(model, layers, cfg, t, 128), "joint",
                                      quadratic_samples=32)
         meas = single_layer_sensitivity(model, digits, cfg, t, reps=reps)
         r = float(spearmanr(eli["eli"], meas.loss_increase)[0])
         print(f"{preset_name} t={t:.0f}s perfect_io={perfect_io}: spearman(ELI, measured) = {r:.3f}")
         return r, meas.loss_increase.to_numpy()
 
-    r_weight, inc_weight = rho("pcm", ONE_DAY, True, 60)
+    r_weight, _ = rho("pcm", ONE_DAY, True, 40)
     assert r_weight >= 0.8
-    r_asis, inc_asis = rho("pcm", ONE_DAY, False, 30)
-    print(f"pcm 1 day: converter/output noise adds {1 - inc_weight.sum() / inc_asis.sum():.0%} of the "
-          f"measured loss increase (summed over layers)")
-    _, harsh_weight = rho("pcm_harsh", ONE_YEAR, True, 30)
+    # pcm_harsh at one year, where converter/output noise dominates (pcm as is: see the README and notebook 03)
+    _, harsh_weight = rho("pcm_harsh", ONE_YEAR, True, 20)
     _, harsh_asis = rho("pcm_harsh", ONE_YEAR, False, 30)
-    print(f"pcm_harsh 1 year: converter/output noise adds {1 - harsh_weight.sum() / harsh_asis.sum():.0%}")
+    print(f"pcm_harsh 1 year: converter/output noise adds {1 - harsh_weight.sum() / harsh_asis.sum():.0%} of the "
+          f"measured loss increase (summed over layers)")
     # the output-space expansion sees converter and output noise too: it ranks the as-is sensitivity
     from hilal.hessian import OutputOperator, output_error_stream, output_loss_increase
 
