@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 
 import nbformat
@@ -14,7 +15,7 @@ from hilal import reproduce as rp
 
 NOTEBOOKS = rp.list_notebooks()
 REQUIRED = ["00_quickstart", "01_digital_baselines", "02_analog_drift", "03_layer_sensitivity", "04_clustering",
-            "05_mapping", "06_runtime", "07_drift_per_method"]
+            "05_mapping", "06_runtime", "07_drift_per_method", "08_transformers"]
 FIGURES = {
     "00": ["00_quickstart_drift"],
     "01": ["01_digital_baselines"],
@@ -24,6 +25,7 @@ FIGURES = {
     "05": ["05_mapping_overview", "05_mapping_layers"],
     "06": ["06_runtime"],
     "07": ["07_drift_per_method"],
+    "08": ["08_layer_metrics", "08_mapping"],
 }
 MAX_LINES = 30
 
@@ -218,3 +220,25 @@ def test_07_drift_per_method_numbers(smoke):
     for method, r in summary(smoke, "05")["methods"].items():
         assert acc[method]["1 day"] == pytest.approx(r["accuracy_mean"], abs=0.08), method
 
+
+
+@pytest.mark.slow
+def test_08_transformers_numbers(smoke):
+    s = summary(smoke, "08")["models"]
+    assert set(s) == {"vit_tiny", "mobilebert_tiny"}
+    vit, qa = s["vit_tiny"], s["mobilebert_tiny"]
+    assert vit["task"] == "classification" and vit["fp"]["accuracy"] > 0.6  # ten classes: chance is 0.1
+    # the QA score is the SQuAD F1, reported with exact match (EM <= F1 by definition)
+    assert qa["task"] == "qa" and 0 < qa["fp"]["em"] <= qa["fp"]["f1"] == pytest.approx(qa["fp"]["accuracy"])
+    for name, m in s.items():
+        # every projection is a mappable layer with finite curvature: q, k, v, out and the feed-forward ones
+        assert len(m["layers"]) == m["fp"]["layers"] and all(math.isfinite(e) for e in m["eli"])
+        for proj in (("attn.q", "attn.k", "attn.v", "attn.out", "fc1", "fc2") if name == "vit_tiny" else
+                     ("self.query", "self.key", "self.value", "attention.output.dense", "bottleneck.input.dense",
+                      "ffn.0.output.dense")):
+            assert sum(proj in layer for layer in m["layers"]) == 2, (name, proj)  # two blocks each
+        assert 1 <= len(m["robust"]) < len(m["layers"])
+        hilal, lionheart = m["methods"]["hilal"], m["methods"]["lionheart"]
+        assert lionheart["rounds"] == len(m["layers"])  # one retraining per candidate layer
+        assert hilal["rounds"] < lionheart["rounds"]
+        assert hilal["analog_mac_share"] > 0 and lionheart["analog_mac_share"] > 0
