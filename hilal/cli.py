@@ -68,10 +68,13 @@ def cmd_map(args: argparse.Namespace) -> None:
     d = res.to_dict()
     d.update(model=args.model, dataset=args.dataset)
     atomic_json_dump(d, args.out)
-    t = res.timings
-    print(f"{res.method}: {len(res.analog_layers)}/{res.extra['n_layers']} analog layers, "
-          f"analog MAC share {res.analog_mac_share:.3f}, accuracy {res.accuracy_mean:.4f} ± {res.accuracy_std:.4f} "
-          f"(FP {res.fp_accuracy:.4f}) at t={res.t_eval:g}s; search {t['search_s']:.1f}s, "
+    t, x = res.timings, res.extra
+    quality = (f"accuracy {res.accuracy_mean:.4f} ± {res.accuracy_std:.4f} (FP {res.fp_accuracy:.4f})"
+               if "em_mean" not in x else
+               f"EM {x['em_mean']:.4f} ± {x['em_std']:.4f} (FP {x['fp_em']:.4f}), "
+               f"F1 {x['f1_mean']:.4f} ± {x['f1_std']:.4f} (FP {x['fp_f1']:.4f})")
+    print(f"{res.method}: {len(res.analog_layers)}/{x['n_layers']} analog layers, "
+          f"analog MAC share {res.analog_mac_share:.3f}, {quality} at t={res.t_eval:g}s; search {t['search_s']:.1f}s, "
           f"mapping {t['mapping_s']:.1f}s, total {t['total_s']:.1f}s -> {args.out}")
 
 

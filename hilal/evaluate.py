@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from hilal.analog import analog_tiles
 from hilal.data import Splits
-from hilal.train import score
+from hilal.train import evaluate, score
 
 ONE_DAY = 86400.0
 ONE_YEAR = 365 * ONE_DAY
@@ -52,19 +52,26 @@ def program_and_drift(model: nn.Module, t_inference: float) -> None:
     model.drift_analog_weights(t_inference)
 
 
-def noisy_scores(model: nn.Module, splits: Splits, t_inference: float = ONE_DAY, reps: int = 10, seed: int = 0,
-                 split: str = "test") -> np.ndarray:
-    """``reps`` scores (fractions) of the model programmed and drifted to ``t_inference``; one seeded
-    programming per repetition. A model without analog tiles is scored once and repeated."""
+def noisy_metrics(model: nn.Module, splits: Splits, t_inference: float = ONE_DAY, reps: int = 10, seed: int = 0,
+                  split: str = "test") -> pd.DataFrame:
+    """Every task metric (:func:`hilal.train.evaluate`: accuracy, or F1 as ``accuracy`` plus ``em`` and ``f1``
+    for QA) of ``reps`` seeded programmings drifted to ``t_inference``, one row per repetition. A model
+    without analog tiles is evaluated once and the row repeated."""
     if not analog_tiles(model):
-        return np.full(reps, score(model, splits, split))
-    out = np.empty(reps)
+        return pd.DataFrame([evaluate(model, splits, split)] * reps)
+    rows = []
     with inference_state(model):
         for r in range(reps):
             torch.manual_seed(seed * 100_003 + r)
             program_and_drift(model, t_inference)
-            out[r] = score(model, splits, split)
-    return out
+            rows.append(evaluate(model, splits, split))
+    return pd.DataFrame(rows)
+
+
+def noisy_scores(model: nn.Module, splits: Splits, t_inference: float = ONE_DAY, reps: int = 10, seed: int = 0,
+                 split: str = "test") -> np.ndarray:
+    """``reps`` scores (fractions: accuracy, or F1 for QA) of :func:`noisy_metrics`."""
+    return noisy_metrics(model, splits, t_inference, reps, seed, split)["accuracy"].to_numpy(dtype=float)
 
 
 def drift_table(model: nn.Module, splits: Splits, times: Sequence[float] = DEFAULT_TIMES, reps: int = 10,

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from hilal.analog import analog_layers, analog_share, count_macs, extend_analog, mappable_layers, to_analog
 from hilal.data import Splits, loader
-from hilal.evaluate import ONE_DAY, noisy_scores
+from hilal.evaluate import ONE_DAY, noisy_metrics, noisy_scores
 from hilal.paths import atomic_json_dump, atomic_torch_save
 from hilal.registry import HilalError, Registry, check_choice
-from hilal.train import FinetuneConfig, finetune_round, make_optimizer, score
+from hilal.train import FinetuneConfig, evaluate, finetune_round, make_optimizer, score
 
 SEARCHES = ("screen", "gallop", "bisect", "walk")
 ORDERS = ("eli", "eli_per_mac")
@@ -237,7 +237,8 @@ class _Run:
             raise HilalError("pass the digital model to run_mapping; it already has analog layers")
         model.eval()
         self.macs = count_macs(model, splits.example_input(2))
-        self.fp_test = score(model, splits, "test")
+        self.fp_metrics = evaluate(model, splits, "test")
+        self.fp_test = float(self.fp_metrics["accuracy"])
         self.baseline = score(model, splits, "calib")
         self.timings = {"search_s": 0.0, "mapping_s": 0.0, "eval_s": 0.0}
         self.rows: list[dict[str, Any]] = []
@@ -304,7 +305,13 @@ class _Run:
     def finish(self, metrics: pd.DataFrame | None = None, **extra: Any) -> MappingResult:
         t = time.perf_counter()
         reps = self.cfg.final_reps or self.cfg.reps
-        scores = noisy_scores(self.model, self.splits, self.cfg.t_eval, reps, self.cfg.seed + 1, split="test")
+        table = noisy_metrics(self.model, self.splits, self.cfg.t_eval, reps, self.cfg.seed + 1, split="test")
+        scores = table["accuracy"].to_numpy(dtype=float)
+        # QA: exact match and F1 of the final evaluation too (F1 is the score the search used)
+        for k in ("em", "f1"):
+            if k in table:
+                extra |= {f"{k}_mean": float(table[k].mean()), f"{k}_std": float(table[k].std(ddof=1)) if reps > 1
+                          else 0.0, f"fp_{k}": self.fp_metrics[k]}
         self.timings["eval_s"] = time.perf_counter() - t
         self.timings["total_s"] = time.perf_counter() - self.t0
         layers = [n for n in mappable_layers(self.digital) if n in set(analog_layers(self.model))]

@@ -47,3 +47,19 @@ def test_unknown_method_exit_code():
                         "--dataset", "digits", "--out", "/dev/null"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "unknown method 'greedy'" in r.stderr and "lionheart" in r.stderr
+
+
+def test_map_reports_exact_match_and_f1_for_question_answering(tmp_path, capsys):
+    out_d, out_a = tmp_path / "d.json", tmp_path / "a.json"
+    common = ["--model", "mobilebert_tiny", "--dataset", "squad_sample", "--epochs", "3", "--reps", "2", "--quiet"]
+    assert main(["map", "--method", "all-digital", *common, "--out", str(out_d)]) == 0
+    assert main(["map", "--method", "all-analog", *common, "--out", str(out_a)]) == 0
+    printed = capsys.readouterr().out
+    assert "EM " in printed and "F1 " in printed
+    d, a = json.loads(out_d.read_text()), json.loads(out_a.read_text())
+    for r in (d, a):
+        assert RESULT_FIELDS | {"em_mean", "em_std", "f1_mean", "f1_std", "fp_em", "fp_f1"} <= set(r)
+        assert r["f1_mean"] == pytest.approx(r["accuracy_mean"])  # the search's score is the F1
+        assert 0 <= r["em_mean"] <= r["f1_mean"] <= 1 and r["fp_em"] <= r["fp_f1"] == pytest.approx(r["fp_accuracy"])
+    assert d["em_mean"] == pytest.approx(d["fp_em"]) and d["em_std"] == 0  # nothing analog, nothing noisy
+    assert a["analog_mac_share"] == pytest.approx(1.0) and a["em_std"] + a["f1_std"] > 0
