@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--patience", type=int, default=2)
     m.add_argument("--max-rounds", type=int, default=6)
     m.add_argument("--stages", type=int, default=1)
-    m.add_argument("--search", default="gallop", help="gallop, bisect or walk")
+    m.add_argument("--search", default="knapsack", help="HILAL search: knapsack, screen, gallop, bisect or walk")
     m.add_argument("--robust-only", action="store_true")
     m.add_argument("--cluster", default="kmeans")
     m.add_argument("--ablation", default="eli-r", help="hilal-paper features")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -53,25 +53,28 @@ def program_and_drift(model: nn.Module, t_inference: float) -> None:
 
 
 def noisy_metrics(model: nn.Module, splits: Splits, t_inference: float = ONE_DAY, reps: int = 10, seed: int = 0,
-                  split: str = "test") -> pd.DataFrame:
+                  split: str = "test", stop: Callable[[np.ndarray], bool] | None = None) -> pd.DataFrame:
     """Every task metric (:func:`hilal.train.evaluate`: accuracy, or F1 as ``accuracy`` plus ``em`` and ``f1``
     for QA) of ``reps`` seeded programmings drifted to ``t_inference``, one row per repetition. A model
-    without analog tiles is evaluated once and the row repeated."""
+    without analog tiles is evaluated once and the row repeated. ``stop`` (given the scores so far) ends
+    the repetitions early when it returns True (a sequential test); repetition r always uses the same seed."""
     if not analog_tiles(model):
         return pd.DataFrame([evaluate(model, splits, split)] * reps)
-    rows = []
+    rows: list[dict[str, float]] = []
     with inference_state(model):
         for r in range(reps):
             torch.manual_seed(seed * 100_003 + r)
             program_and_drift(model, t_inference)
             rows.append(evaluate(model, splits, split))
+            if stop is not None and r + 1 < reps and stop(np.array([x["accuracy"] for x in rows])):
+                break
     return pd.DataFrame(rows)
 
 
 def noisy_scores(model: nn.Module, splits: Splits, t_inference: float = ONE_DAY, reps: int = 10, seed: int = 0,
-                 split: str = "test") -> np.ndarray:
-    """``reps`` scores (fractions: accuracy, or F1 for QA) of :func:`noisy_metrics`."""
-    return noisy_metrics(model, splits, t_inference, reps, seed, split)["accuracy"].to_numpy(dtype=float)
+                 split: str = "test", stop: Callable[[np.ndarray], bool] | None = None) -> np.ndarray:
+    """The scores (fractions: accuracy, or F1 for QA) of :func:`noisy_metrics`, one per repetition."""
+    return noisy_metrics(model, splits, t_inference, reps, seed, split, stop)["accuracy"].to_numpy(dtype=float)
 
 
 def drift_table(model: nn.Module, splits: Splits, times: Sequence[float] = DEFAULT_TIMES, reps: int = 10,

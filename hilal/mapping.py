@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from hilal.paths import atomic_json_dump, atomic_torch_save
 from hilal.registry import HilalError, Registry, check_choice
 from hilal.train import FinetuneConfig, evaluate, finetune_round, make_optimizer, score
 
-SEARCHES = ("screen", "gallop", "bisect", "walk")
+SEARCHES = ("knapsack", "screen", "gallop", "bisect", "walk")
 ORDERS = ("eli", "eli_per_mac")
 # Curvature budget inside a mapping: enough to rank layers (notebook 03 shows the full-budget metrics). ELI in
 # output space, so converter and output noise count too (they dominate the harsh preset's sensitivity).
@@ -65,14 +66,23 @@ class MappingConfig:
     """HILAL: number of stages over which the robust cluster is offloaded."""
     robust_only: bool = False
     """HILAL: stop after the robust cluster."""
-    search: str = "screen"
-    """HILAL: how far into the ordered sensitive layers to go. ``screen``: stages picked by bisection on
-    zero-shot scores corrected by the measured retraining recovery, each confirmed by one retrained stage
-    (typically two stages in all); ``gallop`` (1, 2, 4... then bisection), ``bisect`` or ``walk`` (one layer
-    per stage) retrain at every probe, after the robust cluster's own ``stages``."""
+    search: str = "knapsack"
+    """HILAL: how the stages are chosen. ``knapsack``: the sets carrying the most MACs per ELI budget (a
+    0/1-knapsack Pareto frontier, robust cluster first) bisected on zero-shot scores, each stage confirmed
+    by one retrained stage (typically one or two in all); ``screen``: the same on prefixes of the ordered
+    layers, corrected by the measured retraining recovery; ``gallop`` (1, 2, 4... then bisection),
+    ``bisect`` or ``walk`` (one layer per stage) retrain at every probe, after the robust cluster's own
+    ``stages``."""
     order: str = "eli_per_mac"
     """HILAL: order inside each cluster: ``eli_per_mac`` (ascending ELI per multiply-accumulate: the most
     analog work per unit of expected loss first) or ``eli`` (ascending ELI, as published)."""
+    min_gain: float = 0.02
+    """HILAL ``knapsack``: after the first kept stage, a further stage must add at least this share of the
+    network's MACs to be worth a retraining stage."""
+    near_miss: float = 2.0
+    """HILAL ``knapsack``: a candidate whose zero-shot score falls short of the floor by at most this many
+    standard errors (of its repetitions) is retrained before the largest candidate that clears it, since
+    retraining may lift it over (LionHeart keeps such layers after retraining); 0 turns this off."""
     recovery_prior: float = 0.0
     """HILAL ``screen``: share of a zero-shot drop that retraining is assumed to recover until a stage has
     measured it (a stage whose zero-shot drop stays within the tolerance measures nothing). 0 is conservative;
@@ -218,6 +228,16 @@ def retrain(model: nn.Module, splits: Splits, cfg: MappingConfig, seed: int, dri
     return Round(float(best), n, time.perf_counter() - t0)
 
 
+def _se(x: np.ndarray) -> float:
+    """Standard error of a mean over repetitions (0 for a single one)."""
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def _decided(x: np.ndarray, threshold: float, z: float = 3.0, min_reps: int = 3) -> bool:
+    """Sequential test: the mean of ``x`` lies more than ``z`` standard errors from ``threshold``."""
+    return len(x) >= min_reps and abs(float(x.mean()) - threshold) > z * _se(x)
+
+
 def _in_loop_score(model: nn.Module, splits: Splits, cfg: MappingConfig, seed: int, drift: bool) -> float:
     if drift:
         return float(noisy_scores(model, splits, cfg.t_eval, cfg.reps, seed, split="calib").mean())
@@ -251,10 +271,11 @@ class _Run:
         return self.baseline - self.cfg.drop_threshold
 
     def stage(self, key: str, layers: list[str], accept: Callable[[float], bool] | None = None,
-              drift: bool = True, zero_shot: bool = False) -> bool:
+              drift: bool = True, zero_shot: bool | float = False) -> bool:
         """Make ``layers`` analog on top of the current model, retrain, and keep the result if ``accept``
-        (always when None). With ``zero_shot`` the candidate is also scored before retraining (recorded as
-        ``zero_shot``). Journaled: a finished stage is replayed from disk, not recomputed."""
+        (always when None). With ``zero_shot`` True the candidate is also scored before retraining (recorded
+        as ``zero_shot``; a number is recorded as the already measured zero-shot score). Journaled: a
+        finished stage is replayed from disk, not recomputed."""
         new_layers = [n for n in self.layers + layers if n]
         done = self.journal.get(key)
         candidate = extend_analog(self.model, layers, self.cfg.preset)
@@ -266,7 +287,8 @@ class _Run:
         else:
             seed = self.cfg.seed + 7919 * len(self.rows)
             t = time.perf_counter()
-            z = _in_loop_score(candidate, self.splits, self.cfg, seed, drift) if zero_shot else None
+            z = (_in_loop_score(candidate, self.splits, self.cfg, seed, drift) if zero_shot is True
+                 else float(zero_shot) if zero_shot is not False else None)
             z_s = time.perf_counter() - t
             torch.manual_seed(self.cfg.seed + len(self.rows))
             r = retrain(candidate, self.splits, self.cfg, seed, drift)
@@ -278,14 +300,20 @@ class _Run:
             self.model, self.layers = candidate, new_layers
         return ok
 
-    def screen(self, key: str, layers: list[str]) -> float:
-        """Zero-shot score (no retraining) of the current model with ``layers`` made analog as well."""
+    def screen(self, key: str, layers: list[str], threshold: float | None = None) -> float:
+        """Zero-shot score (no retraining) of the current model with ``layers`` made analog as well: the
+        mean over ``reps`` programmings, or fewer once the mean is clearly (3 standard errors, at least 3
+        repetitions) on one side of ``threshold``. Its standard error is recorded as ``zero_shot_se``."""
         done = self.journal.get(key)
         if done is None:
             t = time.perf_counter()
             candidate = extend_analog(self.model, layers, self.cfg.preset)
-            s = _in_loop_score(candidate, self.splits, self.cfg, self.cfg.seed + 7919 * len(self.rows), True)
-            done = {"kept": False, "score": s, "rounds": 0, "seconds": time.perf_counter() - t, "zero_shot": s}
+            stop = None if threshold is None else lambda x: _decided(x, threshold)
+            x = noisy_scores(candidate, self.splits, self.cfg.t_eval, self.cfg.reps,
+                             self.cfg.seed + 7919 * len(self.rows), split="calib", stop=stop)
+            s = float(x.mean())
+            done = {"kept": False, "score": s, "rounds": 0, "seconds": time.perf_counter() - t, "zero_shot": s,
+                    "zero_shot_se": _se(x), "reps": len(x)}
             self.journal.put(key, done)
         self._record(key, layers, done, False)
         return float(done["score"])
@@ -294,7 +322,8 @@ class _Run:
         self.rounds += done["rounds"]
         self.timings["mapping_s" if kept else "search_s"] += done["seconds"]
         self.rows.append({"step": key, "layers": ",".join(layers), "score": done["score"],
-                          "zero_shot": done.get("zero_shot"), "floor": self.floor(), "rounds": done["rounds"],
+                          "zero_shot": done.get("zero_shot"), "zero_shot_se": done.get("zero_shot_se"),
+                          "floor": self.floor(), "rounds": done["rounds"],
                           "seconds": done["seconds"], "kept": kept, "replayed": replayed})
         s, rounds, seconds = done["score"], done["rounds"], done["seconds"]
         verdict = "kept" if kept else "zero-shot" if not rounds else "rejected"
@@ -366,17 +395,19 @@ def _metrics(run: _Run) -> pd.DataFrame:
 def hilal(run: _Run) -> MappingResult:
     """Curvature metrics -> robust/sensitive clusters -> layers offloaded robust cluster first, each cluster
     in ascending ELI (or ELI per MAC), with noise-injection fine-tuning after every stage, as far as accuracy
-    stays within the tolerance. ``search="screen"`` picks each stage from zero-shot scores (see
-    :func:`_screened`; the robust cluster is proposed first and kept if it clears the tolerance); the other
-    searches offload the robust cluster unconditionally in ``stages`` stages, then find the longest feasible
-    prefix of the sensitive layers with retraining at every probe."""
+    stays within the tolerance. ``search="knapsack"`` (:func:`_knapsack`) and ``"screen"``
+    (:func:`_screened`) pick each stage from zero-shot scores (the robust cluster is proposed first and kept
+    if it clears the tolerance); the other searches offload the robust cluster unconditionally in ``stages``
+    stages, then find the longest feasible prefix of the sensitive layers with retraining at every probe."""
     cfg = run.cfg
     df = run.timed_search(lambda: _metrics(run))
     key = df["eli"] / df["macs"] if cfg.order == "eli_per_mac" else df["eli"]
     order = df.assign(_key=key).sort_values("_key", kind="stable")
     robust = order.loc[order["cluster"] == "robust", "layer"].tolist()
     sensitive = [] if cfg.robust_only else order.loc[order["cluster"] == "sensitive", "layer"].tolist()
-    if cfg.search == "screen":
+    if cfg.search == "knapsack":
+        _knapsack(run, df, robust, sensitive)
+    elif cfg.search == "screen":
         _screened(run, robust + sensitive, len(robust))
     else:
         chunks = np.array_split(np.array(robust, dtype=object), max(1, min(cfg.stages, len(robust))))
@@ -385,6 +416,84 @@ def hilal(run: _Run) -> MappingResult:
         if sensitive:
             _extend_prefix(run, sensitive)
     return run.finish(metrics=df, robust=robust, sensitive=sensitive)
+
+
+def pareto_sets(cost: Sequence[float], value: Sequence[float], max_points: int = 4096
+                ) -> list[tuple[float, float, tuple[int, ...]]]:
+    """The 0/1-knapsack Pareto frontier of items with ``cost`` and ``value``: (total cost, total value, item
+    indices) of every set that has more value than any set of lower or equal cost, in increasing cost (and
+    value). Items of cost <= 0 are in every set. Nemhauser-Ullmann list merging; past ``max_points`` the
+    list is thinned to the cheapest set per value bin (1/max_points of the value range) and the largest."""
+    free = tuple(i for i, c in enumerate(cost) if c <= 0)
+    points = [(float(sum(cost[i] for i in free)), float(sum(value[i] for i in free)), free)]
+    for i, (ci, vi) in enumerate(zip(cost, value, strict=True)):
+        if ci <= 0:
+            continue
+        merged = sorted(points + [(c + ci, v + vi, s + (i,)) for c, v, s in points], key=lambda p: (p[0], -p[1]))
+        points, best = [], -math.inf
+        for p in merged:
+            if p[1] > best:
+                points.append(p)
+                best = p[1]
+        if len(points) > max_points:
+            width = (points[-1][1] - points[0][1]) / max_points
+            thinned, last = [], -math.inf
+            for p in points:
+                b = math.floor(p[1] / width)
+                if b > last:
+                    thinned.append(p)
+                    last = b
+            points = thinned if thinned[-1] is points[-1] else [*thinned, points[-1]]
+    return [(c, v, tuple(sorted(s))) for c, v, s in points]
+
+
+def _knapsack(run: _Run, df: pd.DataFrame, robust: list[str], sensitive: list[str]) -> None:
+    """Stages chosen as knapsack sets: since independent noise in different layers adds expected loss
+    increases (the cross terms vanish in expectation), the layers that carry the most MACs for an ELI budget
+    form the knapsack optimum, and as the budget grows these optima trace a Pareto frontier. Each round
+    bisects that frontier, without retraining, for the largest set whose zero-shot score z, plus the share
+    ``recovery_prior`` of the drop that retraining is assumed to recover, clears the floor (the first round
+    keeps the robust cluster in every set and proposes it even if nothing clears the floor). A near miss
+    (the next set, short by at most ``near_miss`` standard errors) is retrained first, then the set that
+    cleared it; a kept stage starts the next round from the grown model (sets adding at least ``min_gain``
+    of the MACs), a rejected one caps the total ELI of later sets. Recovery is not extrapolated from one
+    stage to the next: a stage's best score is the maximum of noisy evaluations, which overstates it."""
+    cfg, base, floor = run.cfg, run.baseline, run.floor()
+    eli = dict(zip(df["layer"], df["eli"].astype(float), strict=True))
+    candidates_pool = robust + sensitive
+    rho, cap, it = cfg.recovery_prior, math.inf, 0
+    thr = (floor - rho * base) / (1 - rho)  # z + rho * (base - z) >= floor
+    while True:
+        forced = [n for n in robust if n not in run.layers] if it == 0 else []
+        rest = [n for n in candidates_pool if n not in run.layers and n not in forced]
+        spent = sum(eli[n] for n in run.layers)
+        cands = [forced + [rest[i] for i in idx] for c, _, idx in
+                 pareto_sets([eli[n] for n in rest], [run.macs[n] for n in rest])
+                 if spent + sum(eli[n] for n in forced) + c < cap]
+        gain = cfg.min_gain * sum(run.macs.values()) if run.layers else 0.0
+        cands = [c for c in cands if c and sum(run.macs[n] for n in c) >= gain]
+        if not cands:
+            return
+        z: dict[int, float] = {}
+        se: dict[int, float] = {}
+        lo, hi = -1, len(cands) - 1
+        while lo < hi:
+            k = (lo + hi + 1) // 2
+            z[k] = run.screen(f"screen-{it}-{k}", cands[k], threshold=thr)
+            se[k] = run.rows[-1]["zero_shot_se"] or 0.0
+            lo, hi = (k, hi) if z[k] >= thr else (lo, k - 1)
+        tries = [lo + 1] if lo + 1 in z and z[lo + 1] >= thr - cfg.near_miss * se[lo + 1] else []
+        if lo >= 0 or (it == 0 and forced):
+            tries.append(max(lo, 0))
+        if not tries:
+            return
+        kept = False
+        for k in dict.fromkeys(tries):
+            kept = run.stage(f"stage-{it}-{k}", cands[k], lambda sc: sc >= floor, zero_shot=z.get(k, True))
+            if kept:
+                break
+            cap = min(cap, spent + sum(eli[n] for n in cands[k]))
+        it += 1
 
 
 def _screened(run: _Run, order: list[str], n_robust: int) -> None:
@@ -400,7 +509,7 @@ def _screened(run: _Run, order: list[str], n_robust: int) -> None:
         lo_s, hi_s = done, hi
         while lo_s < hi_s:
             k = (lo_s + hi_s + 1) // 2
-            z = run.screen(f"screen-{it}-{k}", order[done:k])
+            z = run.screen(f"screen-{it}-{k}", order[done:k], threshold=(floor - rho * base) / (1 - rho))
             if z + rho * max(base - z, 0.0) >= floor:
                 lo_s = k
             else:

@@ -63,3 +63,15 @@ def test_map_reports_exact_match_and_f1_for_question_answering(tmp_path, capsys)
         assert 0 <= r["em_mean"] <= r["f1_mean"] <= 1 and r["fp_em"] <= r["fp_f1"] == pytest.approx(r["fp_accuracy"])
     assert d["em_mean"] == pytest.approx(d["fp_em"]) and d["em_std"] == 0  # nothing analog, nothing noisy
     assert a["analog_mac_share"] == pytest.approx(1.0) and a["em_std"] + a["f1_std"] > 0
+
+
+def test_map_defaults_are_the_package_defaults():
+    from hilal.cli import build_parser
+    from hilal.mapping import SEARCHES, MappingConfig
+
+    args = build_parser().parse_args(["map", "--method", "hilal", "--model", "resnet8", "--dataset", "digits",
+                                      "--out", "x.json"])
+    cfg = MappingConfig()
+    assert args.search == cfg.search in SEARCHES
+    assert (args.reps, args.drop_threshold, args.patience, args.max_rounds, args.stages, args.cluster) == (
+        cfg.reps, cfg.drop_threshold, cfg.patience, cfg.max_rounds, cfg.stages, cfg.cluster)

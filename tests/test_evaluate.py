@@ -46,6 +46,21 @@ def test_noisy_scores_seeded(harsh, digits):
     assert np.all((a >= 0) & (a <= 1))
 
 
+def test_sequential_stop_keeps_each_repetitions_seed(harsh, digits):
+    from hilal.mapping import _decided
+
+    full = noisy_scores(harsh, digits, ONE_DAY, reps=6, seed=4, split="calib")
+    seen = []
+    part = noisy_scores(harsh, digits, ONE_DAY, reps=6, seed=4, split="calib",
+                        stop=lambda x: seen.append(len(x)) or len(x) == 2)
+    np.testing.assert_array_equal(part, full[:2])  # stopped after two, the same two programmings
+    assert seen == [1, 2]
+    # the sequential test: decided only with 3+ repetitions and a mean 3 standard errors from the threshold
+    assert not _decided(full[:2], 0.0)
+    assert _decided(full, full.mean() - 4 * full.std(ddof=1) / np.sqrt(6))
+    assert not _decided(full, full.mean() - 2 * full.std(ddof=1) / np.sqrt(6))
+
+
 def test_one_year_harsh_is_clearly_below_digital(harsh, digits, digital_acc):
     year = noisy_scores(harsh, digits, ONE_YEAR, reps=3, seed=0)
     assert digital_acc > 0.9

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import pytest
 from torch import nn
 
 from hilal.analog import analog_layers, count_macs, mappable_layers
-from hilal.mapping import METHODS, MappingConfig, _extend_prefix, _screened, retrain, run_mapping
+from hilal.mapping import (
+    METHODS,
+    MappingConfig,
+    _extend_prefix,
+    _knapsack,
+    _screened,
+    pareto_sets,
+    retrain,
+    run_mapping,
+)
 from hilal.registry import HilalError
 from hilal.train import FinetuneConfig
 
@@ -46,7 +56,7 @@ class PrefixOracle:
             self.layers = self.layers + list(layers)
         return ok
 
-    def screen(self, key, layers):
+    def screen(self, key, layers, threshold=None):
         return 1.0 if self._n(layers) <= max(self.k - self.lag, 0) else 0.0
 
 
@@ -77,6 +87,92 @@ def test_screened_stages_against_exhaustive(lag, prior):
             assert got >= k - lag
             bound = 1 if (lag, prior) == (0, 0.0) else 2 + 2 * math.ceil(math.log2(n + 1))
             assert run.calls <= bound, (n, k, run.calls)  # exact zero-shot and no optimism: one stage
+
+
+def test_pareto_sets_against_every_subset():
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(0, 8)
+        cost, value = [rng.uniform(-0.2, 1.0) for _ in range(n)], [rng.choice([1, 2, 3, 8]) for _ in range(n)]
+        frontier = pareto_sets(cost, value)
+        for c, v, items in frontier:
+            assert c == pytest.approx(sum(cost[i] for i in items)) and v == sum(value[i] for i in items)
+        assert all(a[0] < b[0] and a[1] < b[1] for a, b in itertools.pairwise(frontier))  # no point dominated
+        for r in range(n + 1):
+            for sub in itertools.combinations(range(n), r):  # every subset is matched or beaten by a point
+                c, v = sum(cost[i] for i in sub), sum(value[i] for i in sub)
+                assert any(fc <= c + 1e-12 and fv >= v for fc, fv, _ in frontier)
+    # thinning keeps the frontier's ends and at most one set per value bin
+    big = pareto_sets([0.1 + 0.01 * i for i in range(40)], [1 + i % 7 for i in range(40)], max_points=50)
+    assert len(big) <= 51 and big[0][1] == 0 and big[-1][1] == sum(1 + i % 7 for i in range(40))
+
+
+class KnapsackOracle:
+    """A run whose true score falls by the summed loss of its analog layers (the ELI is exact); zero-shot
+    scores are pessimistic by ``lag`` with standard error ``se``, and retraining recovers the lag."""
+
+    def __init__(self, loss: dict, macs: dict, budget: float, lag: float = 0.0, se: float = 0.0) -> None:
+        self.loss, self.macs, self.lag, self.se = loss, macs, lag, se
+        self.layers, self.rows, self.stages = [], [], 0
+        self.cfg = MappingConfig(search="knapsack", drop_threshold=budget)
+        self.baseline = 1.0
+
+    def floor(self) -> float:
+        return self.baseline - self.cfg.drop_threshold
+
+    def _true(self, layers) -> float:
+        return self.baseline - sum(self.loss[n] for n in self.layers + list(layers))
+
+    def screen(self, key, layers, threshold=None):
+        z = self._true(layers) - self.lag
+        self.rows.append({"zero_shot": z, "zero_shot_se": self.se, "score": z})
+        return z
+
+    def stage(self, key, layers, accept=None, drift=True, zero_shot=False):
+        self.stages += 1
+        s = self._true(layers)
+        z = s - self.lag if isinstance(zero_shot, bool) else zero_shot
+        self.rows.append({"zero_shot": z, "score": s})
+        ok = accept is None or accept(s)
+        if ok:
+            self.layers = self.layers + list(layers)
+        return ok
+
+
+def best_mac_share(names, loss, macs, budget, forced=()):
+    best = -1
+    for r in range(len(names) + 1):
+        for sub in itertools.combinations(names, r):
+            if set(forced) <= set(sub) and sum(loss[n] for n in sub) <= budget:
+                best = max(best, sum(macs[n] for n in sub))
+    return best
+
+
+@pytest.mark.parametrize("lag", [0.0, 0.3])
+def test_knapsack_search_against_exhaustive(lag):
+    import pandas as pd
+
+    rng = random.Random(1)
+    for _ in range(150):
+        n = rng.randint(1, 7)
+        names = [f"l{i}" for i in range(n)]
+        loss = {m: rng.choice([0.0, rng.uniform(0.0, 1.0)]) for m in names}
+        macs = {m: rng.choice([1, 2, 4, 8]) for m in names}
+        robust = sorted(names, key=loss.get)[: rng.randint(0, n)]
+        budget = rng.uniform(0.2, 2.0)
+        run = KnapsackOracle(loss, macs, budget, lag=lag * budget, se=lag * budget / 2)
+        df = pd.DataFrame({"layer": names, "eli": [loss[m] for m in names]})
+        _knapsack(run, df, robust, [m for m in names if m not in robust])
+        got = sum(macs[m] for m in run.layers)
+        assert len(set(run.layers)) == len(run.layers) and sum(loss[m] for m in run.layers) <= budget + 1e-9
+        robust_ok = sum(loss[m] for m in robust) <= budget
+        assert set(robust) <= set(run.layers) or not robust_ok  # the robust cluster goes when it fits
+        optimum = best_mac_share(names, loss, macs, budget, robust if robust_ok else ())
+        if lag == 0:  # exact zero-shot scores: the optimum, retraining once (twice if the robust set fails)
+            assert got == optimum
+            assert run.stages <= (1 if robust_ok or not robust else 2)
+        else:  # pessimistic zero-shot: at least what fits the lagged budget (near misses may add more)
+            assert got >= best_mac_share(names, loss, macs, budget - lag * budget, robust if robust_ok else ())
 
 
 def test_unknown_method_and_search(resnet8_digits, digits):
