@@ -61,6 +61,9 @@ class BenchConfig:
     """search: models to map."""
     mapping: dict[str, Any] = field(default_factory=dict)
     """search: overrides of :class:`hilal.mapping.MappingConfig` (the same for both methods)."""
+    mapping_seeds: tuple[int, ...] = (0,)
+    """search: mapping seeds (noise, shuffling, evaluation programmings; same trained model), one record
+    each; the table adds the median over seeds per model and method."""
     forward_iters: int = 20
     """analog: forward passes per timed repeat."""
     batch_size: int = 256
@@ -289,8 +292,8 @@ def bench_search(cfg: BenchConfig, notes: list[str], progress: bool = True) -> I
     from hilal.mapping import MappingConfig, run_mapping
 
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
-    mcfg = MappingConfig(**{"preset": cfg.preset, "seed": cfg.seed, **cfg.mapping})
-    for name in _registered(cfg.search_models, notes):
+    for name, seed in ((n, s) for n in _registered(cfg.search_models, notes) for s in cfg.mapping_seeds):
+        mcfg = MappingConfig(**{"preset": cfg.preset, **cfg.mapping, "seed": seed})
         model = _trained(name, splits, cfg.seed)
         runs: dict[str, list[Any]] = {"hilal": [], "lionheart": []}
         for r in range(cfg.repeats):
@@ -299,10 +302,10 @@ def bench_search(cfg: BenchConfig, notes: list[str], progress: bool = True) -> I
                 res.model = None
                 runs[method].append(res)
                 if progress:
-                    print(f"[bench search] {name} {method} repeat {r + 1}/{cfg.repeats}: "
+                    print(f"[bench search] {name} seed {seed} {method} repeat {r + 1}/{cfg.repeats}: "
                           f"{res.timings['total_s']:.1f}s, {len(res.analog_layers)} analog layers, "
                           f"acc {res.accuracy_mean:.4f}", flush=True)
-        rec: dict[str, Any] = {"model": name, "dataset": cfg.dataset, "preset": cfg.preset,
+        rec: dict[str, Any] = {"model": name, "dataset": cfg.dataset, "preset": cfg.preset, "mapping_seed": seed,
                                "config": asdict(mcfg)}
         for method, rs in runs.items():
             d = _result_record(rs[0])
@@ -385,13 +388,20 @@ def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     for r in records:
         for method in ("hilal", "lionheart"):
             d = r[method]
-            rows.append({"model": r["model"], "method": method, "search_s": d["timings"]["search_s"],
+            rows.append({"model": r["model"], "seed": r.get("mapping_seed", 0), "method": method,
+                         "search_s": d["timings"]["search_s"],
                          "mapping_s": d["timings"]["mapping_s"], "total_s": d["timings"]["total_s"],
                          "rounds": d["rounds"], "analog_layers": f"{len(d['analog_layers'])}/{d['n_layers']}",
                          "analog_mac_share": d["analog_mac_share"], "accuracy_mean": d["accuracy_mean"],
                          "accuracy_std": d["accuracy_std"], "fp_accuracy": d["fp_accuracy"],
                          "speedup": r["speedup"] if method == "hilal" else 1.0})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if df["seed"].nunique() > 1:  # the median over mapping seeds, per model and method
+        num = ["search_s", "mapping_s", "total_s", "rounds", "analog_mac_share", "accuracy_mean", "accuracy_std",
+               "fp_accuracy", "speedup"]
+        med = df.groupby(["model", "method"], sort=False)[num].median().reset_index()
+        df = pd.concat([df, med.assign(seed="median", analog_layers="")], ignore_index=True)[df.columns]
+    return df
 
 
 def markdown(df: pd.DataFrame, digits: int = 3) -> str:
@@ -457,7 +467,8 @@ def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, pro
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bench/*.py`` scripts: ``KIND [--out F] [--quick] [--repeats N] [--models A,B]
-    [--threads T] [--probes P] [--samples S]``; the output defaults to ``bench/results/KIND.json``."""
+    [--threads T] [--probes P] [--samples S] [--seeds 0,1,2]``; the output defaults to
+    ``bench/results/KIND.json``."""
     import argparse
 
     p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
@@ -469,12 +480,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--probes", type=int, default=None, help="hessian: Hutchinson probes")
     p.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
+    p.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds (default 0)")
     a = p.parse_args(argv)
     from hilal.paths import project_root
 
     out = a.out or project_root() / "bench" / "results" / f"{a.kind}.json"
     models = tuple(a.models.split(",")) if a.models else None
     key = "search_models" if a.kind == "search" else "models"
+    seeds = tuple(int(x) for x in a.seeds.split(",")) if a.seeds else None
     run_bench(a.kind, out=out, quick=a.quick, repeats=a.repeats, threads=a.threads, probes=a.probes,
-              eli_samples=a.samples, **{key: models})
+              eli_samples=a.samples, mapping_seeds=seeds, **{key: models})
     return 0

@@ -89,7 +89,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from hilal.bench import main as bench_main
 
     argv = [args.kind, "--out", args.out] + (["--quick"] if args.quick else [])
-    for flag in ("repeats", "models", "threads", "probes", "samples"):
+    for flag in ("repeats", "models", "threads", "probes", "samples", "seeds"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", str(getattr(args, flag))]
     bench_main(argv)
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
     b.add_argument("--probes", type=int, default=None, help="hessian: Hutchinson probes")
     b.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
+    b.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds, e.g. 0,1,2")
     b.set_defaults(fn=cmd_bench)
     return p
 

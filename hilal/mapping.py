@@ -454,10 +454,11 @@ def _knapsack(run: _Run, df: pd.DataFrame, robust: list[str], sensitive: list[st
     bisects that frontier, without retraining, for the largest set whose zero-shot score z, plus the share
     ``recovery_prior`` of the drop that retraining is assumed to recover, clears the floor (the first round
     keeps the robust cluster in every set and proposes it even if nothing clears the floor). A near miss
-    (the next set, short by at most ``near_miss`` standard errors) is retrained first, then the set that
-    cleared it; a kept stage starts the next round from the grown model (sets adding at least ``min_gain``
-    of the MACs), a rejected one caps the total ELI of later sets. Recovery is not extrapolated from one
-    stage to the next: a stage's best score is the maximum of noisy evaluations, which overstates it."""
+    (short by at most ``near_miss`` standard errors) counts as clearing it in the bisection: it is retrained
+    first, and if rejected the largest screened set that did clear it; a kept stage starts the next round
+    from the grown model (sets adding at least ``min_gain`` of the MACs), a rejected one caps the total ELI
+    of later sets. Recovery is not extrapolated from one stage to the next: a stage's best score is the
+    maximum of noisy evaluations, which overstates it."""
     cfg, base, floor = run.cfg, run.baseline, run.floor()
     eli = dict(zip(df["layer"], df["eli"].astype(float), strict=True))
     candidates_pool = robust + sensitive
@@ -476,15 +477,19 @@ def _knapsack(run: _Run, df: pd.DataFrame, robust: list[str], sensitive: list[st
             return
         z: dict[int, float] = {}
         se: dict[int, float] = {}
-        lo, hi = -1, len(cands) - 1
+        lo, hi = -1, len(cands) - 1  # bisection for the largest set that clears the floor or nearly misses it
         while lo < hi:
             k = (lo + hi + 1) // 2
             z[k] = run.screen(f"screen-{it}-{k}", cands[k], threshold=thr)
             se[k] = run.rows[-1]["zero_shot_se"] or 0.0
-            lo, hi = (k, hi) if z[k] >= thr else (lo, k - 1)
-        tries = [lo + 1] if lo + 1 in z and z[lo + 1] >= thr - cfg.near_miss * se[lo + 1] else []
-        if lo >= 0 or (it == 0 and forced):
-            tries.append(max(lo, 0))
+            lo, hi = (k, hi) if z[k] >= thr - cfg.near_miss * se[k] else (lo, k - 1)
+        tries = [lo] if lo >= 0 else []
+        if lo < 0 or z[lo] < thr:  # a near miss (or nothing): fall back to the largest set that cleared it
+            strict = max((k for k in z if k < max(lo, 0) and z[k] >= thr), default=-1)
+            if strict >= 0:
+                tries.append(strict)
+            elif it == 0 and forced:
+                tries.append(0)
         if not tries:
             return
         kept = False

@@ -90,9 +90,11 @@ def test_search_bench_json(tmp_path, resnet8_digits):
     known = {f.name for f in fields(HessianConfig)}
     mapping = {"reps": 1, "max_rounds": 1, "patience": 1, "finetune": FinetuneConfig(steps=1),
                "hessian": {k: v for k, v in tiny.items() if k in known}}
-    run_bench("search", out=out, search_models=["resnet8"], repeats=1, mapping=mapping, progress=False)
+    run_bench("search", out=out, search_models=["resnet8"], repeats=1, mapping=mapping, mapping_seeds=[0, 1],
+              progress=False)
     data = _load(out)
-    (rec,) = data["records"]
+    rec, rec1 = data["records"]
+    assert [rec["mapping_seed"], rec1["mapping_seed"]] == [0, 1] == [rec["config"]["seed"], rec1["config"]["seed"]]
     assert (rec["model"], rec["dataset"], rec["preset"]) == ("resnet8", "digits", "pcm_harsh")
     assert rec["config"]["reps"] == 1 and rec["config"]["finetune"]["steps"] == 1
     for method in ("hilal", "lionheart"):
@@ -104,8 +106,10 @@ def test_search_bench_json(tmp_path, resnet8_digits):
         assert r["reps"] == 1 and isinstance(r["history"], list)
     assert rec["speedup"] == pytest.approx(rec["lionheart"]["timings"]["total_s"] / rec["hilal"]["timings"]["total_s"])
     t = table("search", data["records"])
-    assert list(t["method"]) == ["hilal", "lionheart"]
+    assert list(t["method"]) == ["hilal", "lionheart"] * 3 and list(t["seed"]) == [0, 0, 1, 1, "median", "median"]
     assert t.loc[0, "speedup"] == pytest.approx(rec["speedup"])
+    assert t.loc[4, "speedup"] == pytest.approx(np.median([rec["speedup"], rec1["speedup"]]))
+    assert t.loc[5, "total_s"] == pytest.approx(np.median([r["lionheart"]["timings"]["total_s"] for r in (rec, rec1)]))
 
 
 def test_analog_bench_json(tmp_path, resnet8_digits):
