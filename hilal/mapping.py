@@ -84,9 +84,9 @@ class MappingConfig:
     standard errors (of its repetitions) is retrained before the largest candidate that clears it, since
     retraining may lift it over (LionHeart keeps such layers after retraining); 0 turns this off."""
     recovery_prior: float = 0.0
-    """HILAL ``screen``: share of a zero-shot drop that retraining is assumed to recover until a stage has
-    measured it (a stage whose zero-shot drop stays within the tolerance measures nothing). 0 is conservative;
-    0.5 explored one more stage on ResNet-8/20 without gaining analog MACs."""
+    """HILAL ``screen`` and ``knapsack``: share of a zero-shot drop that retraining is assumed to recover
+    (``screen`` replaces it by the recovery a stage measured; ``knapsack`` keeps it). 0 is conservative; 0.5
+    explored one more stage on ResNet-8/20 without gaining analog MACs."""
     cluster: str = "kmeans"
     """Clustering method (hilal.cluster)."""
     hessian: dict[str, Any] = field(default_factory=dict)

@@ -273,6 +273,29 @@ def test_hilal_offloads_a_prefix_of_the_curvature_order(resnet8_digits, digits, 
     assert res.timings["total_s"] >= res.timings["search_s"] + res.timings["mapping_s"]
 
 
+def test_hilal_knapsack_stage_carries_the_most_macs_for_its_eli(resnet8_digits, digits):
+    cfg = tiny_cfg(hessian={"probes": 8, "eli_samples": 4, "first_order_samples": 8})
+    assert cfg.search == "knapsack"  # the default
+    res = run_mapping("hilal", resnet8_digits, digits, cfg, progress=False)
+    m = res.metrics.set_index("layer")
+    h = res.history
+    kept = h[h["kept"]]
+    assert (kept["score"] >= kept["floor"]).all()
+    stages = h[h["step"].str.startswith("stage-")]
+    assert len(stages) >= 1
+    robust = res.extra["robust"]
+    first = stages.iloc[0]["layers"].split(",")
+    assert set(robust) <= set(first)  # the first stage always carries the robust cluster
+    # ... and, of all sets holding it, the most MACs for an ELI budget no larger than its own (exhaustive)
+    budget = m.loc[first, "eli"].sum()
+    free = [n for n in m.index if n not in robust]
+    best = max(m.loc[robust + list(sub), "macs"].sum() for r in range(len(free) + 1)
+               for sub in itertools.combinations(free, r) if m.loc[robust + list(sub), "eli"].sum() <= budget + 1e-12)
+    assert m.loc[first, "macs"].sum() == best
+    assert set(res.analog_layers) == set().union(*(set(x.split(",")) for x in kept["layers"]))
+    assert res.timings["total_s"] >= res.timings["search_s"] + res.timings["mapping_s"]
+
+
 def test_paper_variant_and_ablations(resnet8_digits, digits):
     cfg = tiny_cfg(hessian={"probes": 4, "power_iters": 5}, ablation="trace-only")
     res = run_mapping("hilal-paper", resnet8_digits, digits, cfg, progress=False)
