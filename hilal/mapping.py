@@ -82,7 +82,8 @@ class MappingConfig:
     near_miss: float = 2.0
     """HILAL ``knapsack``: a candidate whose zero-shot score falls short of the floor by at most this many
     standard errors (of its repetitions) is retrained before the largest candidate that clears it, since
-    retraining may lift it over (LionHeart keeps such layers after retraining); 0 turns this off."""
+    retraining may lift it over (LionHeart keeps such layers after retraining); 0 turns this off, as do
+    fewer than 5 ``reps`` (too few for a usable standard error)."""
     recovery_prior: float = 0.0
     """HILAL ``screen`` and ``knapsack``: share of a zero-shot drop that retraining is assumed to recover
     (``screen`` replaces it by the recovery a stage measured; ``knapsack`` keeps it). 0 is conservative; 0.5
@@ -464,6 +465,7 @@ def _knapsack(run: _Run, df: pd.DataFrame, robust: list[str], sensitive: list[st
     candidates_pool = robust + sensitive
     rho, cap, it = cfg.recovery_prior, math.inf, 0
     thr = (floor - rho * base) / (1 - rho)  # z + rho * (base - z) >= floor
+    margin = cfg.near_miss if cfg.reps >= 5 else 0.0  # a standard error from fewer repetitions is too rough
     while True:
         forced = [n for n in robust if n not in run.layers] if it == 0 else []
         rest = [n for n in candidates_pool if n not in run.layers and n not in forced]
@@ -482,7 +484,7 @@ def _knapsack(run: _Run, df: pd.DataFrame, robust: list[str], sensitive: list[st
             k = (lo + hi + 1) // 2
             z[k] = run.screen(f"screen-{it}-{k}", cands[k], threshold=thr)
             se[k] = run.rows[-1]["zero_shot_se"] or 0.0
-            lo, hi = (k, hi) if z[k] >= thr - cfg.near_miss * se[k] else (lo, k - 1)
+            lo, hi = (k, hi) if z[k] >= thr - margin * se[k] else (lo, k - 1)
         tries = [lo] if lo >= 0 else []
         if lo < 0 or z[lo] < thr:  # a near miss (or nothing): fall back to the largest set that cleared it
             strict = max((k for k in z if k < max(lo, 0) and z[k] >= thr), default=-1)
