@@ -288,8 +288,10 @@ class _Run:
         else:
             seed = self.cfg.seed + 7919 * len(self.rows)
             t = time.perf_counter()
-            z = (_in_loop_score(candidate, self.splits, self.cfg, seed, drift) if zero_shot is True
-                 else float(zero_shot) if zero_shot is not False else None)
+            if zero_shot is True:
+                z = _in_loop_score(candidate, self.splits, self.cfg, seed, drift)
+            else:
+                z = None if zero_shot is False else float(zero_shot)
             z_s = time.perf_counter() - t
             torch.manual_seed(self.cfg.seed + len(self.rows))
             r = retrain(candidate, self.splits, self.cfg, seed, drift)
@@ -469,10 +471,9 @@ def _knapsack(run: _Run, df: pd.DataFrame, robust: list[str], sensitive: list[st
     while True:
         forced = [n for n in robust if n not in run.layers] if it == 0 else []
         rest = [n for n in candidates_pool if n not in run.layers and n not in forced]
-        spent = sum(eli[n] for n in run.layers)
+        spent, forced_eli = sum(eli[n] for n in run.layers), sum(eli[n] for n in forced)
         cands = [forced + [rest[i] for i in idx] for c, _, idx in
-                 pareto_sets([eli[n] for n in rest], [run.macs[n] for n in rest])
-                 if spent + sum(eli[n] for n in forced) + c < cap]
+                 pareto_sets([eli[n] for n in rest], [run.macs[n] for n in rest]) if spent + forced_eli + c < cap]
         gain = cfg.min_gain * sum(run.macs.values()) if run.layers else 0.0
         cands = [c for c in cands if c and sum(run.macs[n] for n in c) >= gain]
         if not cands:
@@ -494,10 +495,8 @@ def _knapsack(run: _Run, df: pd.DataFrame, robust: list[str], sensitive: list[st
                 tries.append(0)
         if not tries:
             return
-        kept = False
-        for k in dict.fromkeys(tries):
-            kept = run.stage(f"stage-{it}-{k}", cands[k], lambda sc: sc >= floor, zero_shot=z.get(k, True))
-            if kept:
+        for k in tries:  # a near miss first, then the largest set that cleared the floor
+            if run.stage(f"stage-{it}-{k}", cands[k], lambda sc: sc >= floor, zero_shot=z.get(k, True)):
                 break
             cap = min(cap, spent + sum(eli[n] for n in cands[k]))
         it += 1
