@@ -144,9 +144,11 @@ def count_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
 
     Conv: output elements x (in_channels / groups) x kernel size; Linear: output elements x in_features.
     """
+    from hilal.train import model_device, to_device
+
     macs: dict[str, int] = {}
     hooks = []
-
+    example_input = to_device(example_input, model_device(model))
     batch = _batch_of(example_input)
 
     def hook(name: str) -> Callable:

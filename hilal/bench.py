@@ -68,6 +68,8 @@ class BenchConfig:
     """analog: forward passes per timed repeat."""
     batch_size: int = 256
     """analog: batch of test inputs for the forward timing."""
+    device: str = "cpu"
+    """Device of the models and data (``cpu`` or ``cuda``); PyHessian's side runs there too."""
     threads: int | None = None
     """torch intra-op threads (None: torch's default). On a shared, loaded CPU, 1 avoids the large slow-down
     of oversubscribed OpenMP threads."""
@@ -80,11 +82,11 @@ class BenchConfig:
         return replace(base, **overrides)
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(device: str = "cpu") -> dict[str, Any]:
     """What the numbers were measured on."""
     import aihwkit
 
-    dev = "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    dev = f"cuda:{torch.cuda.get_device_name(0)}" if device.startswith("cuda") else "cpu"
     return {"torch": torch.__version__, "aihwkit": aihwkit.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": dev,
@@ -96,9 +98,16 @@ def _median(xs: Sequence[float]) -> float:
 
 
 def _clock(fn: Callable[[], Any]) -> tuple[float, Any]:
+    _sync()
     t = time.perf_counter()
     out = fn()
+    _sync()
     return time.perf_counter() - t, out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _registered(names: Sequence[str], notes: list[str]) -> list[str]:
@@ -114,10 +123,10 @@ def _registered(names: Sequence[str], notes: list[str]) -> list[str]:
     return out
 
 
-def _trained(name: str, splits: Any, seed: int) -> nn.Module:
+def _trained(name: str, splits: Any, seed: int, device: str = "cpu") -> nn.Module:
     from hilal.train import trained_model
 
-    return trained_model(name, splits, seed=seed, progress=False).cpu().eval()
+    return trained_model(name, splits, seed=seed, progress=False).to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,7 +174,7 @@ def pyhessian_estimates(model: nn.Module, batch: Any, layers: Sequence[str],
             w.requires_grad_(True)
             with warnings.catch_warnings():  # PyHessian's backward(create_graph=True) warns about .grad cycles
                 warnings.simplefilter("ignore")
-                h = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+                h = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=x.is_cuda)
                 vals = np.asarray(h.trace(maxIter=probes, tol=-1.0), float)
             g = h.gradsH[0].detach()
             per_sample = np.empty(s)
@@ -231,10 +240,12 @@ def bench_hessian(cfg: BenchConfig, notes: list[str], progress: bool = True) -> 
 def _hessian_one(name: str, splits: Any, cfg: BenchConfig, progress: bool) -> dict[str, Any]:
     from hilal.analog import mappable_layers
     from hilal.hessian import HessianConfig, calibration_batches, sample_weight_noise
+    from hilal.train import to_device
 
-    model = _trained(name, splits, cfg.seed)
+    model = _trained(name, splits, cfg.seed, cfg.device)
     layers = mappable_layers(model)
     (batch,) = calibration_batches(splits, HessianConfig(max_samples=cfg.max_samples, batch_size=cfg.max_samples))
+    batch = to_device(batch, torch.device(cfg.device))
     noise_s, noise = _clock(lambda: sample_weight_noise(model, layers, cfg.preset, cfg.t_inference,
                                                         cfg.eli_samples, cfg.seed))
     sides = [("joint", lambda: joint_estimates(model, batch, layers, noise, cfg.probes, cfg.seed)),
@@ -294,7 +305,7 @@ def bench_search(cfg: BenchConfig, notes: list[str], progress: bool = True) -> I
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     for name, seed in ((n, s) for n in _registered(cfg.search_models, notes) for s in cfg.mapping_seeds):
         mcfg = MappingConfig(**{"preset": cfg.preset, **cfg.mapping, "seed": seed})
-        model = _trained(name, splits, cfg.seed)
+        model = _trained(name, splits, cfg.seed, cfg.device)
         runs: dict[str, list[Any]] = {"hilal": [], "lionheart": []}
         for r in range(cfg.repeats):
             for method in ("hilal", "lionheart") if r % 2 == 0 else ("lionheart", "hilal"):
@@ -339,7 +350,8 @@ def _analog_one(name: str, splits: Any, x: torch.Tensor, cfg: BenchConfig, progr
     from hilal.evaluate import noisy_scores
     from hilal.train import score
 
-    model = _trained(name, splits, cfg.seed)
+    model = _trained(name, splits, cfg.seed, cfg.device)
+    x = x.to(cfg.device)
     analog = to_analog(model, mappable_layers(model), cfg.preset).eval()
 
     @torch.no_grad()
@@ -436,6 +448,9 @@ def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, pro
         raise HilalError(f"unknown benchmark setting(s) {bad}; valid: {sorted(valid)}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
     cfg = BenchConfig.quick(**overrides) if quick else BenchConfig(**overrides)
+    if cfg.device != "cpu" and not (cfg.device.startswith("cuda") and torch.cuda.is_available()):
+        raise HilalError(f"device {cfg.device!r} is not available here; valid: 'cpu'"
+                         + (", 'cuda'" if torch.cuda.is_available() else " (no CUDA GPU found)"))
     notes: list[str] = []
     old_threads = torch.get_num_threads()
     if cfg.threads:
@@ -444,7 +459,7 @@ def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, pro
     records: list[dict[str, Any]] = []
 
     def result(complete: bool) -> dict[str, Any]:
-        return {"kind": kind, "quick": quick, "complete": complete, "machine": machine_info(),
+        return {"kind": kind, "quick": quick, "complete": complete, "machine": machine_info(cfg.device),
                 "config": asdict(cfg), "records": records, "notes": notes, "wall_s": time.perf_counter() - t0}
 
     try:
@@ -467,7 +482,7 @@ def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, pro
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bench/*.py`` scripts: ``KIND [--out F] [--quick] [--repeats N] [--models A,B]
-    [--threads T] [--probes P] [--samples S] [--seeds 0,1,2]``; the output defaults to
+    [--threads T] [--probes P] [--samples S] [--seeds 0,1,2] [--device cuda]``; the output defaults to
     ``bench/results/KIND.json``."""
     import argparse
 
@@ -481,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--probes", type=int, default=None, help="hessian: Hutchinson probes")
     p.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
     p.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds (default 0)")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
     a = p.parse_args(argv)
     from hilal.paths import project_root
 
@@ -489,5 +505,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = "search_models" if a.kind == "search" else "models"
     seeds = tuple(int(x) for x in a.seeds.split(",")) if a.seeds else None
     run_bench(a.kind, out=out, quick=a.quick, repeats=a.repeats, threads=a.threads, probes=a.probes,
-              eli_samples=a.samples, mapping_seeds=seeds, **{key: models})
+              eli_samples=a.samples, mapping_seeds=seeds, device=a.device, **{key: models})
     return 0

@@ -89,7 +89,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from hilal.bench import main as bench_main
 
     argv = [args.kind, "--out", args.out] + (["--quick"] if args.quick else [])
-    for flag in ("repeats", "models", "threads", "probes", "samples", "seeds"):
+    for flag in ("repeats", "models", "threads", "probes", "samples", "seeds", "device"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", str(getattr(args, flag))]
     bench_main(argv)
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--probes", type=int, default=None, help="hessian: Hutchinson probes")
     b.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
     b.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds, e.g. 0,1,2")
+    b.add_argument("--device", default=None, help="cpu (default) or cuda")
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -17,7 +17,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,21 +148,29 @@ METHODS: Registry[Callable[..., MappingResult]] = Registry("method")
 
 # --- shared machinery ----------------------------------------------------------------------------------
 
+def _weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters and buffers, keyed ``p:``/``b:``, without aihwkit's ``AnalogContext`` placeholders (they hold
+    no data; the tile weights are their own parameters, and aihwkit 1.2 refuses to read a placeholder)."""
+    from aihwkit.optim.context import AnalogContext
+
+    for k, v in model.named_parameters():
+        if not isinstance(v, AnalogContext):
+            yield f"p:{k}", v
+    for k, v in model.named_buffers():
+        yield f"b:{k}", v
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of every parameter and buffer (cheaper than a state_dict of an aihwkit model)."""
-    out = {f"p:{k}": v.detach().clone() for k, v in model.named_parameters()}
-    out.update({f"b:{k}": v.detach().clone() for k, v in model.named_buffers()})
-    return out
+    return {k: v.detach().clone() for k, v in _weights(model)}
 
 
 @torch.no_grad()
 def restore(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
     """Copy a :func:`snapshot` back into a model of the same structure."""
-    for k, v in model.named_parameters():
-        v.copy_(snap[f"p:{k}"])
-    for k, v in model.named_buffers():
-        if f"b:{k}" in snap:
-            v.copy_(snap[f"b:{k}"])
+    for k, v in _weights(model):
+        if k.startswith("p:") or k in snap:  # every parameter must be there; buffers may be new
+            v.copy_(snap[k])
 
 
 class Journal:

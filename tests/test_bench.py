@@ -116,9 +116,11 @@ def test_analog_bench_json(tmp_path, resnet8_digits):
     from hilal.analog import mappable_layers
 
     out = tmp_path / "analog.json"
-    assert main(["analog", "--quick", "--models", "resnet8", "--threads", "1", "--out", str(out)]) == 0
+    assert main(["analog", "--quick", "--models", "resnet8", "--threads", "1", "--device", "cpu", "--out",
+                 str(out)]) == 0
     data = _load(out)
     assert data["machine"]["threads"] == 1 and data["config"]["models"] == ["resnet8"]
+    assert data["config"]["device"] == data["machine"]["device"] == "cpu"
     (rec,) = data["records"]
     assert rec["model"] == "resnet8" and rec["layers"] == len(mappable_layers(resnet8_digits))
     assert min(rec["digital_s"], rec["analog_s"], rec["drift_eval_s"]) > 0
@@ -131,6 +133,8 @@ def test_bad_settings_name_the_problem():
         run_bench("nope")
     with pytest.raises(HilalError, match="probez"):
         run_bench("hessian", probez=3)
+    with pytest.raises(HilalError, match="device 'tpu'.*valid: 'cpu'"):
+        run_bench("hessian", device="tpu")
     assert BenchConfig.quick(repeats=2).repeats == 2 and BenchConfig.quick().probes < BenchConfig().probes
 
 

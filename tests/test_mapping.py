@@ -313,3 +313,30 @@ def test_paper_variant_and_ablations(resnet8_digits, digits):
 def test_methods_registry():
     assert set(METHODS.names()) >= {"hilal", "hilal-paper", "lionheart", "random", "all-analog", "all-analog-ft",
                                     "all-digital"}
+
+
+def test_snapshot_round_trips_analog_weights_without_context_placeholders(resnet8_digits):
+    """``snapshot``/``restore`` carry every tile weight and buffer but skip aihwkit's ``AnalogContext``
+    parameters (data-less placeholders that aihwkit 1.2 refuses to clone)."""
+    import torch
+    from aihwkit.optim.context import AnalogContext
+
+    from hilal.analog import to_analog
+    from hilal.mapping import restore, snapshot
+
+    model = to_analog(resnet8_digits, mappable_layers(resnet8_digits)[:3], "pcm_harsh")
+    ctx = [k for k, v in model.named_parameters() if isinstance(v, AnalogContext)]
+    assert ctx
+    snap = snapshot(model)
+    assert not any(k.endswith(c) for k in snap for c in ctx)
+    before = {k: v.clone() for k, v in snap.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if not isinstance(p, AnalogContext):
+                p.add_(1.0)
+    restore(model, snap)
+    after = snapshot(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    with pytest.raises(KeyError):
+        restore(model, {k: v for k, v in snap.items() if "tile.weight" not in k})
