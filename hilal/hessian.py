@@ -208,6 +208,12 @@ def _rademacher(shape: torch.Size, gen: torch.Generator, like: torch.Tensor) -> 
     return (torch.randint(0, 2, tuple(shape), generator=gen) * 2 - 1).to(device=like.device, dtype=like.dtype)
 
 
+def _sample_signs(e: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random signs, one per sample (leading dimension) of an output-space tensor, broadcastable to it."""
+    shape = (e.shape[0],) + (1,) * (e.dim() - 1)
+    return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(device=e.device, dtype=e.dtype)
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(group_product([a], [b]))
 
@@ -437,7 +443,11 @@ def output_loss_increase(op: OutputOperator, errors: Iterable[Sequence[Sequence[
                          mode: str = "joint", seed: int = 0, quadratic_samples: int | None = None
                          ) -> dict[str, np.ndarray]:
     """ELI_l = E[g_l . e_l] + 1/2 E[e_l^T H_l e_l] in output space, summed over batches with their weights;
-    the same estimators (and random-sign joint pass) as :func:`expected_loss_increase`."""
+    the same estimators as :func:`expected_loss_increase`, except that the joint pass draws its random
+    signs per sample and layer, not per layer: samples do not interact in the loss (the model is in eval
+    mode), so the output Hessian is block-diagonal over samples and every cross-layer term vanishes in
+    expectation sample by sample, leaving a sum of independent zero-mean terms instead of one coherent one
+    (at no extra cost: on ResNet-8 the joint estimates then match the per-layer ones within their error)."""
     check_choice("mode", mode, MODES)
     gen = torch.Generator().manual_seed(seed + 2)
     n = len(op.layers)
@@ -452,8 +462,7 @@ def output_loss_increase(op: OutputOperator, errors: Iterable[Sequence[Sequence[
         q = np.zeros(n)
         for b, (w, e) in enumerate(zip(op.batch_weights, err, strict=True)):
             if mode == "joint":
-                signs = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).tolist()
-                v = [sg * ei for sg, ei in zip(signs, e, strict=True)]
+                v = [ei * _sample_signs(ei, gen) for ei in e]
                 hv = op.hvp(b, v)
                 q += w * np.array([_dot(a, h) for a, h in zip(v, hv, strict=True)])
             else:

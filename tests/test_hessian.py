@@ -421,6 +421,26 @@ def test_output_space_eli_equals_weight_space_for_weight_noise():
         assert np.all(np.abs(w["eli_second"]) > 0)
 
 
+def test_joint_output_space_eli_is_unbiased_with_per_sample_signs():
+    """For fixed analog errors the joint pass (one output HVP for all layers, random signs per sample and
+    layer) averages to the exact per-layer quadratic terms e_l^T H_ll e_l: the cross-layer terms vanish in
+    expectation. Checked over independent sign draws (z-test against the exact values), with layers that
+    interact (tanh between them, so H_lk is not zero)."""
+    from hilal.hessian import OutputOperator, output_error_stream, output_loss_increase
+
+    torch.manual_seed(0)
+    model = _SmallNet().eval()
+    g = torch.Generator().manual_seed(6)
+    batches = [(torch.randn(24, 2, 5, 5, generator=g), torch.randint(0, 5, (24,), generator=g))]
+    oop = OutputOperator(model, batches, ["conv", "fc"])
+    errs = list(output_error_stream(model, oop, "pcm_harsh", 86400.0, 2, seed=1))
+    exact = output_loss_increase(oop, errs, "per_layer")["eli_second"]
+    runs = np.array([output_loss_increase(oop, errs, "joint", seed=s)["eli_second"] for s in range(300)])
+    assert np.all(runs.std(0) > 0)  # the signs matter: cross-layer terms are present sample by sample
+    z = np.abs(runs.mean(0) - exact) / (runs.std(0, ddof=1) / math.sqrt(len(runs)))
+    assert np.all(z < 4), (runs.mean(0), exact, z)
+
+
 def test_output_space_eli_sees_converter_noise():
     """Converter and output noise add to the output-space ELI but are invisible to the weight-space one."""
     torch.manual_seed(0)
