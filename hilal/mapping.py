@@ -464,7 +464,8 @@ def _knapsack(run: _Run, df: pd.DataFrame, robust: list[str], sensitive: list[st
     form the knapsack optimum, and as the budget grows these optima trace a Pareto frontier. Each round
     bisects that frontier, without retraining, for the largest set whose zero-shot score z, plus the share
     ``recovery_prior`` of the drop that retraining is assumed to recover, clears the floor (the first round
-    keeps the robust cluster in every set and proposes it even if nothing clears the floor). A near miss
+    keeps the robust cluster in every set, and proposes it when only a near miss cleared the floor; if the
+    robust cluster alone fails its screen, the next round searches all layers without it). A near miss
     (short by at most ``near_miss`` standard errors) counts as clearing it in the bisection: it is retrained
     first, and if rejected the largest screened set that did clear it; a kept stage starts the next round
     from the grown model (sets adding at least ``min_gain`` of the MACs), a rejected one caps the total ELI
@@ -494,12 +495,15 @@ def _knapsack(run: _Run, df: pd.DataFrame, robust: list[str], sensitive: list[st
             z[k] = run.screen(f"screen-{it}-{k}", cands[k], threshold=thr)
             se[k] = run.rows[-1]["zero_shot_se"] or 0.0
             lo, hi = (k, hi) if z[k] >= thr - margin * se[k] else (lo, k - 1)
+        if lo < 0 and forced:  # the robust cluster alone fails its screen: search every layer instead
+            it += 1
+            continue
         tries = [lo] if lo >= 0 else []
         if lo < 0 or z[lo] < thr:  # a near miss (or nothing): fall back to the largest set that cleared it
             strict = max((k for k in z if k < max(lo, 0) and z[k] >= thr), default=-1)
             if strict >= 0:
                 tries.append(strict)
-            elif it == 0 and forced:
+            elif forced:
                 tries.append(0)
         if not tries:
             return
