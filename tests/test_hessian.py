@@ -372,14 +372,18 @@ def test_eli_ranks_measured_single_layer_sensitivity(resnet8_digits, digits):
     _, harsh_asis = rho("pcm_harsh", ONE_YEAR, False, 30)
     print(f"pcm_harsh 1 year: converter/output noise adds {1 - harsh_weight.sum() / harsh_asis.sum():.0%} of the "
           f"measured loss increase (summed over layers)")
-    # the output-space expansion sees converter and output noise too: it ranks the as-is sensitivity
+    # the output-space expansion sees converter and output noise too: it ranks the as-is sensitivity. Asserted
+    # on the exact quadratic terms of the draws (per_layer, rho 0.95 here): four layers lie within 0.01 of each
+    # other, so the joint pass's sign noise alone spreads rho over 0.78-0.93 across nine sign seeds (median
+    # 0.87; printed for seed 0); its unbiasedness is tested below
     from hilal.hessian import OutputOperator, output_error_stream, output_loss_increase
 
     oop = OutputOperator(model, calibration_batches(digits), layers)
-    out = output_loss_increase(oop, output_error_stream(model, oop, "pcm_harsh", ONE_YEAR, 64), "joint",
-                               quadratic_samples=16)
-    r_out = float(spearmanr(out["eli"], harsh_asis)[0])
-    print(f"pcm_harsh t={ONE_YEAR:.0f}s as is, output-space ELI: spearman = {r_out:.3f}")
+    errors = list(output_error_stream(model, oop, "pcm_harsh", ONE_YEAR, 64))
+    for mode in ("joint", "per_layer"):
+        out = output_loss_increase(oop, errors, mode, quadratic_samples=16)
+        r_out = float(spearmanr(out["eli"], harsh_asis)[0])
+        print(f"pcm_harsh t={ONE_YEAR:.0f}s as is, output-space ELI ({mode}): spearman = {r_out:.3f}")
     assert r_out >= 0.8
 
 
