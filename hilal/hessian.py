@@ -210,8 +210,7 @@ def _rademacher(shape: torch.Size, gen: torch.Generator, like: torch.Tensor) -> 
 
 def _sample_signs(e: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random signs, one per sample (leading dimension) of an output-space tensor, broadcastable to it."""
-    shape = (e.shape[0],) + (1,) * (e.dim() - 1)
-    return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(device=e.device, dtype=e.dtype)
+    return _rademacher(torch.Size((e.shape[0],) + (1,) * (e.dim() - 1)), gen, e)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
