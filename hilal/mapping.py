@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from aihwkit.optim.context import AnalogContext
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -153,8 +154,6 @@ METHODS: Registry[Callable[..., MappingResult]] = Registry("method")
 def _weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters and buffers, keyed ``p:``/``b:``, without aihwkit's ``AnalogContext`` placeholders (they hold
     no data; the tile weights are their own parameters, and aihwkit 1.2 refuses to read a placeholder)."""
-    from aihwkit.optim.context import AnalogContext
-
     for k, v in model.named_parameters():
         if not isinstance(v, AnalogContext):
             yield f"p:{k}", v
@@ -478,8 +477,9 @@ def _knapsack(run: _Run, df: pd.DataFrame, robust: list[str], sensitive: list[st
     candidates_pool = robust + sensitive
     rho, cap, it = cfg.recovery_prior, math.inf, 0
     thr = (floor - rho * base) / (1 - rho)  # z + rho * (base - z) >= floor
-    margin = cfg.near_miss if cfg.reps >= 5 else 0.0  # a standard error from fewer repetitions is too rough
     while True:
+        # near misses for the first stage only; a standard error from fewer than 5 repetitions is too rough
+        margin = cfg.near_miss if cfg.reps >= 5 and not run.layers else 0.0
         forced = [n for n in robust if n not in run.layers] if it == 0 else []
         rest = [n for n in candidates_pool if n not in run.layers and n not in forced]
         spent, forced_eli = sum(eli[n] for n in run.layers), sum(eli[n] for n in forced)
@@ -496,7 +496,7 @@ def _knapsack(run: _Run, df: pd.DataFrame, robust: list[str], sensitive: list[st
             k = (lo + hi + 1) // 2
             z[k] = run.screen(f"screen-{it}-{k}", cands[k], threshold=thr)
             se[k] = run.rows[-1]["zero_shot_se"] or 0.0
-            lo, hi = (k, hi) if z[k] >= thr - (0.0 if run.layers else margin) * se[k] else (lo, k - 1)
+            lo, hi = (k, hi) if z[k] >= thr - margin * se[k] else (lo, k - 1)
         if lo < 0 and forced:  # the robust cluster alone fails its screen: search every layer instead
             it += 1
             continue
