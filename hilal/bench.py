@@ -3,8 +3,9 @@
 Both sides of every comparison run in the same process, interleaved within each repeat, and the reported
 ratio is the ratio of the medians over repeats, so background load affects both sides alike.
 
-- ``hessian``: Hutchinson traces and the expected loss increase (ELI) of every mappable layer, from the joint
-  pass (one HVP per probe / noise sample for all layers, :mod:`hilal.hessian`) versus PyHessian's ``hessian``
+- ``hessian``: Hessian traces and the expected loss increase (ELI) of every mappable layer, from the joint
+  pass (:mod:`hilal.hessian`: exact Gauss-Newton blocks where the network is piecewise linear in each weight,
+  else one HVP per probe / noise sample for all layers) versus PyHessian's ``hessian``
   class run one layer at a time (only that layer's weight requiring grad; ``.trace()`` for the traces and
   ``pyhessian.utils.hessian_vector_product`` on the same noise samples for the ELI quadratic term). Same data,
   same number of probes and the same noise samples on both sides.
@@ -143,13 +144,21 @@ def _z(a: np.ndarray, sa: np.ndarray, b: np.ndarray, sb: np.ndarray) -> np.ndarr
 
 def joint_estimates(model: nn.Module, batch: Any, layers: Sequence[str], noise: Sequence[Sequence[torch.Tensor]],
                     probes: int, seed: int) -> dict[str, Any]:
-    """Traces and ELI of all ``layers`` from one Hessian operator: one HVP per probe and per noise sample."""
-    from hilal.hessian import HessianOperator, expected_loss_increase, hutchinson_traces
+    """Traces and ELI of all layers the way :func:`hilal.hessian.layer_metrics` gets them in ``joint`` mode:
+    exact Gauss-Newton blocks where they are the Hessian blocks (checked with one block HVP per layer), else
+    one HVP per probe and per noise sample for all layers."""
+    from hilal.hessian import HessianOperator, expected_loss_increase, gauss_newton, hutchinson_traces
 
     op = HessianOperator(model, [batch], layers)
-    trace, trace_se = hutchinson_traces(op, probes, "joint", seed)
-    eli = expected_loss_increase(op, noise, "joint", seed)
-    return {"trace": trace, "trace_se": trace_se, "eli": eli["eli"], "eli_se": eli["eli_se"], "hvps": op.hvps}
+    gn = gauss_newton(model, [batch], layers, op, seed=seed)
+    if gn is not None:
+        trace, trace_se = gn.traces(), np.zeros(len(layers))
+    else:
+        trace, trace_se = hutchinson_traces(op, probes, "joint", seed)
+    eli = expected_loss_increase(op, noise, "joint", seed, exact=gn)
+    return {"trace": trace, "trace_se": trace_se, "eli": eli["eli"], "eli_se": eli["eli_se"], "hvps": op.hvps,
+            "curvature": "hvp" if gn is None else "gauss-newton",
+            "gauss_newton_mismatch": float("nan") if gn is None else gn.check}
 
 
 def pyhessian_estimates(model: nn.Module, batch: Any, layers: Sequence[str],
@@ -274,7 +283,8 @@ def _hessian_one(name: str, splits: Any, cfg: BenchConfig, progress: bool) -> di
     return agreement({
         "model": name, "dataset": cfg.dataset, "preset": cfg.preset, "layers": len(layers),
         "samples": int(batch[0].shape[0]), "probes": cfg.probes, "eli_samples": cfg.eli_samples,
-        "hvps_joint": int(joint["hvps"]), "hvps_per_layer": int(pl["hvps"]),
+        "hvps_joint": int(joint["hvps"]), "hvps_per_layer": int(pl["hvps"]), "curvature": joint["curvature"],
+        "gauss_newton_mismatch": joint["gauss_newton_mismatch"],
         "joint_s": js, "per_layer_s": ps, "speedup": ps / js, "target_speedup": 0.5 * len(layers),
         "joint_times": joint_t, "per_layer_times": pl_t, "noise_s": noise_s, **costs,
         "max_rel_diff": float(max(rel_tr.max(), rel_eli.max())),
@@ -389,7 +399,7 @@ def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The summary table of a benchmark's records (what is printed and shown in the README)."""
     check_choice("kind", kind, KINDS)
     if kind == "hessian":
-        cols = ["model", "layers", "hvps_joint", "hvps_per_layer", "joint_s", "per_layer_s", "speedup",
+        cols = ["model", "layers", "curvature", "hvps_joint", "hvps_per_layer", "joint_s", "per_layer_s", "speedup",
                 "hvp_cost_ratio", "max_rel_diff", "max_z_trace", "max_z_eli", "se_ratio_trace", "se_ratio_eli",
                 "equal_error_speedup"]
         return pd.DataFrame([r if "equal_error_speedup" in r else agreement(dict(r)) for r in records], columns=cols)

@@ -13,12 +13,16 @@ from torch.func import functional_call
 
 from hilal.analog import get_preset, mappable_layers, to_analog
 from hilal.hessian import (
+    GaussNewton,
     HessianConfig,
     HessianOperator,
+    OutputOperator,
     _analog_weight,
     expected_loss_increase,
+    gauss_newton,
     hutchinson_traces,
     layer_metrics,
+    output_loss_increase,
     sample_weight_noise,
     top_eigenvalues,
 )
@@ -290,9 +294,17 @@ def test_layer_metrics_table_and_counts():
     np.testing.assert_allclose(df.concentration, df.lambda_max / df.trace)
     np.testing.assert_allclose(df.eli, df.eli_first + df.eli_second)
     assert df.attrs["samples"] == 30
-    assert df.attrs["hvps_trace"] == 8 and df.attrs["hvps_eli"] == 4
-    assert 2 <= df.attrs["hvps_eig"] <= 2 * 5
-    assert df.attrs["hvps"] == df.attrs["hvps_trace"] + df.attrs["hvps_eig"] + df.attrs["hvps_eli"]
+    # a ReLU network: exact Gauss-Newton blocks, checked with one block HVP per layer, no Monte-Carlo HVPs
+    assert df.attrs["curvature"] == "gauss-newton" and df.attrs["gauss_newton_mismatch"] < 1e-4
+    assert df.attrs["hvps_check"] == 2 and df.attrs["hvps_trace"] == 0 and df.attrs["hvps_eli"] == 0
+    assert np.all(df.trace_se == 0)
+    hvp = layer_metrics(model, _data(), preset="pcm", cfg=HessianConfig(**{**cfg.__dict__, "gauss_newton": "off"}),
+                        progress=False)
+    assert hvp.attrs["curvature"] == "hvp" and hvp.attrs["hvps_check"] == 0
+    assert hvp.attrs["hvps_trace"] == 8 and hvp.attrs["hvps_eli"] == 4
+    assert 2 <= hvp.attrs["hvps_eig"] <= 2 * 5
+    assert hvp.attrs["hvps"] == hvp.attrs["hvps_trace"] + hvp.attrs["hvps_eig"] + hvp.attrs["hvps_eli"]
+    assert np.all(np.abs(hvp.trace - df.trace) <= 4 * hvp.trace_se)
     per = layer_metrics(model, _data(), preset="pcm", cfg=HessianConfig(**{**cfg.__dict__, "mode": "per_layer"}),
                         progress=False)
     assert per.attrs["hvps_trace"] == 16 and per.attrs["hvps_eli"] == 8
@@ -461,3 +473,88 @@ def test_output_space_eli_sees_converter_noise():
     np.testing.assert_allclose(o_perfect["eli_second"], w["eli_second"], rtol=0.05)
     with pytest.raises(HilalError, match="noise"):
         layer_metrics(model, data, "pcm", HessianConfig(noise="activation"), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exact Gauss-Newton blocks of piecewise-linear networks
+
+
+class _ReluNet(nn.Module):
+    """Piecewise linear in every weight, with every layer form the blocks unfold: a strided padded conv,
+    eval-mode batch norm, a grouped conv on a residual branch, max-pooling, a Conv1d, a Linear applied per
+    position (3-D input) and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1, stride=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.gconv = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.seq = nn.Conv1d(4, 3, 2)
+        self.tok = nn.Linear(3, 3)
+        self.fc = nn.Linear(9, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        h = torch.relu(h + self.gconv(h))
+        h = nn.functional.max_pool2d(h, 2, stride=1)
+        s = torch.relu(self.seq(h.flatten(2)))
+        t = torch.relu(self.tok(s.transpose(1, 2)))
+        return self.fc(t.flatten(1))
+
+
+@pytest.fixture
+def relu_case():
+    torch.manual_seed(0)
+    model = _ReluNet().double()
+    model.bn.running_mean.normal_()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(26, 2, 5, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (26,), generator=g)
+    batches = [(x[:17], y[:17]), (x[17:], y[17:])]
+    layers, _, hess = _exact(model, batches)
+    return model, batches, layers, _blocks(hess, model)
+
+
+def test_gauss_newton_blocks_equal_the_dense_hessian_blocks(relu_case):
+    """For a network piecewise linear in each weight the Hessian blocks are Gauss-Newton blocks: traces and
+    quadratic forms from one backward pass per class equal the dense Hessian's, to rounding."""
+    model, batches, layers, blocks = relu_case
+    gn = GaussNewton(model, batches, layers)
+    np.testing.assert_allclose(gn.traces(), [float(b.trace()) for b in blocks], rtol=1e-9)
+    g = torch.Generator().manual_seed(2)
+    mods = dict(model.named_modules())
+    u = [torch.randn(mods[n].weight.shape, generator=g, dtype=torch.float64) for n in layers]
+    exact = [float(ui.reshape(-1) @ b @ ui.reshape(-1)) for ui, b in zip(u, blocks, strict=True)]
+    np.testing.assert_allclose(gn.weight_quadratic(u), exact, rtol=1e-9)
+    assert np.all(np.abs(exact) > 0)
+
+
+def test_gauss_newton_is_used_only_where_it_is_the_hessian(relu_case):
+    model, batches, layers, _ = relu_case
+    gn = gauss_newton(model, batches, layers, HessianOperator(model, batches, layers))
+    assert gn is not None and gn.check < 1e-10
+    curved = _cnn().eval()  # tanh between the layers: H_ll has a second-order part the blocks lack
+    cb = _batches(curved)
+    cl = mappable_layers(curved)
+    assert gauss_newton(curved, cb, cl, HessianOperator(curved, cb, cl)) is None
+    assert GaussNewton(curved, cb, cl).mismatch(HessianOperator(curved, cb, cl)) > 1e-2
+    mlp = _mlp().eval()  # an nn.Tanh module: not even tried
+    mb = _batches(mlp)
+    assert gauss_newton(mlp, mb, mappable_layers(mlp), HessianOperator(mlp, mb, mappable_layers(mlp))) is None
+    with pytest.raises(HilalError, match="classification"):
+        GaussNewton(model, [{"x": batches[0][0]}], layers)
+
+
+def test_gauss_newton_output_space_eli_equals_per_layer_hvps(relu_case):
+    """The output-space ELI from the blocks equals the per-layer output HVPs term by term (both parts)."""
+    model, batches, layers, _ = relu_case
+    gn, oop = GaussNewton(model, batches, layers), OutputOperator(model, batches, layers)
+    g = torch.Generator().manual_seed(3)
+    errs = [[[torch.randn(d.shape[1:], generator=g, dtype=torch.float64) for d in sig] for sig in gn.signals]
+            for _ in range(3)]
+    a, b = output_loss_increase(gn, errs), output_loss_increase(oop, errs, "per_layer")
+    for k in ("eli_first", "eli_second", "eli_se"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-9)
+    assert oop.hvps > 0 and gn.hvps == 0
