@@ -12,6 +12,8 @@ For every mappable layer l (weights w_l, Hessian block H_ll of the task loss):
 In ``joint`` mode one HVP per probe (or noise sample) serves every layer: with independent random signs
 s_l and v = sum_l s_l u_l, E_s[s_l u_l . (H v)_l] = u_l^T H_ll u_l because the cross blocks carry a
 zero-mean sign product. ``per_layer`` mode does one block-restricted HVP per layer (the reference).
+Where the network is piecewise linear in every layer's weight, ``joint`` mode replaces the Monte-Carlo traces
+and ELI quadratic terms by exact ones from :class:`GaussNewton` blocks (one backward pass per class).
 """
 
 from __future__ import annotations
@@ -453,12 +455,14 @@ class GaussNewton:
     - e^T H_{z_l} e = (1/N) sum_{n,c} (d_ncl . e_nl)^2 for a change e of the layer's output.
 
     No Hessian-vector product and no Monte-Carlo error: the random-sign cross terms of the joint pass are
-    gone. :meth:`mismatch` measures how far this is from the true blocks (PyHessian's block-restricted HVPs
-    on a random probe); :func:`gauss_newton` only returns one where they agree. Exposes ``layers``,
+    gone. The signals (classes x every layer's output) are kept; beyond ``max_bytes`` construction fails.
+    :meth:`mismatch` measures how far this is from the true blocks (PyHessian's block-restricted HVPs on a
+    random probe); :func:`gauss_newton` only returns one where they agree. Exposes ``layers``,
     ``batch_weights``, ``inputs`` and ``grads`` (loss gradient at the layer outputs) like
     :class:`OutputOperator`, so the output-space ELI runs on either."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[Any], layers: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, batches: Sequence[Any], layers: Sequence[str],
+                 max_bytes: float = 2**31) -> None:
         mods = dict(model.named_modules())
         self.layers = list(layers)
         self.modules = [mods[n] for n in self.layers]
@@ -489,6 +493,11 @@ class GaussNewton:
             self.grads.append(tuple(g.detach() for g in torch.autograd.grad(loss, z, retain_graph=True)))
             p = torch.softmax(logits.detach(), 1)
             k = p.shape[1]
+            held = k * sum(zi.numel() * zi.element_size() for zi in z) + sum(
+                d.numel() * d.element_size() for sig in self.signals for d in sig)
+            if held > max_bytes:
+                raise HilalError(f"Gauss-Newton signals would hold {held / 2**30:.1f} GiB ({k} classes x the "
+                                 f"layer outputs), over max_bytes={max_bytes / 2**30:.1f} GiB")
             root = p.sqrt().T[:, :, None] * (torch.eye(k, dtype=p.dtype, device=p.device)[:, None, :] - p)
             self.signals.append(self._backward(logits, z, root))
             self.inputs.append(x)

@@ -545,6 +545,8 @@ def test_gauss_newton_is_used_only_where_it_is_the_hessian(relu_case):
     assert gauss_newton(mlp, mb, mappable_layers(mlp), HessianOperator(mlp, mb, mappable_layers(mlp))) is None
     with pytest.raises(HilalError, match="classification"):
         GaussNewton(model, [{"x": batches[0][0]}], layers)
+    with pytest.raises(HilalError, match="max_bytes"):  # e.g. CIFAR-100 at full size: 100 x every activation
+        GaussNewton(model, batches, layers, max_bytes=1000)
 
 
 def test_gauss_newton_output_space_eli_equals_per_layer_hvps(relu_case):
