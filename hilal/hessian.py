@@ -258,11 +258,11 @@ def _se(x: np.ndarray) -> np.ndarray:
     return x.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.full(x.shape[1:], np.nan)
 
 
-def top_eigenvalues(op: HessianOperator, iters: int = 20, tol: float = 1e-3, seed: int = 0,
+def top_eigenvalues(op: HessianOperator | GaussNewton, iters: int = 20, tol: float = 1e-3, seed: int = 0,
                     batched: bool = False) -> np.ndarray:
     """Dominant (largest-magnitude) eigenvalue of every block H_ll by power iteration on block-restricted
-    HVPs. All layers iterate together (one batched backward where supported); a layer stops once its
-    estimate changes by less than ``tol`` relative."""
+    HVPs (or exact :class:`GaussNewton` block products). All layers iterate together (one batched backward
+    where supported); a layer stops once its estimate changes by less than ``tol`` relative."""
     gen = torch.Generator().manual_seed(seed + 1)
     n = len(op.params)
     v = [normalization([_rademacher(w.shape, gen, w)])[0] for w in op.params]
@@ -466,6 +466,7 @@ class GaussNewton:
         mods = dict(model.named_modules())
         self.layers = list(layers)
         self.modules = [mods[n] for n in self.layers]
+        self.params = [m.weight for m in self.modules]
         unsupported = [n for n, m in zip(self.layers, self.modules, strict=True) if not (
             isinstance(m, nn.Linear) or isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode == "zeros"
             and not isinstance(m.padding, str))]
@@ -532,6 +533,22 @@ class GaussNewton:
             with torch.no_grad():
                 e = [_apply(m, x, ui.to(x)) for m, x, ui in zip(self.modules, xs, u, strict=True)]
             out += self.output_quadratic(b, e)
+        return out
+
+    def block_hvps(self, idx: Sequence[int], vs: Sequence[torch.Tensor], batched: bool = False
+                   ) -> list[torch.Tensor]:
+        """H_ii v_i (= G_ii v_i) for several layers, as :meth:`HessianOperator.block_hvps` gives them, for the
+        power iteration: per layer and batch one layer forward and one layer weight-gradient, nothing through
+        the rest of the network (``batched`` is ignored)."""
+        out = [torch.zeros_like(self.params[i]) for i in idx]
+        for b, (xs, ds) in enumerate(zip(self.inputs, self.signals, strict=True)):
+            for o, i, v in zip(out, idx, vs, strict=True):
+                w = v.detach().to(xs[i]).requires_grad_(True)
+                with torch.enable_grad():
+                    y = _apply(self.modules[i], xs[i], w)
+                t = _class_dots(ds[i], y.detach())
+                (g,) = torch.autograd.grad(y, w, grad_outputs=torch.einsum("cn,cn...->n...", t, ds[i]))
+                o.add_(g.to(o), alpha=self._scale(b))
         return out
 
     def mismatch(self, op: HessianOperator, seed: int = 0) -> float:
@@ -725,7 +742,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         hv_trace = op.hvps
         bar.update()
         t0 = time.perf_counter()
-        lam = top_eigenvalues(op, cfg.power_iters, cfg.power_tol, cfg.seed)
+        lam = top_eigenvalues(gn if gn is not None else op, cfg.power_iters, cfg.power_tol, cfg.seed)
         timings["eig_s"] = time.perf_counter() - t0
         hv_eig = op.hvps - hv_trace
         bar.update()
