@@ -151,10 +151,7 @@ def joint_estimates(model: nn.Module, batch: Any, layers: Sequence[str], noise: 
 
     op = HessianOperator(model, [batch], layers)
     gn = gauss_newton(model, [batch], layers, op, seed=seed)
-    if gn is not None:
-        trace, trace_se = gn.traces(), np.zeros(len(layers))
-    else:
-        trace, trace_se = hutchinson_traces(op, probes, "joint", seed)
+    trace, trace_se = hutchinson_traces(op, probes, "joint", seed, exact=gn)
     eli = expected_loss_increase(op, noise, "joint", seed, exact=gn)
     return {"trace": trace, "trace_se": trace_se, "eli": eli["eli"], "eli_se": eli["eli_se"], "hvps": op.hvps,
             "curvature": "hvp" if gn is None else "gauss-newton",

@@ -234,11 +234,15 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def hutchinson_traces(op: HessianOperator, probes: int = 32, mode: str = "joint", seed: int = 0,
-                      return_samples: bool = False) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
+                      return_samples: bool = False, exact: GaussNewton | None = None
+                      ) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
     """Per-layer tr(H_ll) and its Monte-Carlo standard error (std / sqrt(probes)), Rademacher probes.
     ``joint``: one full HVP per probe for all layers; ``per_layer``: one block HVP per layer and probe.
-    With ``return_samples`` the raw (probes x layers) estimates are returned instead."""
+    With ``return_samples`` the raw (probes x layers) estimates are returned instead. With ``exact``
+    Gauss-Newton blocks of the same layers: their exact traces and a zero error (no probe)."""
     check_choice("mode", mode, MODES)
+    if exact is not None and not return_samples:
+        return exact.traces(), np.zeros(len(op.params))
     gen = torch.Generator().manual_seed(seed)
     est = np.empty((probes, len(op.params)))
     for p in range(probes):
@@ -734,10 +738,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         timings["graph_s"] = time.perf_counter() - t0
         hv_check = op.hvps
         t0 = time.perf_counter()
-        if gn is not None:
-            trace, trace_se = gn.traces(), np.zeros(len(layers))
-        else:
-            trace, trace_se = hutchinson_traces(op, cfg.probes, cfg.mode, cfg.seed)
+        trace, trace_se = hutchinson_traces(op, cfg.probes, cfg.mode, cfg.seed, exact=gn)
         timings["trace_s"] = time.perf_counter() - t0
         hv_trace = op.hvps
         bar.update()
