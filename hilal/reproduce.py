@@ -9,6 +9,7 @@ cell runs (``papermill.inspect_notebook``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -261,6 +262,18 @@ class StoredMapping:
     """True when loaded from an earlier run with identical settings instead of computed."""
 
 
+@functools.lru_cache(maxsize=4)
+def code_fingerprint(root: Path | None = None) -> str:
+    """The package version plus a hash of its source files (``root``: the package folder), part of every
+    cache key here: a stored mapping or metrics table is never reused across a change of the code."""
+    root = Path(root or Path(hilal.__file__).parent)
+    h = hashlib.sha1()
+    for f in sorted(root.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return f"{hilal.__version__}+{h.hexdigest()[:10]}"
+
+
 def _key(d: Mapping[str, Any]) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -271,10 +284,10 @@ def mapping_results(methods: Sequence[str], model_name: str, splits: Any, cfg: A
     """Run (or load) the mapping of each method for ``model_name`` trained on ``splits`` (a Splits or a
     dataset name).
 
-    Results are stored under ``data/mappings/`` keyed by model, dataset, seed, training epochs, method and
-    every MappingConfig field; with ``reuse`` a stored result with identical settings is loaded instead of
-    recomputed (notebook 05 computes, 06 and 07 reuse). The stored model is rebuilt from the digital
-    checkpoint, the analog layer list and the saved weights.
+    Results are stored under ``data/mappings/`` keyed by model, dataset, seed, training epochs, method, every
+    MappingConfig field and :func:`code_fingerprint`; with ``reuse`` a stored result with identical settings
+    is loaded instead of recomputed (notebook 05 computes, 06 and 07 reuse). The stored model is rebuilt from
+    the digital checkpoint, the analog layer list and the saved weights.
     """
     from hilal.data import load_dataset
     from hilal.mapping import MappingConfig, restore, run_mapping, snapshot
@@ -289,7 +302,7 @@ def mapping_results(methods: Sequence[str], model_name: str, splits: Any, cfg: A
     out = {}
     for method in methods:
         key = _key({"model": model_name, "dataset": splits.name, "seed": seed, "train": asdict(tcfg),
-                    "method": method, "cfg": cfg_d, "version": hilal.__version__})
+                    "method": method, "cfg": cfg_d, "version": code_fingerprint()})
         base = data_dir() / "mappings" / f"{model_name}-{splits.name}-{method}-{key}"
         js, pt = base.with_suffix(".json"), base.with_suffix(".pt")
         digital = trained_model(model_name, splits, seed, tcfg, progress=progress)
@@ -334,7 +347,7 @@ def layer_metrics_for(model: nn.Module, splits: Any, preset: str = "pcm", cfg: A
     from hilal.hessian import HessianConfig, layer_metrics
 
     cfg = cfg or HessianConfig()
-    settings = {"tag": dict(tag or {}), "preset": preset, "cfg": asdict(cfg), "version": hilal.__version__}
+    settings = {"tag": dict(tag or {}), "preset": preset, "cfg": asdict(cfg), "version": code_fingerprint()}
     path = data_dir() / "cache" / f"layer_metrics-{_key(settings)}.json"
     if reuse and path.exists():
         stored = json.loads(path.read_text())

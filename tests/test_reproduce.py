@@ -12,6 +12,7 @@ import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_notebook
 
+import hilal
 from hilal import reproduce as rp
 from hilal.registry import HilalError
 
@@ -170,6 +171,25 @@ def test_layer_metrics_are_cached_by_settings(tmp_path, monkeypatch, digits):
     rp.layer_metrics_for(None, digits, "pcm", hs.HessianConfig(probes=4), tag={"model": "n"}, reuse=True)
     rp.layer_metrics_for(None, digits, "pcm", hs.HessianConfig(probes=4), tag=tag, reuse=False)
     assert calls == [4, 8, 4, 4, 4]
+
+
+def test_caches_are_keyed_by_the_code(tmp_path, monkeypatch, digits):
+    """A change of the package's source changes the fingerprint, and a changed fingerprint recomputes."""
+    import hilal.hessian as hs
+
+    for name, text in (("a", "x = 1\n"), ("b", "x = 2\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "m.py").write_text(text)
+    assert rp.code_fingerprint(tmp_path / "a") != rp.code_fingerprint(tmp_path / "b")
+    assert rp.code_fingerprint() == rp.code_fingerprint(Path(hilal.__file__).parent)
+    calls = []
+    monkeypatch.setattr(hs, "layer_metrics", lambda *a, **k: calls.append(1) or pd.DataFrame({"layer": ["a"]}))
+    monkeypatch.setenv("HILAL_DATA_DIR", str(tmp_path / "data"))
+    rp.layer_metrics_for(None, digits, "pcm", hs.HessianConfig(), tag={"m": 1})
+    rp.layer_metrics_for(None, digits, "pcm", hs.HessianConfig(), tag={"m": 1})
+    monkeypatch.setattr(rp, "code_fingerprint", lambda root=None: "0+changed")
+    rp.layer_metrics_for(None, digits, "pcm", hs.HessianConfig(), tag={"m": 1})
+    assert len(calls) == 2
 
 
 def test_zoo_table_counts_the_model(digits, resnet8_digits):
