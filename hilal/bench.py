@@ -175,6 +175,7 @@ def pyhessian_estimates(model: nn.Module, batch: Any, layers: Sequence[str],
     try:
         for p in model.parameters():
             p.requires_grad_(False)
+            p.grad = None  # PyHessian reads the gradient from .grad, which backward() accumulates into
         for i, name in enumerate(layers):
             w = mods[name].weight
             w.requires_grad_(True)

@@ -159,6 +159,7 @@ def train_digital(model: nn.Module, splits: Splits, cfg: TrainConfig | None = No
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "epoch": epoch + 1, "config": asdict(cfg),
                                "rng": _rng_state()}, checkpoint)
+    opt.zero_grad(set_to_none=True)  # a trained model carries no stale gradients
     model.eval()
     return model
 

@@ -70,6 +70,8 @@ def test_pyhessian_reference_matches_dense_hessian():
     x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
     layers = ["0", "2"]
     noise = [[0.1 * torch.randn_like(model[0].weight), 0.1 * torch.randn_like(model[2].weight)] for _ in range(3)]
+    for p in model.parameters():  # stale gradients (e.g. of a training step) must not leak into PyHessian's
+        p.grad = torch.randn_like(p)
     est = pyhessian_estimates(model, (x, y), layers, noise, probes=400)
     assert est["hvps"] == 2 * (400 + 3)
     for i, name in enumerate(layers):

@@ -55,6 +55,7 @@ def test_training_learns_and_is_deterministic(digits):
     assert _same_state(a, b)
     assert score(a, digits, "test") > 0.85
     assert not a.training
+    assert all(p.grad is None for p in a.parameters())  # no stale gradient of the last step
 
 
 def test_resume_from_interrupted_checkpoint_equals_uninterrupted_run(digits, tmp_path, monkeypatch):
