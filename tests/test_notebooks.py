@@ -9,6 +9,7 @@ import math
 import re
 
 import nbformat
+import pandas as pd
 import pytest
 
 from hilal import reproduce as rp
@@ -216,9 +217,15 @@ def test_07_drift_per_method_numbers(smoke):
     assert all(v == pytest.approx(fp) for v in acc["all-digital"].values())  # nothing analog, nothing drifts
     assert acc["all-analog"]["1 year"] < fp - 0.1
     assert acc["hilal"]["1 year"] > acc["all-analog"]["1 year"]
-    # the stored final models behave as in notebook 05 (evaluated there at T_EVAL = 1 day, other seeds)
+    # the stored final models behave as in notebook 05 (evaluated there at T_EVAL = 1 day, on other
+    # programmings): the two means agree within 4 standard errors of their difference (the all-analog model's
+    # repetitions spread by about 0.04, the fine-tuned ones' by about 0.01)
+    drift = pd.read_csv(smoke["figures"] / "07_drift_per_method.csv").set_index(["method", "time"])
+    reps05 = rp.load_profile("smoke")["common"]["REPS"]
     for method, r in summary(smoke, "05")["methods"].items():
-        assert acc[method]["1 day"] == pytest.approx(r["accuracy_mean"], abs=0.08), method
+        d = drift.loc[(method, "1 day")]
+        se = math.hypot(r["accuracy_std"] / math.sqrt(reps05), d["std"] / math.sqrt(d["reps"]))
+        assert acc[method]["1 day"] == pytest.approx(r["accuracy_mean"], abs=max(4 * se, 0.01)), method
 
 
 
