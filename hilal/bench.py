@@ -146,14 +146,24 @@ def joint_estimates(model: nn.Module, batch: Any, layers: Sequence[str], noise: 
                     probes: int, seed: int) -> dict[str, Any]:
     """Traces and ELI of all layers the way :func:`hilal.hessian.layer_metrics` gets them in ``joint`` mode:
     exact Gauss-Newton blocks where they are the Hessian blocks (checked with one block HVP per layer), else
-    one HVP per probe and per noise sample for all layers."""
-    from hilal.hessian import HessianOperator, expected_loss_increase, gauss_newton, hutchinson_traces
+    one output-space HVP per probe and per noise sample for all layers, probes and signs drawn per sample."""
+    from hilal.hessian import (
+        OutputOperator,
+        gauss_newton,
+        output_loss_increase,
+        output_traces,
+        weight_output_errors,
+    )
 
-    op = HessianOperator(model, [batch], layers)
-    gn = gauss_newton(model, [batch], layers, op, seed=seed)
-    trace, trace_se = hutchinson_traces(op, probes, "joint", seed, exact=gn)
-    eli = expected_loss_increase(op, noise, "joint", seed, exact=gn)
-    return {"trace": trace, "trace_se": trace_se, "eli": eli["eli"], "eli_se": eli["eli_se"], "hvps": op.hvps,
+    gn = gauss_newton(model, [batch], layers, seed=seed)
+    op = gn if gn is not None else OutputOperator(model, [batch], layers)
+    if gn is not None:
+        trace, trace_se = gn.traces(), np.zeros(len(layers))
+    else:
+        trace, trace_se = output_traces(op, probes, seed)
+    eli = output_loss_increase(op, weight_output_errors(op, noise), "joint", seed)
+    return {"trace": trace, "trace_se": trace_se, "eli": eli["eli"], "eli_se": eli["eli_se"],
+            "hvps": len(layers) if gn is not None else op.hvps,
             "curvature": "hvp" if gn is None else "gauss-newton",
             "gauss_newton_mismatch": float("nan") if gn is None else gn.check}
 
@@ -216,21 +226,26 @@ def agreement(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def hvp_costs(model: nn.Module, batch: Any, layers: Sequence[str], repeats: int = 3) -> dict[str, float]:
-    """Median seconds of one full HVP (all layers) and of the L block-restricted HVPs (one per layer) on the
-    same kept graph. Their ratio bounds what the joint pass can gain over a per-layer loop at equal probe
-    counts, graph builds aside: a late layer's block HVP stops early in the double backward, so it costs far
-    less than a full one."""
-    from hilal.hessian import HessianOperator
+    """Median seconds of one full HVP (all layers), of one output-space HVP (with respect to every layer's
+    output, what the joint pass takes) and of the L block-restricted HVPs (one per layer) on the same data.
+    ``output_hvp_cost_ratio`` (blocks over one output-space HVP) bounds what the joint pass can gain over a
+    per-layer loop at equal probe counts, graph builds aside: a late layer's block HVP stops early in the
+    double backward, so it costs far less than a full one."""
+    from hilal.hessian import HessianOperator, OutputOperator
 
     op = HessianOperator(model, [batch], layers)
+    out = OutputOperator(model, [batch], layers)
     gen = torch.Generator().manual_seed(0)
     v = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in op.params]
-    full, blocks = [], []
+    e = [(torch.randint(0, 2, z.shape, generator=gen) * 2 - 1).to(z) for z in out.zs[0]]
+    full, output, blocks = [], [], []
     for _ in range(repeats):
         full.append(_clock(lambda: op.hvp(v))[0])
+        output.append(_clock(lambda: out.hvp(0, e))[0])
         blocks.append(_clock(lambda: [op.block_hvp(i, v[i]) for i in range(len(v))])[0])
-    f, b = _median(full), _median(blocks)
-    return {"full_hvp_s": f, "block_hvps_s": b, "hvp_cost_ratio": b / f}
+    f, o, b = _median(full), _median(output), _median(blocks)
+    return {"full_hvp_s": f, "output_hvp_s": o, "block_hvps_s": b, "hvp_cost_ratio": b / f,
+            "output_hvp_cost_ratio": b / o}
 
 
 def bench_hessian(cfg: BenchConfig, notes: list[str], progress: bool = True) -> Iterator[dict[str, Any]]:
@@ -398,7 +413,7 @@ def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     check_choice("kind", kind, KINDS)
     if kind == "hessian":
         cols = ["model", "layers", "curvature", "hvps_joint", "hvps_per_layer", "joint_s", "per_layer_s", "speedup",
-                "hvp_cost_ratio", "max_rel_diff", "max_z_trace", "max_z_eli", "se_ratio_trace", "se_ratio_eli",
+                "output_hvp_cost_ratio", "max_rel_diff", "max_z_trace", "max_z_eli", "se_ratio_trace", "se_ratio_eli",
                 "equal_error_speedup"]
         return pd.DataFrame([r if "equal_error_speedup" in r else agreement(dict(r)) for r in records], columns=cols)
     if kind == "analog":

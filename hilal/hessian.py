@@ -12,6 +12,9 @@ For every mappable layer l (weights w_l, Hessian block H_ll of the task loss):
 In ``joint`` mode one HVP per probe (or noise sample) serves every layer: with independent random signs
 s_l and v = sum_l s_l u_l, E_s[s_l u_l . (H v)_l] = u_l^T H_ll u_l because the cross blocks carry a
 zero-mean sign product. ``per_layer`` mode does one block-restricted HVP per layer (the reference).
+:func:`layer_metrics` takes these HVPs in output space (with respect to each layer's output, where a
+layer's weight block is the output Hessian pulled back through its inputs), which lets the probes and signs
+be drawn per sample as well as per layer (:func:`output_traces`, :func:`output_loss_increase`).
 Where the network is piecewise linear in every layer's weight, ``joint`` mode replaces the Monte-Carlo traces
 and ELI quadratic terms by exact ones from :class:`GaussNewton` blocks (one backward pass per class).
 """
@@ -342,16 +345,15 @@ def sample_weight_noise(model: nn.Module, layers: Sequence[str], preset: Any = "
 
 
 def expected_loss_increase(op: HessianOperator, noise: Iterable[Sequence[torch.Tensor]], mode: str = "joint",
-                           seed: int = 0, quadratic_samples: int | None = None, exact: GaussNewton | None = None
-                           ) -> dict[str, np.ndarray]:
+                           seed: int = 0, quadratic_samples: int | None = None) -> dict[str, np.ndarray]:
     """Monte-Carlo ELI_l = E[g_l . dw_l] + 1/2 E[dw_l^T H_ll dw_l] over the noise samples given (any iterable).
 
     The first-order term is exact per sample and uses every sample (it needs no HVP); the quadratic term uses
     the first ``quadratic_samples`` (default: all) with one HVP per sample for all layers (``joint``, random
-    signs) or one block HVP per layer and sample (``per_layer``), or exactly from ``exact`` Gauss-Newton
-    blocks of the same layers (no HVP; ``mode`` is then moot). Returns arrays ``eli``, ``eli_first``,
+    signs) or one block HVP per layer and sample (``per_layer``). Returns arrays ``eli``, ``eli_first``,
     ``eli_second`` and ``eli_se`` (standard error of ``eli``: the two parts' errors combined as if
-    independent)."""
+    independent). :func:`layer_metrics` takes the same terms in output space (:func:`weight_output_errors`),
+    where the joint pass can draw its signs per sample."""
     check_choice("mode", mode, MODES)
     gen = torch.Generator().manual_seed(seed + 2)
     n = len(op.params)
@@ -360,9 +362,7 @@ def expected_loss_increase(op: HessianOperator, noise: Iterable[Sequence[torch.T
         first.append([_dot(g, d) for g, d in zip(op.gradient, dw, strict=True)])
         if quadratic_samples is not None and s >= quadratic_samples:
             continue
-        if exact is not None:
-            quad.append(exact.weight_quadratic(dw))
-        elif mode == "joint":
+        if mode == "joint":
             signs = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).tolist()
             v = [sg * d for sg, d in zip(signs, dw, strict=True)]
             hv = op.hvp(v)
@@ -415,6 +415,8 @@ class OutputOperator:
 
     def __init__(self, model: nn.Module, batches: Sequence[Any], layers: Sequence[str]) -> None:
         self.layers = list(layers)
+        mods = dict(model.named_modules())
+        self.modules = [mods[n] for n in self.layers]
         self.device = model_device(model)
         sizes = [_batch_size_of(b) for b in batches]
         self.batch_weights = [s / sum(sizes) for s in sizes]
@@ -437,6 +439,66 @@ class OutputOperator:
         if bad:
             raise HilalError(f"non-finite Hessian-vector product at the output of layer(s) {bad}")
         return out
+
+
+def _rank_one_probe(mod: nn.Module, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The output change V_n x_n of a Linear/Conv layer on its inputs ``x`` for an independent weight probe
+    per sample n, V_n = xi_n r_n^T with Rademacher xi_n (fan-out) and r_n (fan-in). Its entries are +-1 with
+    E[vec(V) vec(V)^T] = I, so E[e^T H_z e] = tr(X^T H_z X) = tr(H_ll): a Hutchinson probe of the weight block
+    that costs one fan-in dot product per position instead of a weight-sized product."""
+    n = x.shape[0]
+    if isinstance(mod, nn.Linear):
+        ones = (1,) * (x.dim() - 2)
+        r = _rademacher(torch.Size((n, *ones, x.shape[-1])), gen, x)
+        xi = _rademacher(torch.Size((n, *ones, mod.out_features)), gen, x)
+        return (x * r).sum(-1, keepdim=True) * xi
+    if not isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        raise HilalError(f"weight probes support Linear, Conv1d and Conv2d layers, not {type(mod).__name__}")
+    conv = nn.functional.conv1d if isinstance(mod, nn.Conv1d) else nn.functional.conv2d
+    padding = mod.padding
+    if mod.padding_mode != "zeros":
+        x = nn.functional.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
+        padding = 0
+    g = mod.groups
+    r = _rademacher(torch.Size((n * g, *mod.weight.shape[1:])), gen, x)
+    # one output channel per sample and group: u[n, j] = conv(x_n's group j, r_nj)
+    u = conv(x.reshape(1, -1, *x.shape[2:]), r, None, mod.stride, padding, mod.dilation, n * g)
+    u = u.reshape(n, g, *u.shape[2:]).repeat_interleave(mod.out_channels // g, dim=1)
+    xi = _rademacher(torch.Size((n, mod.out_channels) + (1,) * (u.dim() - 2)), gen, x)
+    return u * xi
+
+
+def output_traces(op: OutputOperator, probes: int = 32, seed: int = 0, return_samples: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
+    """Per-layer tr(H_ll) of the weight blocks and their Monte-Carlo standard errors, from one output-space
+    HVP per probe and batch for all layers. A layer's weight enters only its own output linearly, so its
+    block is the output Hessian pulled back through its inputs, H_ll = X_l^T H_{z_l} X_l, and a weight probe
+    can be applied in output space (:func:`_rank_one_probe`). The probes are drawn independently per sample
+    and layer: every cross term (other layers, other samples) has zero mean, and in eval mode, where samples
+    do not interact, the estimate is a sum of independent per-sample terms rather than one coherent
+    quadratic form. With ``return_samples`` the raw (probes x layers) estimates are returned instead."""
+    gen = torch.Generator().manual_seed(seed)
+    est = np.zeros((probes, len(op.layers)))
+    for p in range(probes):
+        for b, (w, xs) in enumerate(zip(op.batch_weights, op.inputs, strict=True)):
+            with torch.no_grad():
+                e = [_rank_one_probe(m, x, gen) for m, x in zip(op.modules, xs, strict=True)]
+            hv = op.hvp(b, e)
+            est[p] += w * np.array([_dot(a, h) for a, h in zip(e, hv, strict=True)])
+    if return_samples:
+        return est
+    return est.mean(0), _se(est)
+
+
+def weight_output_errors(op: OutputOperator | GaussNewton, noise: Iterable[Sequence[torch.Tensor]]
+                         ) -> Iterator[list[list[torch.Tensor]]]:
+    """The output change dW_l x_l of every layer and batch (batches x layers) for each weight-noise draw
+    (one tensor per layer, weight-shaped): the weight-space ELI through :func:`output_loss_increase`, whose
+    joint pass draws its signs per sample (the quadratic terms are equal: H_ll = X_l^T H_{z_l} X_l)."""
+    for dw in noise:
+        with torch.no_grad():
+            yield [[_apply(m, x, d.to(x)) for m, x, d in zip(op.modules, xs, dw, strict=True)]
+                   for xs in op.inputs]
 
 
 _PER_SAMPLE_CHUNK = 1 << 24  # elements of per-sample gradients held at once
@@ -532,12 +594,8 @@ class GaussNewton:
 
     def weight_quadratic(self, u: Sequence[torch.Tensor]) -> np.ndarray:
         """u_l^T H_ll u_l of every layer for weight changes u (one tensor per layer, weight-shaped)."""
-        out = np.zeros(len(self.layers))
-        for b, xs in enumerate(self.inputs):
-            with torch.no_grad():
-                e = [_apply(m, x, ui.to(x)) for m, x, ui in zip(self.modules, xs, u, strict=True)]
-            out += self.output_quadratic(b, e)
-        return out
+        (errors,) = weight_output_errors(self, [u])
+        return sum((self.output_quadratic(b, e) for b, e in enumerate(errors)), np.zeros(len(self.layers)))
 
     def block_hvps(self, idx: Sequence[int], vs: Sequence[torch.Tensor], batched: bool = False
                    ) -> list[torch.Tensor]:
@@ -617,18 +675,19 @@ def _per_sample_sq_norms(mod: nn.Module, x: torch.Tensor, d: torch.Tensor) -> fl
     return total
 
 
-def gauss_newton(model: nn.Module, batches: Sequence[Any], layers: Sequence[str], op: HessianOperator,
-                 tol: float = 1e-3, seed: int = 0) -> GaussNewton | None:
+def gauss_newton(model: nn.Module, batches: Sequence[Any], layers: Sequence[str],
+                 op: HessianOperator | None = None, tol: float = 1e-3, seed: int = 0) -> GaussNewton | None:
     """:class:`GaussNewton` blocks for ``layers`` if they apply: a classification loss, supported layers, and
-    agreement with PyHessian's block HVPs (``op``) to ``tol`` relative on a random probe (which fails for
-    layers followed by curvature: tanh, GELU, attention, layer norm). None otherwise."""
+    agreement with PyHessian's block HVPs (``op``, built here when not given) to ``tol`` relative on a
+    random probe (which fails for layers followed by curvature: tanh, GELU, attention, layer norm). None
+    otherwise."""
     if any(isinstance(m, _CURVED) for m in model.modules()):
         return None
     try:
         gn = GaussNewton(model, batches, layers)
     except HilalError:
         return None
-    gn.check = gn.mismatch(op, seed)
+    gn.check = gn.mismatch(op if op is not None else HessianOperator(model, batches, layers), seed)
     return gn if gn.check <= tol else None
 
 
@@ -732,42 +791,52 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
             mods[n].weight.requires_grad_(True)
         t0 = time.perf_counter()
         op = HessianOperator(model, batches, layers)
-        gn = None
+        gn = out_op = None
         if cfg.mode == "joint" and cfg.gauss_newton == "auto":
             gn = gauss_newton(model, batches, layers, op, seed=cfg.seed)
+        if cfg.mode == "joint":  # exact blocks, or output-space HVPs with per-sample probes
+            out_op = gn if gn is not None else OutputOperator(model, batches, layers)
         timings["graph_s"] = time.perf_counter() - t0
         hv_check = op.hvps
+
+        def hvps() -> int:  # HVPs so far, weight and output space (the latter counted once over all batches)
+            return op.hvps + (out_op.hvps // len(batches) if out_op is not None else 0)
+
         t0 = time.perf_counter()
-        trace, trace_se = hutchinson_traces(op, cfg.probes, cfg.mode, cfg.seed, exact=gn)
+        if gn is not None or out_op is None:
+            trace, trace_se = hutchinson_traces(op, cfg.probes, cfg.mode, cfg.seed, exact=gn)
+        else:
+            trace, trace_se = output_traces(out_op, cfg.probes, cfg.seed)
         timings["trace_s"] = time.perf_counter() - t0
-        hv_trace = op.hvps
+        hv_trace = hvps()
         bar.update()
         t0 = time.perf_counter()
         lam = top_eigenvalues(gn if gn is not None else op, cfg.power_iters, cfg.power_tol, cfg.seed)
         timings["eig_s"] = time.perf_counter() - t0
-        hv_eig = op.hvps - hv_trace
+        hv_eig = hvps() - hv_trace
         bar.update()
         t0 = time.perf_counter()
         draws = max(cfg.first_order_samples, cfg.eli_samples)
         if draws == 0 or cfg.eli_samples == 0:  # curvature only
             eli = {k: np.full(len(layers), np.nan) for k in ("eli", "eli_first", "eli_second", "eli_se")}
-            hv_eli = 0
-        elif cfg.noise == "output":
-            out_op = gn if gn is not None else OutputOperator(model, batches, layers)
-            errors = output_error_stream(model, out_op, preset, cfg.t_inference, draws, cfg.seed)
+        elif out_op is not None or cfg.noise == "output":
+            if out_op is None:
+                out_op = OutputOperator(model, batches, layers)
+            if cfg.noise == "output":
+                errors = output_error_stream(model, out_op, preset, cfg.t_inference, draws, cfg.seed)
+            else:
+                errors = weight_output_errors(
+                    out_op, weight_noise_stream(model, layers, preset, cfg.t_inference, draws, cfg.seed))
             eli = output_loss_increase(out_op, errors, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples)
-            hv_eli = out_op.hvps // len(batches)
-            del out_op
-        else:
+        else:  # per_layer mode, weight noise
             noise = weight_noise_stream(model, layers, preset, cfg.t_inference, draws, cfg.seed)
-            eli = expected_loss_increase(op, noise, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples,
-                                         exact=gn)
-            hv_eli = op.hvps - hv_trace - hv_eig
+            eli = expected_loss_increase(op, noise, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples)
+        hv_eli = hvps() - hv_trace - hv_eig
         timings["eli_s"] = time.perf_counter() - t0
         calls = op.calls
         curvature, check = ("gauss-newton", gn.check) if gn is not None else ("hvp", float("nan"))
         bar.update()
-        del op, gn
+        op = gn = out_op = None  # frees the kept graphs
     finally:
         for n, f in flags.items():
             mods[n].weight.requires_grad_(f)

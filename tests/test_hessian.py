@@ -138,6 +138,114 @@ def test_trace_error_shrinks_with_probes():
     assert e256 < e16 / 2  # 1/sqrt(probes): a factor 4 expected
 
 
+class _Probed(nn.Module):
+    """Every layer form the output-space probes handle: a strided, grouped, reflect-padded Conv2d, a Conv1d,
+    a Linear applied over tokens and a plain Linear, with curvature (tanh) between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2, padding_mode="reflect")
+        self.conv1d = nn.Conv1d(4, 3, 2)
+        self.tok = nn.Linear(3, 2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).flatten(2)  # (n, 4, 9)
+        h = torch.tanh(self.conv1d(h)).transpose(1, 2)  # (n, 8, 3): tokens
+        return self.fc(torch.tanh(self.tok(h)).flatten(1))
+
+
+def _probed_case() -> tuple[nn.Module, list, list[torch.Tensor], torch.Tensor]:
+    torch.manual_seed(2)
+    model = _Probed().double().eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(14, 2, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (14,), generator=g)
+    batches = [(x[:9], y[:9]), (x[9:], y[9:])]
+    layers, grad, hess = _exact(model, batches)
+    return model, batches, _blocks(hess, model), layers
+
+
+def test_rank_one_probe_is_a_weight_probe_applied_per_sample():
+    """The output-space probe of sample n is exactly layer(x_n) with the weight V_n = xi_n r_n^T (fan-out x
+    fan-in, per group for a grouped convolution), +-1 entries, rebuilt here from the same random draws."""
+    from hilal.hessian import _apply, _rank_one_probe
+
+    model = _Probed().double()
+    x = {"conv": torch.randn(3, 2, 6, 6, dtype=torch.float64), "conv1d": torch.randn(3, 4, 9, dtype=torch.float64),
+         "tok": torch.randn(3, 8, 3, dtype=torch.float64), "fc": torch.randn(3, 16, dtype=torch.float64)}
+    for name, mod in model.named_children():
+        e = _rank_one_probe(mod, x[name], torch.Generator().manual_seed(1))
+        gen = torch.Generator().manual_seed(1)
+        n, g, out = 3, getattr(mod, "groups", 1), mod.weight.shape[0]
+        draw = lambda *shape, gen=gen: (torch.randint(0, 2, shape, generator=gen) * 2 - 1).double()  # noqa: E731
+        r = draw(n * g, *mod.weight.shape[1:]).reshape(n, g, *mod.weight.shape[1:])
+        xi = draw(n, out)
+        for k in range(n):
+            v = xi[k].reshape(out, *(1,) * (mod.weight.dim() - 1)) * r[k].repeat_interleave(out // g, dim=0)
+            assert torch.all(v.abs() == 1)
+            torch.testing.assert_close(e[k], _apply(mod, x[name][k:k + 1], v)[0])
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "probed"])
+def test_output_space_traces_match_dense_hessian(case):
+    """Per-sample rank-one weight probes applied in output space: unbiased for the weight blocks' traces
+    (z-test against the dense Hessian), one output HVP per probe and batch for all layers."""
+    from hilal.hessian import output_traces
+
+    if case == "probed":
+        model, batches, blocks, layers = _probed_case()
+    else:
+        model = (_mlp() if case == "mlp" else _cnn()).eval()
+        batches = _batches(model)
+        layers, _, hess = _exact(model, batches)
+        blocks = _blocks(hess, model)
+    exact = np.array([float(b.trace()) for b in blocks])
+    op = OutputOperator(model, batches, layers)
+    est, se = output_traces(op, probes=400, seed=7)
+    assert np.all(se > 0)
+    z = np.abs(est - exact) / se
+    assert np.all(z < 4), (est, exact, z)
+    assert op.hvps == 400 * len(batches)
+
+
+def test_weight_noise_eli_in_output_space_equals_weight_space():
+    """dW_l x_l in output space gives the weight-space ELI terms exactly (per layer), and the joint pass with
+    per-sample signs averages to them; on every layer form of the output-space probes."""
+    from hilal.hessian import weight_output_errors
+
+    model, batches, blocks, layers = _probed_case()
+    wop, oop = HessianOperator(model, batches, layers), OutputOperator(model, batches, layers)
+    g = torch.Generator().manual_seed(5)
+    dws = [[0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64) for p in wop.params] for _ in range(3)]
+    w = expected_loss_increase(wop, dws, "per_layer")
+    o = output_loss_increase(oop, weight_output_errors(oop, dws), "per_layer")
+    for k in ("eli_first", "eli_second"):
+        np.testing.assert_allclose(o[k], w[k], rtol=1e-8, atol=1e-12)
+    exact = np.mean([[0.5 * float(d.reshape(-1) @ b @ d.reshape(-1)) for d, b in zip(dw, blocks, strict=True)]
+                     for dw in dws], axis=0)
+    np.testing.assert_allclose(w["eli_second"], exact, rtol=1e-8)
+    runs = np.array([output_loss_increase(oop, weight_output_errors(oop, dws), "joint", seed=s)["eli_second"]
+                     for s in range(200)])
+    assert np.all(runs.std(0) > 0)
+    z = np.abs(runs.mean(0) - exact) / (runs.std(0, ddof=1) / math.sqrt(len(runs)))
+    assert np.all(z < 4), (runs.mean(0), exact, z)
+
+
+def test_layer_metrics_joint_curved_model_uses_output_space_probes():
+    """A curved model (tanh) in joint mode: output-space traces (one HVP per probe) agree with the per-layer
+    block HVPs within their Monte-Carlo errors, and the ELI counts one HVP per noise sample."""
+    model, batches, blocks, layers = _probed_case()
+    cfg = HessianConfig(probes=64, power_iters=5, eli_samples=4, first_order_samples=4, noise="weight")
+    # aihwkit tiles do not take grouped convolutions: the noise is sampled for the other layers
+    joint = layer_metrics(model, batches, "pcm", cfg, layers=layers[1:], progress=False)
+    assert joint.attrs["curvature"] == "hvp"
+    assert joint.attrs["hvps_trace"] == 64 and joint.attrs["hvps_eli"] == 4
+    assert np.all(np.isfinite(joint.eli)) and np.all(joint.eli_se > 0)
+    exact = np.array([float(b.trace()) for b in blocks[1:]])
+    assert np.all(np.abs(joint.trace - exact) <= 4 * joint.trace_se), (joint.trace, exact, joint.trace_se)
+
+
 def test_top_eigenvalue_matches_dense_hessian(tiny):
     _, op, _, blocks = tiny
     lam = top_eigenvalues(op, iters=500, tol=1e-10, seed=0)
