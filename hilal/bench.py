@@ -157,10 +157,7 @@ def joint_estimates(model: nn.Module, batch: Any, layers: Sequence[str], noise: 
 
     gn = gauss_newton(model, [batch], layers, seed=seed)
     op = gn if gn is not None else OutputOperator(model, [batch], layers)
-    if gn is not None:
-        trace, trace_se = gn.traces(), np.zeros(len(layers))
-    else:
-        trace, trace_se = output_traces(op, probes, seed)
+    trace, trace_se = output_traces(op, probes, seed)
     eli = output_loss_increase(op, weight_output_errors(op, noise), "joint", seed)
     return {"trace": trace, "trace_se": trace_se, "eli": eli["eli"], "eli_se": eli["eli_se"],
             "hvps": len(layers) if gn is not None else op.hvps,

@@ -237,15 +237,11 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def hutchinson_traces(op: HessianOperator, probes: int = 32, mode: str = "joint", seed: int = 0,
-                      return_samples: bool = False, exact: GaussNewton | None = None
-                      ) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
+                      return_samples: bool = False) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
     """Per-layer tr(H_ll) and its Monte-Carlo standard error (std / sqrt(probes)), Rademacher probes.
     ``joint``: one full HVP per probe for all layers; ``per_layer``: one block HVP per layer and probe.
-    With ``return_samples`` the raw (probes x layers) estimates are returned instead. With ``exact``
-    Gauss-Newton blocks of the same layers: their exact traces and a zero error (no probe)."""
+    With ``return_samples`` the raw (probes x layers) estimates are returned instead."""
     check_choice("mode", mode, MODES)
-    if exact is not None and not return_samples:
-        return exact.traces(), np.zeros(len(op.params))
     gen = torch.Generator().manual_seed(seed)
     est = np.empty((probes, len(op.params)))
     for p in range(probes):
@@ -468,7 +464,7 @@ def _rank_one_probe(mod: nn.Module, x: torch.Tensor, gen: torch.Generator) -> to
     return u * xi
 
 
-def output_traces(op: OutputOperator, probes: int = 32, seed: int = 0, return_samples: bool = False
+def output_traces(op: OutputOperator | GaussNewton, probes: int = 32, seed: int = 0, return_samples: bool = False
                   ) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
     """Per-layer tr(H_ll) of the weight blocks and their Monte-Carlo standard errors, from one output-space
     HVP per probe and batch for all layers. A layer's weight enters only its own output linearly, so its
@@ -476,7 +472,10 @@ def output_traces(op: OutputOperator, probes: int = 32, seed: int = 0, return_sa
     can be applied in output space (:func:`_rank_one_probe`). The probes are drawn independently per sample
     and layer: every cross term (other layers, other samples) has zero mean, and in eval mode, where samples
     do not interact, the estimate is a sum of independent per-sample terms rather than one coherent
-    quadratic form. With ``return_samples`` the raw (probes x layers) estimates are returned instead."""
+    quadratic form. With ``return_samples`` the raw (probes x layers) estimates are returned instead. With
+    :class:`GaussNewton` blocks as ``op``: their exact traces and a zero error (no probe)."""
+    if isinstance(op, GaussNewton) and not return_samples:
+        return op.traces(), np.zeros(len(op.layers))
     gen = torch.Generator().manual_seed(seed)
     est = np.zeros((probes, len(op.layers)))
     for p in range(probes):
@@ -803,10 +802,10 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
             return op.hvps + (out_op.hvps // len(batches) if out_op is not None else 0)
 
         t0 = time.perf_counter()
-        if gn is not None or out_op is None:
-            trace, trace_se = hutchinson_traces(op, cfg.probes, cfg.mode, cfg.seed, exact=gn)
-        else:
+        if out_op is not None:
             trace, trace_se = output_traces(out_op, cfg.probes, cfg.seed)
+        else:
+            trace, trace_se = hutchinson_traces(op, cfg.probes, cfg.mode, cfg.seed)
         timings["trace_s"] = time.perf_counter() - t0
         hv_trace = hvps()
         bar.update()
