@@ -233,3 +233,21 @@ def extend_analog(model: nn.Module, layers: Iterable[str], preset: str | TorchIn
         parent = out.get_submodule(parent_name) if parent_name else out
         setattr(parent, child, convert_to_analog(mod, get_preset(preset), ensure_analog_root=False))
     return out
+
+
+def revert_to_digital(model: nn.Module, layers: Iterable[str]) -> nn.Module:
+    """A copy of a (partly) analog ``model`` in which the named analog layers are digital again, with the
+    weights their tiles hold (aihwkit's ``to_digital``: the tile weights times their output scales, without
+    programming noise). Every other layer, analog tiles included, is copied unchanged; naming a layer that is
+    digital already is an error."""
+    layers = check_layers(model, layers)
+    out = deepcopy(model)
+    for name in layers:
+        mod = out.get_submodule(name)
+        if not isinstance(mod, ANALOG_TYPES):
+            raise HilalError(f"layer {name!r} is not analog; analog layers of this model: "
+                             f"{', '.join(analog_layers(model)) or 'none'}")
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, child, type(mod).to_digital(mod))
+    return out

@@ -16,6 +16,7 @@ from hilal.analog import (
     count_params,
     get_preset,
     mappable_layers,
+    revert_to_digital,
     to_analog,
 )
 from hilal.models import build_model
@@ -161,3 +162,39 @@ def test_count_macs_resnet8_matches_formula(resnet8):
     assert macs["layer3.0.shortcut.0"] == 64 * 2 * 2 * 32
     assert macs["fc"] == 64 * 10
     assert count_params(resnet8)["layer3.0.conv2"] == 64 * 64 * 9
+
+
+def test_revert_to_digital_keeps_the_trained_tile_weights():
+    """A layer trained in analog (weights and learned column-wise output scales moved by AnalogSGD) and
+    made digital again computes what its tile computes; the other layers are untouched."""
+    from hilal.train import FinetuneConfig, make_optimizer
+
+    torch.manual_seed(0)
+    model = _Small()
+    cfg = get_preset("ideal")
+    cfg.mapping.weight_scaling_omega = 1.0
+    cfg.mapping.weight_scaling_columnwise = True
+    cfg.mapping.learn_out_scaling = True
+    cfg.mapping.out_scaling_columnwise = True
+    analog = to_analog(model, ["a", "c", "fc"], cfg)
+    opt = make_optimizer(analog, FinetuneConfig(analog_lr=0.05, digital_lr=0.05))
+    x = torch.randn(6, 3, 9, 9)
+    for _ in range(5):
+        opt.zero_grad()
+        analog(x).pow(2).mean().backward()
+        opt.step()
+    analog.eval()
+    before = {n: dict(model.named_modules())[n].weight.detach().clone() for n in ("a", "c")}
+    back = revert_to_digital(analog, ["a", "c"])
+    assert analog_layers(back) == ["fc"] and analog_layers(analog) == ["a", "c", "fc"]
+    with torch.no_grad():
+        for n in ("a", "c"):
+            moved = (back.get_submodule(n).weight - before[n]).abs().max()
+            assert moved > 1e-3  # training changed the weights: the check below is not on the initial ones
+        torch.testing.assert_close(back(x), analog(x), rtol=0, atol=1e-5)
+        h = torch.randn(2, 8, 5, 5)
+        torch.testing.assert_close(back.get_submodule("c")(h), analog.get_submodule("c")(h), rtol=0, atol=1e-5)
+    with pytest.raises(HilalError, match="not analog.*a, c, fc"):
+        revert_to_digital(analog, ["b"])
+    with pytest.raises(HilalError, match="unknown layer"):
+        revert_to_digital(analog, ["zz"])

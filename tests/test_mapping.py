@@ -111,10 +111,11 @@ class KnapsackOracle:
     """A run whose true score falls by the summed loss of its analog layers (the ELI is exact); zero-shot
     scores are pessimistic by ``lag`` with standard error ``se``, and retraining recovers the lag."""
 
-    def __init__(self, loss: dict, macs: dict, budget: float, lag: float = 0.0, se: float = 0.0) -> None:
+    def __init__(self, loss: dict, macs: dict, budget: float, lag: float = 0.0, se: float = 0.0,
+                 trim: bool = True) -> None:
         self.loss, self.macs, self.lag, self.se = loss, macs, lag, se
-        self.layers, self.rows, self.stages = [], [], 0
-        self.cfg = MappingConfig(search="knapsack", drop_threshold=budget)
+        self.layers, self.rows, self.stages, self.trims, self.rejected = [], [], 0, [], None
+        self.cfg = MappingConfig(search="knapsack", drop_threshold=budget, trim=trim)
         self.baseline = 1.0
 
     def floor(self) -> float:
@@ -123,20 +124,28 @@ class KnapsackOracle:
     def _true(self, layers) -> float:
         return self.baseline - sum(self.loss[n] for n in self.layers + list(layers))
 
-    def screen(self, key, layers, threshold=None):
-        z = self._true(layers) - self.lag
+    def screen(self, key, layers, threshold=None, retrained=False):
+        if retrained:  # the rejected stage's retrained weights: its lag is recovered
+            assert set(layers) <= set(self.rejected), (layers, self.rejected)
+        z = self._true(layers) - (0.0 if retrained else self.lag)
         self.rows.append({"zero_shot": z, "zero_shot_se": self.se, "score": z})
         return z
 
-    def stage(self, key, layers, accept=None, drift=True, zero_shot=False):
+    def stage(self, key, layers, accept=None, drift=True, zero_shot=False, keep_rejected=False):
         self.stages += 1
         s = self._true(layers)
         z = s - self.lag if isinstance(zero_shot, bool) else zero_shot
         self.rows.append({"zero_shot": z, "score": s})
         ok = accept is None or accept(s)
+        self.rejected = None if ok or not keep_rejected else list(layers)
         if ok:
             self.layers = self.layers + list(layers)
         return ok
+
+    def adopt(self, key, layers, score):
+        assert set(layers) <= set(self.rejected) and score == self._true(layers)
+        self.trims.append(list(layers))
+        self.layers, self.rejected = self.layers + list(layers), None
 
 
 def best_mac_share(names, loss, macs, budget, forced=()):
@@ -148,8 +157,8 @@ def best_mac_share(names, loss, macs, budget, forced=()):
     return best
 
 
-@pytest.mark.parametrize("lag", [0.0, 0.3])
-def test_knapsack_search_against_exhaustive(lag):
+@pytest.mark.parametrize("lag, trim", [(0.0, True), (0.3, True), (0.3, False)])
+def test_knapsack_search_against_exhaustive(lag, trim):
     import pandas as pd
 
     rng = random.Random(1)
@@ -160,7 +169,7 @@ def test_knapsack_search_against_exhaustive(lag):
         macs = {m: rng.choice([1, 2, 4, 8]) for m in names}
         robust = sorted(names, key=loss.get)[: rng.randint(0, n)]
         budget = rng.uniform(0.2, 2.0)
-        run = KnapsackOracle(loss, macs, budget, lag=lag * budget, se=lag * budget / 2)
+        run = KnapsackOracle(loss, macs, budget, lag=lag * budget, se=lag * budget / 2, trim=trim)
         df = pd.DataFrame({"layer": names, "eli": [loss[m] for m in names]})
         _knapsack(run, df, robust, [m for m in names if m not in robust])
         got = sum(macs[m] for m in run.layers)
@@ -173,6 +182,45 @@ def test_knapsack_search_against_exhaustive(lag):
             assert run.stages <= 1
         else:  # pessimistic zero-shot: at least what fits the lagged budget (near misses may add more)
             assert got >= best_mac_share(names, loss, macs, budget - lag * budget, robust if robust_ok else ())
+        assert bool(run.trims) <= trim
+
+
+def test_trim_keeps_the_best_subset_of_a_rejected_stage():
+    """After a rejected stage, the kept subset carries the most MACs of any subset of the stage's layers
+    that fits the budget left (exact scores on the retrained model), found by bisection, not by trying
+    every subset; with no subset that clears the floor and adds ``gain`` MACs nothing is kept."""
+    from hilal.mapping import _trim
+
+    rng = random.Random(2)
+    kept = 0
+    for _ in range(300):
+        n = rng.randint(1, 8)
+        names = [f"l{i}" for i in range(n)]
+        loss = {m: rng.uniform(0.0, 1.0) for m in names}
+        macs = {m: rng.choice([1, 2, 3, 8]) for m in names}
+        budget = rng.uniform(0.1, 0.9) * sum(loss.values())
+        run = KnapsackOracle(loss, macs, budget)
+        done = names[: rng.randint(0, n - 1)]  # already analog, from earlier stages
+        run.layers = list(done)
+        stage = names[len(done):]
+        run.stage("s", stage, (1.0 - budget).__le__, keep_rejected=True)  # accept: floor <= score
+        if not run.rejected:
+            continue
+        gain = rng.choice([0, 3])
+        left = budget - sum(loss[m] for m in done)
+        best = max((sum(macs[m] for m in sub) for r in range(1, len(stage))
+                    for sub in itertools.combinations(stage, r)
+                    if sum(loss[m] for m in sub) <= left and sum(macs[m] for m in sub) >= gain), default=None)
+        screens = len(run.rows)
+        ok = _trim(run, "t", stage, loss, run.floor(), gain)
+        assert ok == (best is not None)
+        if ok:
+            kept += 1
+            assert sum(macs[m] for m in run.trims[-1]) == best
+            assert run.layers == done + run.trims[-1]
+        points = len(pareto_sets([loss[m] for m in stage], [macs[m] for m in stage]))
+        assert len(run.rows) - screens <= math.ceil(math.log2(points + 1))  # a bisection
+    assert kept > 50
 
 
 def test_unknown_method_and_search(resnet8_digits, digits):
@@ -347,3 +395,50 @@ def test_snapshot_round_trips_analog_weights_without_context_placeholders(resnet
     assert all(torch.equal(after[k], before[k]) for k in before)
     with pytest.raises(KeyError):
         restore(model, {k: v for k, v in snap.items() if "tile.weight" not in k})
+
+
+def test_trim_adopts_the_retrained_weights_and_resumes(resnet8_digits, digits, tmp_path):
+    """A trimmed stage keeps the rejected stage's retrained model: its kept layers' tiles as trained, the
+    dropped layers digital with their trained weights; journaled, so a resumed run replays it exactly."""
+    import torch
+
+    from hilal.mapping import _Run
+
+    stage, keep = ["layer2.0.conv2", "layer3.0.conv2", "fc"], ["layer3.0.conv2", "fc"]
+
+    def trimmed(cfg):
+        run = _Run("hilal", resnet8_digits, digits, cfg, progress=False)
+        with pytest.raises(HilalError, match="no rejected stage"):
+            run.screen("x", keep, retrained=True)
+        assert not run.stage("s", stage, lambda s: False, keep_rejected=True)
+        staged, trained, seconds = run.rejected
+        with pytest.raises(HilalError, match="not in the rejected stage.*layer2.0.conv2"):
+            run.screen("y", ["conv1"], retrained=True)
+        z = run.screen("t", keep, retrained=True)
+        run.adopt("kept", keep, z)
+        return run, trained, seconds
+
+    cfg = tiny_cfg(workdir=str(tmp_path))
+    run, trained, seconds = trimmed(cfg)
+    assert analog_layers(run.model) == keep and run.layers == keep and run.rejected is None
+    for n in keep:  # the tiles as retrained, not converted again
+        for a, b in zip(run.model.get_submodule(n).get_weights(), trained.get_submodule(n).get_weights(),
+                        strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    dropped = run.model.get_submodule("layer2.0.conv2")
+    assert isinstance(dropped, nn.Conv2d)
+    w, _ = trained.get_submodule("layer2.0.conv2").get_weights()
+    torch.testing.assert_close(dropped.weight.detach(), w.view_as(dropped.weight), rtol=0, atol=0)
+    assert not torch.equal(dropped.weight, resnet8_digits.get_submodule("layer2.0.conv2").weight)
+    assert run.timings["mapping_s"] == pytest.approx(seconds)  # the retraining produced the kept model
+    h = run.rows
+    assert [r["kept"] for r in h] == [False, False, True] and h[-1]["score"] == h[1]["score"]
+
+    again, _, _ = trimmed(cfg)  # resumed from the journal: nothing recomputed, the same model
+    assert all(r["replayed"] for r in again.rows)
+    from hilal.mapping import snapshot
+
+    a, b = snapshot(again.model), snapshot(run.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
