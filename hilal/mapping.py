@@ -99,6 +99,10 @@ class MappingConfig:
     """HILAL ``knapsack``: when a retrained stage falls below the floor, screen subsets of its layers (the
     knapsack frontier of the stage's own layers, bisected) on its retrained weights with the other layers
     digital again, and keep the largest that clears the floor without a further retraining stage."""
+    scan: int = 3
+    """HILAL ``knapsack``: in a later round where no frontier set clears the floor, screen up to this many
+    of the remaining single layers (ascending ELI per MAC, sequential test) and retrain the first within one
+    standard error of the floor (:func:`_scan`); 0 turns this off."""
     recovery_prior: float = 0.0
     """HILAL ``screen`` and ``knapsack``: share of a zero-shot drop that retraining is assumed to recover
     (``screen`` replaces it by the recovery a stage measured; ``knapsack`` keeps it). 0 is conservative; 0.5
@@ -551,6 +555,14 @@ def _knapsack(run: _Run, df: pd.DataFrame, robust: list[str], sensitive: list[st
         if lo < 0 and forced:  # the robust cluster alone fails its screen: search every layer instead
             it += 1
             continue
+        if lo < 0 and run.layers and cfg.scan:  # a later round where no frontier set clears: single layers
+            tried = {tuple(c) for k, c in enumerate(cands) if k in z and len(c) == 1}
+            singles = [n for n in rest if (n,) not in tried and run.macs[n] >= gain and spent + eli[n] < cap]
+            singles = sorted(singles, key=lambda n: eli[n] / run.macs[n])[: cfg.scan]
+            if _scan(run, f"single-{it}", singles, floor):
+                it += 1
+                continue
+            return
         tries = [lo] if lo >= 0 else []
         if lo < 0 or z[lo] < thr:  # a near miss (or nothing): fall back to the largest set that cleared it
             strict = max((k for k in z if k < max(lo, 0) and z[k] >= thr), default=-1)
@@ -568,6 +580,20 @@ def _knapsack(run: _Run, df: pd.DataFrame, robust: list[str], sensitive: list[st
             if cfg.trim and _trim(run, f"trim-{it}-{k}", cands[k], eli, floor, gain):
                 break
         it += 1
+
+
+def _scan(run: _Run, key: str, layers: list[str], floor: float) -> bool:
+    """Screen single ``layers`` in order (sequential test against the floor) and retrain the first whose
+    zero-shot score is within one standard error of the floor; keep it if it then clears the floor. Once
+    stages are kept, the digital model's ELI ranks the remaining layers less well (their sensitivities moved
+    with the retraining, and its Monte-Carlo error is of the order of the gaps between them), so the
+    frontier's cheapest set may fail where the next single layer clears (ResNet-20: the successful single
+    layers were among the first three in ELI-per-MAC order). At most one retraining."""
+    for n in layers:
+        z = run.screen(f"{key}-{n}", [n], threshold=floor)
+        if z >= floor - (run.rows[-1]["zero_shot_se"] or 0.0):
+            return run.stage(f"{key}-{n}-stage", [n], lambda sc: sc >= floor, zero_shot=z)
+    return False
 
 
 def _trim(run: _Run, key: str, layers: list[str], eli: dict[str, float], floor: float, gain: float) -> bool:

@@ -157,8 +157,8 @@ def best_mac_share(names, loss, macs, budget, forced=()):
     return best
 
 
-@pytest.mark.parametrize("lag, trim", [(0.0, True), (0.3, True), (0.3, False)])
-def test_knapsack_search_against_exhaustive(lag, trim):
+@pytest.mark.parametrize("lag, trim, scan", [(0.0, True, 3), (0.3, True, 3), (0.3, False, 0)])
+def test_knapsack_search_against_exhaustive(lag, trim, scan):
     import pandas as pd
 
     rng = random.Random(1)
@@ -170,6 +170,7 @@ def test_knapsack_search_against_exhaustive(lag, trim):
         robust = sorted(names, key=loss.get)[: rng.randint(0, n)]
         budget = rng.uniform(0.2, 2.0)
         run = KnapsackOracle(loss, macs, budget, lag=lag * budget, se=lag * budget / 2, trim=trim)
+        run.cfg.scan = scan
         df = pd.DataFrame({"layer": names, "eli": [loss[m] for m in names]})
         _knapsack(run, df, robust, [m for m in names if m not in robust])
         got = sum(macs[m] for m in run.layers)
@@ -442,3 +443,41 @@ def test_trim_adopts_the_retrained_weights_and_resumes(resnet8_digits, digits, t
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_scan_retrains_the_first_single_layer_near_the_floor():
+    """``_scan`` screens single layers in the order given, retrains only the first whose zero-shot score is
+    within one standard error of the floor, and keeps it only if retraining lifts it over the floor."""
+    from hilal.mapping import _scan
+
+    class Singles:
+        def __init__(self, zero, retrained, se=0.01):
+            self.zero, self.retrained, self.se = zero, retrained, se
+            self.rows, self.layers, self.screened, self.staged = [], [], [], []
+
+        def screen(self, key, layers, threshold=None):
+            (n,) = layers
+            self.screened.append(n)
+            self.rows.append({"zero_shot_se": self.se})
+            return self.zero[n]
+
+        def stage(self, key, layers, accept=None, zero_shot=False):
+            (n,) = layers
+            self.staged.append(n)
+            assert zero_shot == self.zero[n]
+            ok = accept(self.retrained[n])
+            if ok:
+                self.layers.append(n)
+            return ok
+
+    floor = 0.5
+    zero = {"a": 0.40, "b": 0.485, "c": 0.495, "d": 0.60}
+    run = Singles(zero, {"a": 0.6, "b": 0.6, "c": 0.55, "d": 0.7})
+    assert _scan(run, "s", ["a", "b", "c", "d"], floor)
+    assert run.screened == ["a", "b", "c"] and run.staged == ["c"] and run.layers == ["c"]  # b: 1.5 se short
+    run = Singles(zero, {"a": 0.6, "b": 0.6, "c": 0.45, "d": 0.7})
+    assert not _scan(run, "s", ["c", "d"], floor)  # one retraining at most, even when it is rejected
+    assert run.screened == ["c"] and run.staged == ["c"] and run.layers == []
+    run = Singles(zero, {n: 1.0 for n in zero})
+    assert not _scan(run, "s", ["a", "b"], floor) and run.staged == []
+    assert not _scan(run, "s", [], floor)
