@@ -159,8 +159,6 @@ def best_mac_share(names, loss, macs, budget, forced=()):
 
 @pytest.mark.parametrize("lag, trim, scan", [(0.0, True, 3), (0.3, True, 3), (0.3, False, 0)])
 def test_knapsack_search_against_exhaustive(lag, trim, scan):
-    import pandas as pd
-
     rng = random.Random(1)
     for _ in range(150):
         n = rng.randint(1, 7)
@@ -171,8 +169,7 @@ def test_knapsack_search_against_exhaustive(lag, trim, scan):
         budget = rng.uniform(0.2, 2.0)
         run = KnapsackOracle(loss, macs, budget, lag=lag * budget, se=lag * budget / 2, trim=trim)
         run.cfg.scan = scan
-        df = pd.DataFrame({"layer": names, "eli": [loss[m] for m in names]})
-        _knapsack(run, df, robust, [m for m in names if m not in robust])
+        _knapsack(run, dict(loss), robust, [m for m in names if m not in robust])
         got = sum(macs[m] for m in run.layers)
         assert len(set(run.layers)) == len(run.layers) and sum(loss[m] for m in run.layers) <= budget + 1e-9
         robust_ok = sum(loss[m] for m in robust) <= budget
@@ -229,6 +226,11 @@ def test_unknown_method_and_search(resnet8_digits, digits):
         run_mapping("greedy", resnet8_digits, digits)
     with pytest.raises(HilalError, match="gallop"):
         run_mapping("hilal", resnet8_digits, digits, MappingConfig(search="linear"))
+    with pytest.raises(HilalError, match="cost.*curvature"):
+        run_mapping("hilal", resnet8_digits, digits, MappingConfig(cost="hessian"))
+    with pytest.raises(HilalError, match="eli_samples > 0"):
+        run_mapping("hilal", resnet8_digits, digits, tiny_cfg(hessian={"probes": 2, "power_iters": 2,
+                                                                       "eli_samples": 0}))
 
 
 def test_rejects_models_without_layers_or_already_analog(digits, resnet8_digits):
@@ -307,7 +309,7 @@ def test_hilal_offloads_a_prefix_of_the_curvature_order(resnet8_digits, digits, 
     res = run_mapping("hilal", resnet8_digits, digits, cfg, progress=False)
     m = res.metrics
     assert m.loc[m["cluster"] == "robust", "eli"].mean() < m.loc[m["cluster"] == "sensitive", "eli"].mean()
-    m = m.assign(key=m["eli"] / m["macs"])  # the default order: ascending ELI per MAC inside each cluster
+    m = m.assign(key=m["eli_second"] / m["macs"])  # the default order: ascending curvature term per MAC
     robust = m[m["cluster"] == "robust"].sort_values("key", kind="stable")["layer"].tolist()
     sens = m[m["cluster"] == "sensitive"].sort_values("key", kind="stable")["layer"].tolist()
     assert res.extra["robust"] == robust and res.extra["sensitive"] == sens
@@ -322,9 +324,10 @@ def test_hilal_offloads_a_prefix_of_the_curvature_order(resnet8_digits, digits, 
     assert res.timings["total_s"] >= res.timings["search_s"] + res.timings["mapping_s"]
 
 
-def test_hilal_knapsack_stage_carries_the_most_macs_for_its_eli(resnet8_digits, digits):
-    cfg = tiny_cfg(hessian={"probes": 8, "eli_samples": 4, "first_order_samples": 8})
-    assert cfg.search == "knapsack"  # the default
+@pytest.mark.parametrize("cost", ["curvature", "eli"])
+def test_hilal_knapsack_stage_carries_the_most_macs_for_its_eli(resnet8_digits, digits, cost):
+    cfg = tiny_cfg(hessian={"probes": 8, "eli_samples": 4, "first_order_samples": 8}, cost=cost)
+    assert cfg.search == "knapsack" and MappingConfig().cost == "curvature"  # the defaults
     res = run_mapping("hilal", resnet8_digits, digits, cfg, progress=False)
     m = res.metrics.set_index("layer")
     h = res.history
@@ -343,10 +346,11 @@ def test_hilal_knapsack_stage_carries_the_most_macs_for_its_eli(resnet8_digits, 
         assert len(alone) == 1 and alone["step"].iloc[0].startswith("screen-0-")
         assert alone["zero_shot"].iloc[0] < alone["floor"].iloc[0]
     # ... and, of all sets holding the forced layers, the most MACs for an ELI budget no larger than its own
-    budget = m.loc[first, "eli"].sum()
+    cost = {"curvature": "eli_second", "eli": "eli"}[cost]
+    budget = m.loc[first, cost].sum()
     free = [n for n in m.index if n not in forced]
     best = max(m.loc[forced + list(sub), "macs"].sum() for r in range(len(free) + 1)
-               for sub in itertools.combinations(free, r) if m.loc[forced + list(sub), "eli"].sum() <= budget + 1e-12)
+               for sub in itertools.combinations(free, r) if m.loc[forced + list(sub), cost].sum() <= budget + 1e-12)
     assert m.loc[first, "macs"].sum() == best
     assert set(res.analog_layers) == set().union(*(set(x.split(",")) for x in kept["layers"]))
     assert res.timings["total_s"] >= res.timings["search_s"] + res.timings["mapping_s"]
