@@ -229,10 +229,14 @@ def extend_analog(model: nn.Module, layers: Iterable[str], preset: str | TorchIn
         mod = out.get_submodule(name)
         if isinstance(mod, ANALOG_TYPES):
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = out.get_submodule(parent_name) if parent_name else out
-        setattr(parent, child, convert_to_analog(mod, get_preset(preset), ensure_analog_root=False))
+        _replace(out, name, convert_to_analog(mod, get_preset(preset), ensure_analog_root=False))
     return out
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in place of the submodule at path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def revert_to_digital(model: nn.Module, layers: Iterable[str]) -> nn.Module:
@@ -247,7 +251,5 @@ def revert_to_digital(model: nn.Module, layers: Iterable[str]) -> nn.Module:
         if not isinstance(mod, ANALOG_TYPES):
             raise HilalError(f"layer {name!r} is not analog; analog layers of this model: "
                              f"{', '.join(analog_layers(model)) or 'none'}")
-        parent_name, _, child = name.rpartition(".")
-        parent = out.get_submodule(parent_name) if parent_name else out
-        setattr(parent, child, type(mod).to_digital(mod))
+        _replace(out, name, type(mod).to_digital(mod))
     return out
