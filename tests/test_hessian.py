@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -120,6 +121,111 @@ def test_joint_and_per_layer_traces_agree(tiny):
     a, sa = hutchinson_traces(op, probes=200, mode="joint", seed=4)
     b, sb = hutchinson_traces(op, probes=200, mode="per_layer", seed=5)
     assert np.all(np.abs(a - b) <= 4 * np.sqrt(sa**2 + sb**2))
+
+
+class _FunctionalGelu(nn.Module):
+    def __init__(self, approximate: str) -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(x, approximate=self.approximate)
+
+
+def _gelu_net(approximate: str) -> nn.Module:
+    """GELU as a module and as a function call, both ways HVP graphs must catch it."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(4, 5), nn.GELU(approximate=approximate), nn.Linear(5, 5),
+                         _FunctionalGelu(approximate), nn.Linear(5, 3)).double().eval()
+
+
+def _nodes(roots: Sequence[torch.Tensor], name: str) -> int:
+    """How many autograd nodes called ``name`` the graphs of ``roots`` hold."""
+    seen, stack = set(), [t.grad_fn for t in roots if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(f for f, _ in node.next_functions if f is not None)
+    return sum(type(n).__name__ == name for n in seen)
+
+
+def _vit_case() -> tuple[nn.Module, list]:
+    """A one-block TinyViT in float64 with every parameter (layer-norm weights included) moved off its init."""
+    from hilal.models import TinyViT
+
+    torch.manual_seed(4)
+    model = TinyViT(1, 3, 4, 2, 8, 1, 2, 16).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(30, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    return model, [(x[:20], y[:20]), (x[20:], y[20:])]
+
+
+# second-order rules in the HVP graphs: node name -> count over both batches
+_RULES = {"gelu": {"_GeluGradBackward": 4, "_LayerNormGradBackward": 0, "_SoftmaxGradBackward": 0},
+          "gelu_tanh": {"_GeluGradBackward": 0, "_LayerNormGradBackward": 0, "_SoftmaxGradBackward": 0},
+          "vit": {"_GeluGradBackward": 2, "_LayerNormGradBackward": 6, "_SoftmaxGradBackward": 2}}
+
+
+@pytest.mark.parametrize("case", list(_RULES))
+def test_second_order_rules_match_dense_hessian(case):
+    """HVP graphs differentiate exact GELUs, layer norms and softmaxes with precomputed second-order terms
+    (``hilal.second_order``); the products, in weight and in output space, equal the dense float64 Hessian
+    that torch's own double backward gives. The tanh GELU is left to torch."""
+    from hilal.hessian import weight_output_errors
+
+    if case == "vit":
+        model, batches = _vit_case()
+    else:
+        model = _gelu_net("none" if case == "gelu" else "tanh")
+        batches = _batches(model)
+    layers, _, hess = _exact(model, batches)
+    op = HessianOperator(model, batches, layers)
+    roots = [g for gs in op.grads for g in gs]
+    assert {k: _nodes(roots, k) for k in _RULES[case]} == _RULES[case]
+    assert all(p.requires_grad for p in model.parameters())  # flags restored after the graph build
+    g = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in op.params]
+        hv = torch.cat([h.reshape(-1) for h in op.hvp(v)])
+        torch.testing.assert_close(hv, hess @ torch.cat([t.reshape(-1) for t in v]), rtol=1e-10, atol=1e-12)
+    oop = OutputOperator(model, batches, layers)
+    dws = [[torch.randn(p.shape, generator=g, dtype=torch.float64) for p in op.params] for _ in range(2)]
+    quad = output_loss_increase(oop, weight_output_errors(oop, dws), "per_layer")["eli_second"]
+    exact = np.mean([[0.5 * float(d.reshape(-1) @ b @ d.reshape(-1)) for d, b in
+                      zip(dw, _blocks(hess, model), strict=True)] for dw in dws], axis=0)
+    np.testing.assert_allclose(quad, exact, rtol=1e-9)
+
+
+def test_second_order_rules_leave_other_calls_alone():
+    from hilal.second_order import SecondOrderRules
+
+    x = torch.randn(3, 5, requires_grad=True)
+    w = torch.ones(5, requires_grad=True)
+    with SecondOrderRules():
+        names = [type(t.grad_fn).__name__ for t in (
+            nn.functional.layer_norm(x, (5,), w),  # a weight that takes a gradient
+            nn.functional.layer_norm(x.view(3, 5, 1), (5, 1)),  # over two dimensions
+            nn.functional.softmax(x, -1, dtype=torch.float64),
+            nn.functional.gelu(x, approximate="tanh"),
+            x.softmax(-1), nn.functional.layer_norm(x, (5,)), nn.functional.gelu(x))]
+    assert names[:4] == ["NativeLayerNormBackward0", "NativeLayerNormBackward0", "SoftmaxBackward0",
+                         "GeluBackward0"]
+    assert names[4:] == ["_SoftmaxBackward", "_LayerNormBackward", "_GeluBackward"]
+
+
+def test_nonfinite_names_the_tensors():
+    from hilal.hessian import _nonfinite
+
+    big = torch.full((4,), 3e38)  # finite entries whose float32 sum overflows
+    assert _nonfinite(["a", "b"], [big, torch.ones(2)]) == []
+    assert _nonfinite(["a", "b", "c"], [torch.tensor([math.inf, -math.inf]), big, torch.tensor([1.0, math.nan])]) \
+        == ["a", "c"]
 
 
 def test_trace_error_shrinks_with_probes():
