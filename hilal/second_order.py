@@ -13,7 +13,7 @@ are not supported (``once_differentiable``).
 is built: ``nn.GELU`` / ``nn.functional.gelu`` (exact, not the tanh form), ``nn.LayerNorm`` /
 ``nn.functional.layer_norm`` over the last dimension with weights that do not require grad, and
 ``softmax`` without a dtype. Anything else runs as is. On vit_tiny (360 samples, CPU, one thread) an
-output-space HVP takes 60 ms instead of 79 ms.
+output-space HVP is 1.33-1.38x faster.
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ class _GeluGrad(torch.autograd.Function):
     gelu''(x) = phi(x) (2 - x^2)."""
 
     @staticmethod
-    def forward(ctx: Any, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        ctx.d1 = _aten.gelu_backward(torch.ones_like(x), x)
+    def forward(ctx: Any, g: torch.Tensor, x: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
+        ctx.d1 = d1
         ctx.gd2 = g * torch.exp(-0.5 * x * x) * (2.0 - x * x) * _INV_SQRT_2PI
         return _aten.gelu_backward(g, x)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return u * ctx.d1, u * ctx.gd2
+    def backward(ctx: Any, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return u * ctx.d1, u * ctx.gd2, None
 
 
 class _Gelu(torch.autograd.Function):
@@ -56,8 +56,9 @@ class _Gelu(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the node that later HVPs differentiate
-            return _GeluGrad.apply(g, x)
-        return _aten.gelu_backward(g, x)
+            ctx.d1 = _aten.gelu_backward(torch.ones_like(x), x)  # gelu'(x), for the products below too
+            return _GeluGrad.apply(g, x, ctx.d1)
+        return g * ctx.d1 if hasattr(ctx, "d1") else _aten.gelu_backward(g, x)
 
 
 class _LayerNormGrad(torch.autograd.Function):
@@ -88,10 +89,10 @@ class _LayerNormGrad(torch.autograd.Function):
         usum = u.sum(-1, keepdim=True)
         a = (u * gh).sum(-1, keepdim=True)
         wu = (u * xhat).sum(-1, keepdim=True)
-        ju = r * (u - usum / d - xhat * (wu / d))
+        ju = torch.addcmul(u, xhat, wu / d, value=-1).sub_(usum / d).mul_(r)  # J u (fused: these are the hot loops)
         g_gy = ju * weight if weight is not None else ju
-        g_x = xhat * (-(r * r / d) * (a - gbar * usum - c * wu)) - gx * (r * wu / d) - (r * c) * ju
-        return g_gy, g_x, None, None, None
+        g_x = torch.addcmul(xhat * (-(r * r / d) * (a - gbar * usum - c * wu)), gx, r * wu / d, value=-1)
+        return g_gy, g_x.addcmul_(ju, r * c, value=-1), None, None, None
 
 
 class _LayerNorm(torch.autograd.Function):
