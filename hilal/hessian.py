@@ -262,6 +262,9 @@ def _sample_signs(e: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """a . b over all entries (one fused pass: PyHessian's ``group_product`` multiplies, then sums)."""
+    if a.dtype != b.dtype:  # vdot does not promote
+        t = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(t), b.to(t)
     return float(torch.vdot(a.reshape(-1), b.reshape(-1)))
 
 

@@ -219,6 +219,15 @@ def test_second_order_rules_leave_other_calls_alone():
     assert names[4:] == ["_SoftmaxBackward", "_LayerNormBackward", "_GeluBackward"]
 
 
+def test_dot_matches_a_float64_sum_across_dtypes():
+    from hilal.hessian import _dot
+
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g, dtype=torch.float64)
+    assert _dot(a, b) == pytest.approx(float((a.double() * b).sum()), rel=1e-12)
+    assert _dot(a.T, a.T) == pytest.approx(float(a.double().square().sum()), rel=1e-6)  # non-contiguous
+
+
 def test_nonfinite_names_the_tensors():
     from hilal.hessian import _nonfinite
 
