@@ -533,7 +533,7 @@ def pareto_sets(cost: Sequence[float], value: Sequence[float], max_points: int =
     return [(c, v, tuple(sorted(s))) for c, v, s in points]
 
 
-def _knapsack(run: _Run, eli: dict[str, float], robust: list[str], sensitive: list[str]) -> None:
+def _knapsack(run: _Run, cost: dict[str, float], robust: list[str], sensitive: list[str]) -> None:
     """Stages chosen as knapsack sets: since independent noise in different layers adds expected loss
     increases (the cross terms vanish in expectation), the layers that carry the most MACs for an ELI budget
     form the knapsack optimum, and as the budget grows these optima trace a Pareto frontier. Each round
@@ -546,8 +546,8 @@ def _knapsack(run: _Run, eli: dict[str, float], robust: list[str], sensitive: li
     on its retrained weights: :func:`_trim`) the largest screened set that did clear it; a kept stage starts
     the next round from the grown model (sets adding at least ``min_gain`` of the MACs), a rejected one caps
     the total ELI of later sets. Recovery is not extrapolated from one stage to the next:
-    a stage's best score is the maximum of noisy evaluations, which overstates it. ``eli`` maps every layer
-    to its expected loss (the ``cost`` chosen)."""
+    a stage's best score is the maximum of noisy evaluations, which overstates it. ``cost`` maps every layer
+    to its expected loss (the ``MappingConfig.cost`` chosen)."""
     cfg, base, floor = run.cfg, run.baseline, run.floor()
     candidates_pool = robust + sensitive
     rho, cap, it = cfg.recovery_prior, math.inf, 0
@@ -557,9 +557,9 @@ def _knapsack(run: _Run, eli: dict[str, float], robust: list[str], sensitive: li
         margin = cfg.near_miss if cfg.reps >= 5 and not run.layers else 0.0
         forced = [n for n in robust if n not in run.layers] if it == 0 else []
         rest = [n for n in candidates_pool if n not in run.layers and n not in forced]
-        spent, forced_eli = sum(eli[n] for n in run.layers), sum(eli[n] for n in forced)
+        spent, forced_cost = sum(cost[n] for n in run.layers), sum(cost[n] for n in forced)
         cands = [forced + [rest[i] for i in idx] for c, _, idx in
-                 pareto_sets([eli[n] for n in rest], [run.macs[n] for n in rest]) if spent + forced_eli + c < cap]
+                 pareto_sets([cost[n] for n in rest], [run.macs[n] for n in rest]) if spent + forced_cost + c < cap]
         gain = cfg.min_gain * sum(run.macs.values()) if run.layers else 0.0
         cands = [c for c in cands if c and sum(run.macs[n] for n in c) >= gain]
         if not cands:
@@ -577,8 +577,8 @@ def _knapsack(run: _Run, eli: dict[str, float], robust: list[str], sensitive: li
             continue
         if lo < 0 and run.layers and cfg.scan:  # a later round where no frontier set clears: single layers
             tried = {tuple(c) for k, c in enumerate(cands) if k in z and len(c) == 1}
-            singles = [n for n in rest if (n,) not in tried and run.macs[n] >= gain and spent + eli[n] < cap]
-            singles = sorted(singles, key=lambda n: eli[n] / run.macs[n])[: cfg.scan]
+            singles = [n for n in rest if (n,) not in tried and run.macs[n] >= gain and spent + cost[n] < cap]
+            singles = sorted(singles, key=lambda n: cost[n] / run.macs[n])[: cfg.scan]
             if _scan(run, f"single-{it}", singles, floor):
                 it += 1
                 continue
@@ -596,8 +596,8 @@ def _knapsack(run: _Run, eli: dict[str, float], robust: list[str], sensitive: li
             if run.stage(f"stage-{it}-{k}", cands[k], lambda sc: sc >= floor, zero_shot=z.get(k, True),
                          keep_rejected=cfg.trim):
                 break
-            cap = min(cap, spent + sum(eli[n] for n in cands[k]))
-            if cfg.trim and _trim(run, f"trim-{it}-{k}", cands[k], eli, floor, gain):
+            cap = min(cap, spent + sum(cost[n] for n in cands[k]))
+            if cfg.trim and _trim(run, f"trim-{it}-{k}", cands[k], cost, floor, gain):
                 break
         it += 1
 
@@ -616,7 +616,7 @@ def _scan(run: _Run, key: str, layers: list[str], floor: float) -> bool:
     return False
 
 
-def _trim(run: _Run, key: str, layers: list[str], eli: dict[str, float], floor: float, gain: float) -> bool:
+def _trim(run: _Run, key: str, layers: list[str], cost: dict[str, float], floor: float, gain: float) -> bool:
     """After the stage of ``layers`` was retrained and rejected: bisect the knapsack frontier of its own
     layers (most MACs per expected-loss budget, the full set excluded) on zero-shot scores of its retrained model with
     the rest of its layers digital again, and keep the largest subset that clears the floor and adds at least
@@ -625,7 +625,7 @@ def _trim(run: _Run, key: str, layers: list[str], eli: dict[str, float], floor: 
     second retraining stage by a few evaluations. Returns whether a subset was kept."""
     full = set(layers)
     subsets = [[layers[i] for i in idx] for _, _, idx in
-               pareto_sets([eli[n] for n in layers], [run.macs[n] for n in layers])]
+               pareto_sets([cost[n] for n in layers], [run.macs[n] for n in layers])]
     subsets = [x for x in subsets if x and set(x) != full and sum(run.macs[n] for n in x) >= gain]
     z: dict[int, float] = {}
     lo, hi = -1, len(subsets) - 1
