@@ -228,6 +228,19 @@ def test_dot_matches_a_float64_sum_across_dtypes():
     assert _dot(a.T, a.T) == pytest.approx(float(a.double().square().sum()), rel=1e-6)  # non-contiguous
 
 
+def test_rademacher_signs_are_the_int64_stream_in_the_probe_dtype():
+    # drawn straight into the probe's dtype, the signs must be those of int64 draws: the probes (and so every
+    # estimate, seed for seed) do not depend on how they are drawn
+    from hilal.hessian import _rademacher
+
+    for dtype in (torch.float32, torch.float64, torch.int64):
+        g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+        r = _rademacher(torch.Size((360, 17, 64)), g1, torch.zeros(1, dtype=dtype))
+        ref = torch.randint(0, 2, (360, 17, 64), generator=g2) * 2 - 1
+        assert r.dtype == dtype and torch.equal(r.long(), ref)
+        assert 0.45 < (r > 0).double().mean() < 0.55
+
+
 def test_nonfinite_names_the_tensors():
     from hilal.hessian import _nonfinite
 
