@@ -246,14 +246,18 @@ class Round:
 
 
 def retrain(model: nn.Module, splits: Splits, cfg: MappingConfig, seed: int, drift: bool = True,
-            progress: bool = False) -> Round:
+            progress: bool = False, start: float | None = None) -> Round:
     """Noise-injection fine-tuning until ``patience`` evaluations in a row fall below the best one (or
     ``max_rounds``); the best weights are kept in ``model``. Each evaluation is the mean score over ``reps``
     programmings at ``t_eval`` (or, with ``drift=False``, of the unprogrammed model) on the calibration split.
+    ``start``, the score of ``model`` as given (already measured), makes it round 0: retraining stops once
+    ``patience`` rounds in a row fail to beat it, and if none does the model is left as it was.
     """
     t0 = time.perf_counter()
     opt = make_optimizer(model, cfg.finetune)
     best, best_snap, recent = -np.inf, None, []
+    if start is not None:
+        best, best_snap = float(start), snapshot(model)
     n = 0
     for n in range(1, cfg.max_rounds + 1):
         finetune_round(model, splits, cfg.finetune, opt, seed=seed * 101 + n)
@@ -317,8 +321,11 @@ class _Run:
               drift: bool = True, zero_shot: bool | float = False, keep_rejected: bool = False) -> bool:
         """Make ``layers`` analog on top of the current model, retrain, and keep the result if ``accept``
         (always when None). With ``zero_shot`` True the candidate is also scored before retraining (recorded
-        as ``zero_shot``; a number is recorded as the already measured zero-shot score). With
-        ``keep_rejected`` a rejected candidate's retrained weights are kept aside for :meth:`screen`
+        as ``zero_shot``; a number is recorded as the already measured zero-shot score); that score is then
+        the retraining's round 0 (:func:`retrain` ``start``): retraining stops once ``patience`` rounds fail
+        to beat it, and a candidate that cleared the floor zero-shot is kept as it was if none does. With
+        ``keep_rejected`` a rejected candidate's best weights (retrained, or as given when no round beat
+        its zero-shot score) are kept aside for :meth:`screen`
         ``(retrained=True)`` and :meth:`adopt`. Journaled: a finished stage is replayed from disk, not
         recomputed."""
         new_layers = [n for n in self.layers + layers if n]
@@ -340,7 +347,7 @@ class _Run:
                 z = None if zero_shot is False else float(zero_shot)
             z_s = time.perf_counter() - t
             torch.manual_seed(self.cfg.seed + len(self.rows))
-            r = retrain(candidate, self.splits, self.cfg, seed, drift)
+            r = retrain(candidate, self.splits, self.cfg, seed, drift, start=z)
             ok = True if accept is None else bool(accept(r.score))
             done = {"kept": ok, "score": r.score, "rounds": r.rounds, "seconds": r.seconds + z_s, "zero_shot": z}
             self.journal.put(key, done, candidate if ok or keep_rejected else None)

@@ -279,6 +279,43 @@ def test_retrain_keeps_best_and_respects_patience(resnet8_digits, digits):
     assert 1 <= r.rounds <= 3 and 0.0 <= r.score <= 1.0
 
 
+def script_rounds(monkeypatch, scores) -> None:
+    """Scripted retraining: each fine-tuning step adds 1 to every weight (the kept weights tell the round)
+    and the evaluations return ``scores`` in turn; what stays under test is the stopping and keeping rule."""
+    import torch
+
+    import hilal.mapping as hm
+
+    script = iter(scores)
+
+    def step(m, *a, **k):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(1.0)
+        return 0.0
+
+    monkeypatch.setattr(hm, "finetune_round", step)
+    monkeypatch.setattr(hm, "_in_loop_score", lambda *a, **k: next(script))
+
+
+@pytest.mark.parametrize("start, scores, rounds, best", [
+    (None, [0.80, 0.85, 0.70, 0.60], 4, 0.85),  # the best round is kept; two rounds below it stop
+    (0.90, [0.80, 0.85, 0.95, 0.99], 2, 0.90),  # no round beats the model as given: it is left as it was
+    (0.50, [0.60, 0.55, 0.58, 0.52], 3, 0.60),  # round 1 beats it and is kept
+])
+def test_retrain_counts_the_given_score_as_round_zero(monkeypatch, start, scores, rounds, best):
+    """The rounds' scores are scripted (:func:`script_rounds`)."""
+    import torch
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    w0 = model[0].weight.detach().clone()
+    script_rounds(monkeypatch, scores)
+    r = retrain(model, None, tiny_cfg(max_rounds=4, patience=2), seed=0, start=start)
+    assert (r.rounds, r.score) == (rounds, best)
+    kept_round = 0 if best == start else scores.index(best) + 1
+    assert torch.allclose(model[0].weight, w0 + kept_round, atol=1e-5)
+
+
 def test_resume_skips_finished_rounds(resnet8_digits, digits, tmp_path, monkeypatch):
     cfg = tiny_cfg(workdir=str(tmp_path), max_rounds=1)
     full = run_mapping("lionheart", resnet8_digits, digits, tiny_cfg(max_rounds=1), progress=False)
@@ -499,3 +536,24 @@ def test_a_score_equal_to_the_floor_passes(resnet8_digits, digits):
     assert float(scores.mean()) < 356 / 360 - 0.02  # the rounding this guards against
     assert float(scores.mean()) >= run.floor()
     assert 348.7 / 360 < run.floor()  # still a floor
+
+
+@pytest.mark.parametrize("zero_shot, kept", [(0.99, True), (0.979, False)])
+def test_stage_keeps_a_cleared_candidate_when_retraining_does_not_beat_it(resnet8_digits, digits, monkeypatch,
+                                                                          zero_shot, kept):
+    """A stage whose zero-shot score clears the floor is kept with the weights it had when no retraining
+    round beats that score (two rounds, patience 2); one that misses the floor is rejected, its untouched
+    weights kept aside for the trim. The rounds' scores are scripted (:func:`script_rounds`)."""
+    import torch
+
+    import hilal.mapping as hm
+
+    run = hm._Run("hilal", resnet8_digits, digits, tiny_cfg(patience=2, max_rounds=6), progress=False)
+    run.baseline = 1.0  # floor 0.98
+    script_rounds(monkeypatch, [0.95, 0.97, 0.96, 0.95, 0.94, 0.93])
+    ok = run.stage("s", ["fc"], lambda sc: sc >= run.floor(), zero_shot=zero_shot, keep_rejected=True)
+    row = run.rows[-1]
+    assert ok == kept and row["rounds"] == 2 and row["score"] == zero_shot
+    model = run.model if kept else run.rejected[1]
+    assert analog_layers(model) == ["fc"]
+    assert torch.equal(model.conv1.weight, resnet8_digits.conv1.weight)  # no fine-tuning step kept
