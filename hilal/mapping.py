@@ -108,8 +108,9 @@ class MappingConfig:
     on ResNet-8/20, each costing a full stage)."""
     trim: bool = True
     """HILAL ``knapsack``: when a retrained stage falls below the floor, screen subsets of its layers (the
-    knapsack frontier of the stage's own layers, bisected) on its retrained weights with the other layers
-    digital again, and keep the largest that clears the floor without a further retraining stage."""
+    knapsack frontier of the stage's own layers, bisected) on its best weights (retrained, or as they were
+    when no round beat its zero-shot score) with the other layers digital again, and keep the largest that
+    clears the floor without a further retraining stage."""
     scan: int = 0
     """HILAL ``knapsack``: in a later round where no frontier set clears the floor, screen up to this many
     of the remaining single layers (ascending cost per MAC, sequential test) and retrain the first within one
@@ -629,7 +630,9 @@ def _trim(run: _Run, key: str, layers: list[str], cost: dict[str, float], floor:
     the rest of its layers digital again, and keep the largest subset that clears the floor and adds at least
     ``gain`` MACs. Retraining adapted the whole network to the stage's noise, so a subset usually clears the
     floor where it would not on the model before the stage (ResNet-8: 1-2 points higher); this replaces a
-    second retraining stage by a few evaluations. Returns whether a subset was kept."""
+    second retraining stage by a few evaluations (when no round beat the stage's zero-shot score, its weights
+    are those it had before retraining, and the subsets are screened on them). Returns whether a subset was
+    kept."""
     full = set(layers)
     subsets = [[layers[i] for i in idx] for _, _, idx in
                pareto_sets([cost[n] for n in layers], [run.macs[n] for n in layers])]
