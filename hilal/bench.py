@@ -32,6 +32,7 @@ from torch import nn
 
 from hilal.paths import atomic_json_dump
 from hilal.registry import HilalError, check_choice
+from hilal.runtime import SETTINGS
 
 KINDS = ("hessian", "search", "analog")
 
@@ -91,6 +92,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     return {"torch": torch.__version__, "aihwkit": aihwkit.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": dev,
+            "malloc": {k: os.environ.get(k) for _, _, k in SETTINGS.values()},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -519,6 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     a = p.parse_args(argv)
     from hilal.paths import project_root
+    from hilal.runtime import keep_freed_memory
+
+    keep_freed_memory()
 
     out = a.out or project_root() / "bench" / "results" / f"{a.kind}.json"
     models = tuple(a.models.split(",")) if a.models else None

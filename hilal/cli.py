@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from hilal.runtime import keep_freed_memory
+
+    keep_freed_memory()
     try:
         args.fn(args)
     except HilalError as e:

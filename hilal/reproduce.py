@@ -30,6 +30,7 @@ from torch import nn
 import hilal
 from hilal.paths import atomic_json_dump, atomic_torch_save, data_dir, figures_dir, project_root
 from hilal.registry import HilalError
+from hilal.runtime import allocator_env
 
 COLAB_REPO = "hilal-kit/hilal"
 """GitHub ``owner/name`` the notebooks install from on Colab and link their badges to (a placeholder until
@@ -210,7 +211,7 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
     rows = []
     # inline backend: the executed copies under runs/ show their figures (an inherited Agg would hide them)
     with _environ(HILAL_FIGURES_DIR=str(fig_dir.resolve()), PYTHONPATH=pypath,
-                  MPLBACKEND="module://matplotlib_inline.backend_inline"):
+                  MPLBACKEND="module://matplotlib_inline.backend_inline", **allocator_env()):
         for key, (path, params) in todo.items():
             out_nb = run_dir / path.name
             if progress:

@@ -7,8 +7,11 @@ import os
 import pytest
 import torch
 
+from hilal.runtime import keep_freed_memory
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HILAL_OFFLINE", "1")
+keep_freed_memory()  # as the hilal command does (hilal.runtime); the notebook kernels inherit it
 
 
 def pytest_collection_modifyitems(config, items):

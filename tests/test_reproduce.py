@@ -15,6 +15,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 import hilal
 from hilal import reproduce as rp
 from hilal.registry import HilalError
+from hilal.runtime import allocator_env
 
 
 def write_nb(folder: Path, name: str, params: str, body: str) -> Path:
@@ -35,7 +36,8 @@ def tiny(tmp_path):
     write_nb(folder, "00_first.ipynb", 'A = 1  # any int\nSHARED = "x"  # any string',
              'import json, pathlib\n'
              'out = pathlib.Path(os.environ["HILAL_FIGURES_DIR"])\n'
-             '(out / "00_values.json").write_text(json.dumps({"A": A, "SHARED": SHARED}))')
+             '(out / "00_values.json").write_text(json.dumps({"A": A, "SHARED": SHARED,\n'
+             '                                              "malloc": os.environ.get("MALLOC_TRIM_THRESHOLD_")}))')
     write_nb(folder, "01_second.ipynb", "B = 2  # any int\nFAIL = False  # True or False",
              'assert not FAIL, "asked to fail"')
     return folder
@@ -110,6 +112,9 @@ def test_reproduce_executes_with_parameters_env_and_reports_failures(tmp_path, t
     (tmp_path / "home").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("JUPYTER_PATH", raising=False)
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):  # the kernel gets them from reproduce itself
+        monkeypatch.delenv(k, raising=False)
+    malloc = allocator_env().get("MALLOC_TRIM_THRESHOLD_")
     figs = tmp_path / "figs"
     p = profile(tmp_path, "common: {SHARED: z}\nnotebooks:\n  '00': {A: 42}\n  '01': {FAIL: true}\n")
     with pytest.raises(rp.ReproduceError, match=r"1 notebook\(s\) failed: 01_second: AssertionError: asked to fail") \
@@ -117,7 +122,7 @@ def test_reproduce_executes_with_parameters_env_and_reports_failures(tmp_path, t
         rp.reproduce(p, notebooks=tiny, out_dir=tmp_path / "run", figures=figs, progress=False)
     table = err.value.table
     assert table.set_index("notebook")["status"].to_dict() == {"00": "ok", "01": "failed"}
-    assert json.loads((figs / "00_values.json").read_text()) == {"A": 42, "SHARED": "z"}
+    assert json.loads((figs / "00_values.json").read_text()) == {"A": 42, "SHARED": "z", "malloc": malloc}
     assert (tmp_path / "run" / "00_first.ipynb").exists() and (tmp_path / "run" / "reproduce.csv").exists()
     table = rp.reproduce(p, only="00", notebooks=tiny, out_dir=tmp_path / "run2", figures=figs, progress=False)
     assert table["status"].tolist() == ["ok"] and table["seconds"].iloc[0] > 0
