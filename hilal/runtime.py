@@ -27,12 +27,16 @@ SETTINGS = {"mmap_threshold": (-3, 32 * _MIB, "MALLOC_MMAP_THRESHOLD_"),
             "trim_threshold": (-1, 256 * _MIB, "MALLOC_TRIM_THRESHOLD_")}
 
 
+def _env() -> dict[str, str]:
+    return {env: str(value) for _, value, env in SETTINGS.values()}
+
+
 def _wanted() -> bool:
     if os.environ.get("HILAL_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    ours = {env: str(value) for _, value, env in SETTINGS.values()}
+    ours = _env()
     # ours already in the environment (a parent applied them) is fine; anything else is the user's choice
     user = [k for k, v in os.environ.items() if k.startswith("MALLOC_") and k.endswith("_") and ours.get(k) != v]
     return not (user or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""))
@@ -41,7 +45,7 @@ def _wanted() -> bool:
 def allocator_env() -> dict[str, str]:
     """glibc's environment variables for the settings, for child processes (empty where they do not
     apply: not glibc, ``HILAL_MALLOC=0``, or malloc already set by the user)."""
-    return {env: str(value) for _, value, env in SETTINGS.values()} if _wanted() else {}
+    return _env() if _wanted() else {}
 
 
 def keep_freed_memory() -> dict[str, int]:

@@ -1,5 +1,5 @@
-"""The allocator settings: they must remove the page faults of a reused working set, and stay out of the way
-where the user chose otherwise."""
+"""The allocator settings: large blocks must come from the heap and freed heap must stay with the process,
+and the settings must stay out of the way where the user chose otherwise."""
 
 from __future__ import annotations
 
