@@ -552,10 +552,11 @@ def _knapsack(run: _Run, cost: dict[str, float], robust: list[str], sensitive: l
     (short by at most ``near_miss`` standard errors; first stage only) counts as clearing it in the
     bisection: it is retrained first, and if rejected (and, with ``trim``, no subset of it clears the floor
     on its retrained weights: :func:`_trim`) the largest screened set that did clear it; a kept stage starts
-    the next round from the grown model (sets adding at least ``min_gain`` of the MACs), a rejected one caps
-    the total ELI of later sets. Recovery is not extrapolated from one stage to the next:
-    a stage's best score is the maximum of noisy evaluations, which overstates it. ``cost`` maps every layer
-    to its expected loss (the ``MappingConfig.cost`` chosen)."""
+    the next round from the grown model (sets adding at least ``min_gain`` of the MACs; its cheapest set is
+    screened first, and if it fails, so would every costlier one: the round ends after one screen, which
+    after a kept stage is the usual case), a rejected one caps the total ELI of later sets. Recovery is not
+    extrapolated from one stage to the next: a stage's best score is the maximum of noisy evaluations, which
+    overstates it. ``cost`` maps every layer to its expected loss (the ``MappingConfig.cost`` chosen)."""
     cfg, base, floor = run.cfg, run.baseline, run.floor()
     candidates_pool = robust + sensitive
     rho, cap, it = cfg.recovery_prior, math.inf, 0
@@ -575,8 +576,10 @@ def _knapsack(run: _Run, cost: dict[str, float], robust: list[str], sensitive: l
         z: dict[int, float] = {}
         se: dict[int, float] = {}
         lo, hi = -1, len(cands) - 1  # bisection for the largest set that clears the floor or nearly misses it
+        cheapest_first = bool(run.layers)  # after a kept stage: if the cheapest set fails, so would the rest
         while lo < hi:
-            k = (lo + hi + 1) // 2
+            k = 0 if cheapest_first else (lo + hi + 1) // 2
+            cheapest_first = False
             z[k] = run.screen(f"screen-{it}-{k}", cands[k], threshold=thr)
             se[k] = run.rows[-1]["zero_shot_se"] or 0.0
             lo, hi = (k, hi) if z[k] >= thr - margin * se[k] else (lo, k - 1)

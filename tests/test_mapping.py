@@ -183,6 +183,29 @@ def test_knapsack_search_against_exhaustive(lag, trim, scan):
         assert bool(run.trims) <= trim
 
 
+def test_knapsack_round_ends_when_its_cheapest_set_fails():
+    """Expected losses add, so a round after a kept stage whose cheapest frontier set fails its screen ends
+    after that one screen instead of bisecting down to it (the first round bisects: there the cheapest set,
+    often the robust cluster alone, usually clears). Exact zero-shot scores; the stages found are the
+    optimum, robust cluster in or (when it alone does not fit) out."""
+
+    class Keys(KnapsackOracle):
+        def screen(self, key, layers, threshold=None, retrained=False):
+            self.keys.append(key)
+            return super().screen(key, layers, threshold, retrained)
+
+    names = [f"l{i}" for i in range(8)]
+    loss = {n: 0.1 * (i + 1) for i, n in enumerate(names)}
+    macs = dict.fromkeys(names, 8)
+    for robust, kept in (([], ["l0", "l1"]), (["l6", "l7"], ["l0", "l1"])):  # the latter: 1.5 > 0.35
+        run = Keys(loss, macs, budget=0.35)
+        run.keys = []
+        _knapsack(run, dict(loss), robust, [n for n in names if n not in robust])
+        assert sorted(run.layers) == kept and run.stages == 1
+        last = max(int(k.split("-")[1]) for k in run.keys)
+        assert [k for k in run.keys if k.startswith(f"screen-{last}-")] == [f"screen-{last}-0"]
+
+
 def test_trim_keeps_the_best_subset_of_a_rejected_stage():
     """After a rejected stage, the kept subset carries the most MACs of any subset of the stage's layers
     that fits the budget left (exact scores on the retrained model), found by bisection, not by trying
