@@ -9,9 +9,10 @@ machine. Fixing the mapping threshold at 32 MiB and keeping up to 256 MiB of fre
 faults and 76 ms per product against none and 61 ms). The price: up to 256 MiB of freed heap stay with the
 process for reuse instead of going back to the system.
 
-The ``hilal`` command, ``bench/`` and the test suite apply this to their own process
-(:func:`keep_freed_memory`), and ``hilal reproduce`` passes it to the notebook kernels through glibc's
-environment variables (:func:`allocator_env`). ``HILAL_MALLOC=0`` turns it off; a process whose own
+The ``hilal`` command, ``bench/``, the test suite and every notebook (in its imports cell, so Jupyter,
+Colab and a plain papermill run get it too) apply this to their own process (:func:`keep_freed_memory`), and
+``hilal reproduce`` passes it to the notebook kernels through glibc's environment variables
+(:func:`allocator_env`). ``HILAL_MALLOC=0`` turns it off; a process whose own
 ``MALLOC_*_`` variables or ``GLIBC_TUNABLES`` already set malloc is left alone.
 """
 

@@ -62,8 +62,12 @@ def test_notebook_is_stripped_and_follows_the_conventions(key):
     assert 'if "google.colab" in sys.modules:' in install and rp.COLAB_INSTALL in install
     tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
     assert tagged == [2], f"{path.name}: exactly one parameters cell, right after the imports"
-    imports = ast.parse(cells[1].source).body
+    # the imports, then the allocator setting of hilal.runtime (interactive kernels and a plain papermill
+    # run get it too, not only the kernels of hilal reproduce)
+    *imports, setting = ast.parse(cells[1].source).body
     assert imports and all(isinstance(s, (ast.Import, ast.ImportFrom)) for s in imports)
+    assert ast.unparse(setting) == "keep_freed_memory()", f"{path.name}: the imports cell ends with the setting"
+    assert any(isinstance(s, ast.ImportFrom) and s.module == "hilal.runtime" for s in imports)
     for c in cells:
         lines = c.source.splitlines()
         assert len(lines) <= MAX_LINES, f"{path.name}: a code cell of {len(lines)} lines"
