@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--robust-only", action="store_true")
     m.add_argument("--cluster", default="kmeans")
     m.add_argument("--ablation", default="eli-r", help="hilal-paper features")
-    m.add_argument("--workdir", default=None, help="journal folder: an interrupted run resumes from it")
+    m.add_argument("--workdir", default=None,
+                   help="journal folder: an interrupted run resumes from it (same settings and code version)")
     m.set_defaults(fn=cmd_map)
 
     r = sub.add_parser("reproduce", help="execute the notebooks with papermill and regenerate figures/")

@@ -40,7 +40,7 @@ from hilal.analog import (
 )
 from hilal.data import Splits, loader
 from hilal.evaluate import ONE_DAY, noisy_metrics, noisy_scores
-from hilal.paths import atomic_json_dump, atomic_torch_save
+from hilal.paths import atomic_json_dump, atomic_torch_save, code_fingerprint
 from hilal.registry import HilalError, Registry, check_choice
 from hilal.train import FinetuneConfig, evaluate, finetune_round, make_optimizer, score
 
@@ -139,7 +139,8 @@ class MappingConfig:
     final_reps: int | None = None
     """Repetitions of the final test evaluation (default: ``reps``)."""
     workdir: str | None = None
-    """Folder for the resumable journal; an interrupted run started again skips finished rounds."""
+    """Folder for the resumable journal; an interrupted run started again with the same settings and code
+    skips finished rounds."""
 
     def key(self) -> str:
         d = asdict(self)
@@ -206,10 +207,13 @@ def restore(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
 
 
 class Journal:
-    """Resumable record of finished steps: one JSON index plus one weights file per kept model."""
+    """Resumable record of finished steps: one JSON index plus one weights file per kept model, in a folder
+    keyed by the method, model, settings and code version (a change of the package's source starts a fresh
+    journal beside the old one instead of replaying steps the old code took)."""
 
     def __init__(self, workdir: str | None, method: str, cfg: MappingConfig, tag: str) -> None:
-        self.dir = Path(workdir) / f"{method}-{tag}-{cfg.key()}" if workdir else None
+        key = _safe(f"{method}-{tag}-{cfg.key()}-{code_fingerprint()}")
+        self.dir = Path(workdir) / key if workdir else None
         self.steps: dict[str, Any] = {}
         if self.dir and (self.dir / "journal.json").exists():
             self.steps = json.loads((self.dir / "journal.json").read_text())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -75,3 +77,18 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+@functools.lru_cache(maxsize=4)
+def code_fingerprint(root: Path | None = None) -> str:
+    """The package version plus a hash of its source files (``root``: the package folder), part of every
+    cache key: a stored mapping, metrics table or mapping journal is never reused across a change of the
+    code."""
+    import hilal
+
+    root = Path(root or _PKG)
+    h = hashlib.sha1()
+    for f in sorted(root.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return f"{hilal.__version__}+{h.hexdigest()[:10]}"

@@ -9,7 +9,6 @@ cell runs (``papermill.inspect_notebook``).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -28,7 +27,14 @@ import yaml
 from torch import nn
 
 import hilal
-from hilal.paths import atomic_json_dump, atomic_torch_save, data_dir, figures_dir, project_root
+from hilal.paths import (
+    atomic_json_dump,
+    atomic_torch_save,
+    code_fingerprint,
+    data_dir,
+    figures_dir,
+    project_root,
+)
 from hilal.registry import HilalError
 from hilal.runtime import allocator_env
 
@@ -261,18 +267,6 @@ class StoredMapping:
     """The final (partly analog, fine-tuned) model."""
     reused: bool
     """True when loaded from an earlier run with identical settings instead of computed."""
-
-
-@functools.lru_cache(maxsize=4)
-def code_fingerprint(root: Path | None = None) -> str:
-    """The package version plus a hash of its source files (``root``: the package folder), part of every
-    cache key here: a stored mapping or metrics table is never reused across a change of the code."""
-    root = Path(root or Path(hilal.__file__).parent)
-    h = hashlib.sha1()
-    for f in sorted(root.glob("*.py")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return f"{hilal.__version__}+{h.hexdigest()[:10]}"
 
 
 def _key(d: Mapping[str, Any]) -> str:
