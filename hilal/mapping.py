@@ -212,8 +212,7 @@ class Journal:
     journal beside the old one instead of replaying steps the old code took)."""
 
     def __init__(self, workdir: str | None, method: str, cfg: MappingConfig, tag: str) -> None:
-        key = _safe(f"{method}-{tag}-{cfg.key()}-{code_fingerprint()}")
-        self.dir = Path(workdir) / key if workdir else None
+        self.dir = Path(workdir) / _safe(f"{method}-{tag}-{cfg.key()}-{code_fingerprint()}") if workdir else None
         self.steps: dict[str, Any] = {}
         if self.dir and (self.dir / "journal.json").exists():
             self.steps = json.loads((self.dir / "journal.json").read_text())
