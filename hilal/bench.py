@@ -148,8 +148,10 @@ def joint_estimates(model: nn.Module, batch: Any, layers: Sequence[str], noise: 
                     probes: int, seed: int) -> dict[str, Any]:
     """Traces and ELI of all layers the way :func:`hilal.hessian.layer_metrics` gets them in ``joint`` mode:
     exact Gauss-Newton blocks where they are the Hessian blocks (checked with one block HVP per layer), else
-    one output-space HVP per probe and per noise sample for all layers, probes and signs drawn per sample."""
+    output-space HVPs for all layers, probes and signs drawn per sample: the trace probes shared out over the
+    default gradient strata (``hvps`` counts products over all samples), one product per noise sample."""
     from hilal.hessian import (
+        HessianConfig,
         OutputOperator,
         gauss_newton,
         output_loss_increase,
@@ -158,11 +160,11 @@ def joint_estimates(model: nn.Module, batch: Any, layers: Sequence[str], noise: 
     )
 
     gn = gauss_newton(model, [batch], layers, seed=seed)
-    op = gn if gn is not None else OutputOperator(model, [batch], layers)
+    op = gn if gn is not None else OutputOperator(model, [batch], layers, HessianConfig().strata)
     trace, trace_se = output_traces(op, probes, seed)
     eli = output_loss_increase(op, weight_output_errors(op, noise), "joint", seed)
     return {"trace": trace, "trace_se": trace_se, "eli": eli["eli"], "eli_se": eli["eli_se"],
-            "hvps": len(layers) if gn is not None else op.hvps,
+            "hvps": len(layers) if gn is not None else round(op.full_hvps),
             "curvature": "hvp" if gn is None else "gauss-newton",
             "gauss_newton_mismatch": float("nan") if gn is None else gn.check}
 

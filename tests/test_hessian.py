@@ -315,12 +315,8 @@ def test_rank_one_probe_is_a_weight_probe_applied_per_sample():
             torch.testing.assert_close(e[k], _apply(mod, x[name][k:k + 1], v)[0])
 
 
-@pytest.mark.parametrize("case", ["mlp", "cnn", "probed"])
-def test_output_space_traces_match_dense_hessian(case):
-    """Per-sample rank-one weight probes applied in output space: unbiased for the weight blocks' traces
-    (z-test against the dense Hessian), one output HVP per probe and batch for all layers."""
-    from hilal.hessian import output_traces
-
+def _trace_case(case: str) -> tuple[nn.Module, list, list[str], np.ndarray]:
+    """Model, batches, layers and exact weight-block traces of a tiny case (mlp, cnn or probed)."""
     if case == "probed":
         model, batches, blocks, layers = _probed_case()
     else:
@@ -328,13 +324,80 @@ def test_output_space_traces_match_dense_hessian(case):
         batches = _batches(model)
         layers, _, hess = _exact(model, batches)
         blocks = _blocks(hess, model)
-    exact = np.array([float(b.trace()) for b in blocks])
+    return model, batches, layers, np.array([float(b.trace()) for b in blocks])
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "probed"])
+def test_output_space_traces_match_dense_hessian(case):
+    """Per-sample rank-one weight probes applied in output space: unbiased for the weight blocks' traces
+    (z-test against the dense Hessian), one output HVP per probe and batch for all layers."""
+    from hilal.hessian import output_traces
+
+    model, batches, layers, exact = _trace_case(case)
     op = OutputOperator(model, batches, layers)
     est, se = output_traces(op, probes=400, seed=7)
     assert np.all(se > 0)
     z = np.abs(est - exact) / se
     assert np.all(z < 4), (est, exact, z)
     assert op.hvps == 400 * len(batches)
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "probed"])
+def test_stratified_output_traces_are_unbiased_with_calibrated_errors(case):
+    """Gradient strata with unequal probe counts: over 120 seeds the mean trace agrees with the dense
+    Hessian (z-test on the seeds' spread), the reported standard error matches that spread, and the
+    products used are the allocation's, in units of one product over all samples."""
+    from hilal.hessian import output_traces, probe_counts
+
+    model, batches, layers, exact = _trace_case(case)
+    op = OutputOperator(model, batches, layers, strata=3)
+    assert len(op.batch_weights) == 3
+    # tiny random models have near-equal gradient scales; wide ones make the counts clearly unequal (any
+    # allocation fixed before the probes are drawn leaves the estimate unbiased)
+    op.scales = [np.full(len(x), v) for x, v in zip(op.scales, (20.0, 4.0, 0.01), strict=True)]
+    counts = probe_counts(op, 8)
+    assert counts[0] > counts[1] > counts[2] == 2, counts
+    runs = [output_traces(op, probes=8, seed=s) for s in range(120)]
+    est, se = np.array([r[0] for r in runs]), np.array([r[1] for r in runs])
+    spread = est.std(0, ddof=1)
+    z = np.abs(est.mean(0) - exact) / (spread / math.sqrt(len(est)))
+    assert np.all(z < 4), (est.mean(0), exact, z)
+    ratio = np.sqrt((se**2).mean(0)) / spread
+    assert np.all((ratio > 0.7) & (ratio < 1.4)), ratio
+    assert op.full_hvps == pytest.approx(120 * sum(n * w for n, w in zip(counts, op.batch_weights, strict=True)))
+
+
+def test_gradient_strata_group_confident_samples_and_allot_them_fewer_probes():
+    """A linear classifier that fits half the samples with a wide margin: their loss gradients are tiny, so
+    they fill the last strata, which keep the floor share of the probes; the strata partition the samples
+    (each exactly once, labels kept with their inputs); one stratum gives every batch the same count."""
+    from hilal.hessian import STRATUM_FLOOR, gradient_strata, probe_counts
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2)).double().eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[4.0, 0.0], [-4.0, 0.0]], dtype=torch.float64))
+        model[0].bias.zero_()
+    g = torch.Generator().manual_seed(1)
+    far = torch.cat([torch.full((10, 1), 3.0, dtype=torch.float64), torch.randn(10, 1, generator=g,
+                                                                              dtype=torch.float64)], 1)
+    near = 0.05 * torch.randn(10, 2, generator=g, dtype=torch.float64)
+    x = torch.cat([far, near])
+    y = torch.cat([torch.zeros(10, dtype=torch.long), torch.randint(0, 2, (10,), generator=g)])
+    batches = [(x[:13], y[:13]), (x[13:], y[13:])]
+    strata, scales = gradient_strata(model, batches, ["0"], 4)
+    assert [len(b[0]) for b in strata] == [5, 5, 5, 5]
+    flat = np.concatenate(scales)
+    assert np.all(np.diff(flat) <= 0)
+    xs = torch.cat([b[0] for b in strata])
+    ys = torch.cat([b[1] for b in strata])
+    idx = [int(torch.nonzero((x == r).all(1))[0]) for r in xs]
+    assert sorted(idx) == list(range(20)) and torch.equal(ys, y[idx])
+    assert set(idx[10:]) == set(range(10))  # the confident samples fill the last two strata
+    op = OutputOperator(model, batches, ["0"], strata=4)
+    counts = probe_counts(op, 40)
+    assert counts[0] > 3 * counts[-1] and counts[-1] == max(2, round(STRATUM_FLOOR * 40)), counts
+    assert probe_counts(OutputOperator(model, batches, ["0"]), 40) == [40, 40]
 
 
 def test_weight_noise_eli_in_output_space_equals_weight_space():
