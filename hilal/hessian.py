@@ -54,7 +54,8 @@ class HessianConfig:
     """Settings of the curvature metrics."""
 
     probes: int = 32
-    """Hutchinson probes (Rademacher vectors) for the traces."""
+    """Hutchinson probes (Rademacher vectors) for the traces; with ``strata``, the error aimed at is that of
+    this many probes on every sample, and the counts per stratum vary around it."""
     power_iters: int = 20
     """Maximum power iterations for each layer's top eigenvalue."""
     power_tol: float = 1e-3
