@@ -467,6 +467,7 @@ class OutputOperator:
         self.modules = [mods[n] for n in self.layers]
         self.device = model_device(model)
         self.scales: list[np.ndarray] | None = None
+        _check_strata(strata)
         if strata > 1:
             batches, self.scales = gradient_strata(model, batches, self.layers, strata)
         self.sizes = [_batch_size_of(b) for b in batches]
@@ -493,6 +494,11 @@ class OutputOperator:
         if bad:
             raise HilalError(f"non-finite Hessian-vector product at the output of layer(s) {bad}")
         return out
+
+
+def _check_strata(strata: int) -> None:
+    if isinstance(strata, bool) or not isinstance(strata, int) or strata < 1:
+        raise HilalError(f"strata must be a whole number >= 1 (1: no strata), got {strata!r}")
 
 
 STRATUM_EXPONENT = 0.75
@@ -897,6 +903,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
     check_choice("mode", cfg.mode, MODES)
     check_choice("noise", cfg.noise, NOISE_SPACES)
     check_choice("gauss_newton", cfg.gauss_newton, GAUSS_NEWTON)
+    _check_strata(cfg.strata)
     all_layers = mappable_layers(model)
     if not all_layers:
         raise HilalError("the model has no mappable (Conv1d/Conv2d/Linear) layer")

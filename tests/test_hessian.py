@@ -647,6 +647,9 @@ def test_errors():
         layer_metrics(_linear_model(), _data(), cfg=HessianConfig(mode="blockwise"), progress=False)
     with pytest.raises(HilalError, match="unknown layer"):
         layer_metrics(_linear_model(), _data(), layers=["nope"], progress=False)
+    for bad in (0, 2.5):
+        with pytest.raises(HilalError, match="strata must be a whole number >= 1"):
+            layer_metrics(_linear_model(), _data(), cfg=HessianConfig(strata=bad), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
