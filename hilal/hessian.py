@@ -510,13 +510,18 @@ STRATUM_FLOOR = 0.1
 """Share of the probes every stratum gets whatever its scale: a guard against a poor scale."""
 
 
-def _take(batches: Sequence[Any], idx: torch.Tensor) -> Any:
-    """The samples ``idx`` (indices into the batches concatenated) as one batch; per-sample tensors only."""
+def _concat(batches: Sequence[Any]) -> Any:
+    """The batches as one (per-sample tensors only; other fields are dropped)."""
     if isinstance(batches[0], dict):
         keys = [k for k, v in batches[0].items() if torch.is_tensor(v) and v.dim() > 0]
-        return {k: torch.cat([b[k] for b in batches])[idx.to(batches[0][k].device)] for k in keys}
-    return type(batches[0])(torch.cat([b[i] for b in batches])[idx.to(batches[0][i].device)]
-                            for i in range(len(batches[0])))
+        return {k: torch.cat([b[k] for b in batches]) for k in keys}
+    return type(batches[0])(torch.cat([b[i] for b in batches]) for i in range(len(batches[0])))
+
+
+def _index(batch: Any, idx: torch.Tensor) -> Any:
+    if isinstance(batch, dict):
+        return {k: v[idx.to(v.device)] for k, v in batch.items()}
+    return type(batch)(v[idx.to(v.device)] for v in batch)
 
 
 def gradient_strata(model: nn.Module, batches: Sequence[Any], layers: Sequence[str], strata: int
@@ -541,7 +546,8 @@ def gradient_strata(model: nn.Module, batches: Sequence[Any], layers: Sequence[s
     scale = (sq_all[keep] / mean[keep]).mean(0).sqrt() if bool(keep.any()) else torch.ones(sq_all.shape[1])
     order = torch.argsort(scale, descending=True, stable=True)
     groups = [g for g in torch.tensor_split(order, min(strata, len(order))) if len(g)]
-    return [_take(batches, g) for g in groups], [scale[g].numpy() for g in groups]
+    pool = _concat(batches)
+    return [_index(pool, g) for g in groups], [scale[g].numpy() for g in groups]
 
 
 def probe_counts(op: OutputOperator | GaussNewton, probes: int) -> list[int]:
