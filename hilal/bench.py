@@ -156,11 +156,13 @@ def joint_estimates(model: nn.Module, batch: Any, layers: Sequence[str], noise: 
         gauss_newton,
         output_loss_increase,
         output_traces,
+        strata_for,
         weight_output_errors,
     )
 
     gn = gauss_newton(model, [batch], layers, seed=seed)
-    op = gn if gn is not None else OutputOperator(model, [batch], layers, HessianConfig().strata)
+    strata = strata_for(HessianConfig().strata, probes, int(batch[0].shape[0]))
+    op = gn if gn is not None else OutputOperator(model, [batch], layers, strata)
     trace, trace_se = output_traces(op, probes, seed)
     eli = output_loss_increase(op, weight_output_errors(op, noise), "joint", seed)
     return {"trace": trace, "trace_se": trace_se, "eli": eli["eli"], "eli_se": eli["eli_se"],

@@ -84,8 +84,8 @@ class HessianConfig:
     """``joint`` mode with output-space HVPs: the calibration samples are regrouped into this many batches
     by the size of their loss gradient, and the trace probes are shared out between them by their expected
     spread (:func:`probe_counts`). A sample the model fits with confidence has a small gradient and little
-    curvature, so it needs fewer probes; the estimate stays unbiased. 1 gives every sample ``probes``
-    probes."""
+    curvature, so it needs fewer probes; the estimate stays unbiased. Fewer strata are used where there are
+    under 8 probes or 32 samples per stratum (:func:`strata_for`); 1 gives every sample ``probes`` probes."""
     gauss_newton: str = "auto"
     """``auto``: in ``joint`` mode, where the network is piecewise linear in every layer's weight (checked
     against PyHessian's block HVPs on a random probe, see :class:`GaussNewton`), the traces and the ELI's
@@ -499,6 +499,19 @@ class OutputOperator:
 def _check_strata(strata: int) -> None:
     if isinstance(strata, bool) or not isinstance(strata, int) or strata < 1:
         raise HilalError(f"strata must be a whole number >= 1 (1: no strata), got {strata!r}")
+
+
+MIN_STRATUM_PROBES = 8
+MIN_STRATUM_SAMPLES = 32
+
+
+def strata_for(strata: int, probes: int, samples: int) -> int:
+    """The strata used for ``strata`` asked, ``probes`` and ``samples``: at most one per MIN_STRATUM_PROBES
+    probes and per MIN_STRATUM_SAMPLES samples, at least 1. A stratum's standard error comes from its own
+    probes, and the smallest strata get a tenth of them: with 8 probes and 64 samples, 4 strata gave
+    vit_tiny a median 1.35x the standard error of none."""
+    _check_strata(strata)
+    return max(1, min(strata, probes // MIN_STRATUM_PROBES, samples // MIN_STRATUM_SAMPLES))
 
 
 STRATUM_EXPONENT = 0.75
@@ -938,7 +951,8 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         if cfg.mode == "joint" and cfg.gauss_newton == "auto":
             gn = gauss_newton(model, batches, layers, op, seed=cfg.seed)
         if cfg.mode == "joint":  # exact blocks, or output-space HVPs with per-sample probes
-            out_op = gn if gn is not None else OutputOperator(model, batches, layers, cfg.strata)
+            strata = strata_for(cfg.strata, cfg.probes, sum(_batch_size_of(b) for b in batches))
+            out_op = gn if gn is not None else OutputOperator(model, batches, layers, strata)
         timings["graph_s"] = time.perf_counter() - t0
         hv_check = op.hvps
 

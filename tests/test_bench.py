@@ -63,11 +63,11 @@ def test_hessian_bench_json(tmp_path, resnet8_digits):
     assert list(table("hessian", data["records"])["model"]) == ["resnet8"]
 
 
-def _tanh_case(seed: int, scale: float, draws: int) -> tuple[nn.Module, tuple, list[str], list]:
+def _tanh_case(seed: int, scale: float, draws: int, samples: int = 32) -> tuple[nn.Module, tuple, list[str], list]:
     """A tiny float64 tanh MLP (curved: Gauss-Newton blocks are not the Hessian), data and weight noise."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
-    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    x, y = torch.randn(samples, 4, dtype=torch.float64), torch.randint(0, 3, (samples,))
     noise = [[scale * torch.randn_like(model[0].weight), scale * torch.randn_like(model[2].weight)]
              for _ in range(draws)]
     return model, (x, y), ["0", "2"], noise
@@ -110,11 +110,13 @@ def test_joint_side_on_a_curved_model_matches_dense_hessian():
     """Where Gauss-Newton blocks are not the Hessian (tanh), the joint side takes output-space HVPs for all
     layers: the trace probes shared out over gradient strata, one product per noise sample; its traces and
     ELI agree with the dense Hessian within their Monte-Carlo errors."""
-    from hilal.hessian import HessianConfig, OutputOperator, probe_counts
+    from hilal.hessian import HessianConfig, OutputOperator, probe_counts, strata_for
 
-    model, batch, layers, noise = _tanh_case(1, 0.3, 40)
+    model, batch, layers, noise = _tanh_case(1, 0.3, 40, samples=128)
     est = joint_estimates(model, batch, layers, noise, probes=400, seed=0)
-    op = OutputOperator(model, [batch], layers, HessianConfig().strata)
+    strata = strata_for(HessianConfig().strata, 400, len(batch[0]))
+    assert strata > 1
+    op = OutputOperator(model, [batch], layers, strata)
     traces_hvps = sum(n * w for n, w in zip(probe_counts(op, 400), op.batch_weights, strict=True))
     assert est["curvature"] == "hvp" and est["hvps"] == round(traces_hvps + 40)
     traces, elis = _dense_reference(model, batch, layers, noise)

@@ -371,7 +371,7 @@ def test_gradient_strata_group_confident_samples_and_allot_them_fewer_probes():
     """A linear classifier that fits half the samples with a wide margin: their loss gradients are tiny, so
     they fill the last strata, which keep the floor share of the probes; the strata partition the samples
     (each exactly once, labels kept with their inputs); one stratum gives every batch the same count."""
-    from hilal.hessian import STRATUM_FLOOR, gradient_strata, probe_counts
+    from hilal.hessian import STRATUM_FLOOR, gradient_strata, probe_counts, strata_for
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 2)).double().eval()
@@ -398,6 +398,8 @@ def test_gradient_strata_group_confident_samples_and_allot_them_fewer_probes():
     counts = probe_counts(op, 40)
     assert counts[0] > 3 * counts[-1] and counts[-1] == max(2, round(STRATUM_FLOOR * 40)), counts
     assert probe_counts(OutputOperator(model, batches, ["0"]), 40) == [40, 40]
+    # a stratum's standard error needs its own probes and samples: at most one per 8 probes and 32 samples
+    assert [strata_for(4, p, n) for p, n in ((32, 360), (16, 256), (8, 64), (32, 64), (400, 20))] == [4, 2, 1, 2, 1]
 
 
 def test_weight_noise_eli_in_output_space_equals_weight_space():
