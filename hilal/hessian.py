@@ -917,7 +917,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
     """One row per mappable layer (model order): params, MACs, Hutchinson trace (+ standard error), top
     eigenvalue, concentration, and the noise-aware expected loss increase (+ first/second-order parts and
     standard error), all on the calibration data. ``df.attrs`` holds the HVP counts (``hvps`` and per
-    part), backward calls and timings in seconds."""
+    part), backward calls, the sample strata the traces used (1: none) and timings in seconds."""
     cfg = cfg or HessianConfig()
     check_choice("mode", cfg.mode, MODES)
     check_choice("noise", cfg.noise, NOISE_SPACES)
@@ -991,6 +991,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         hv_eli = hvps() - hv_trace - hv_eig
         timings["eli_s"] = time.perf_counter() - t0
         calls = op.calls
+        used_strata = len(out_op.sizes) if isinstance(out_op, OutputOperator) and out_op.scales is not None else 1
         curvature, check = ("gauss-newton", gn.check) if gn is not None else ("hvp", float("nan"))
         bar.update()
         op = gn = out_op = None  # frees the kept graphs
@@ -1013,7 +1014,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
                        "lambda_max": lam, "concentration": conc, **eli})[COLUMNS]
     df.attrs.update({"hvps": hv_trace + hv_eig + hv_eli, "hvps_check": hv_check, "hvps_trace": hv_trace - hv_check,
                      "hvps_eig": hv_eig, "hvps_eli": hv_eli, "backward_calls": calls, "mode": cfg.mode,
-                     "noise": cfg.noise, "curvature": curvature, "gauss_newton_mismatch": check,
+                     "noise": cfg.noise, "curvature": curvature, "gauss_newton_mismatch": check, "strata": used_strata,
                      "samples": sum(_batch_size_of(b) for b in batches),
                      **timings, "total_s": sum(timings.values())})
     return df

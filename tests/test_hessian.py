@@ -434,6 +434,7 @@ def test_layer_metrics_joint_curved_model_uses_output_space_probes():
     joint = layer_metrics(model, batches, "pcm", cfg, layers=layers[1:], progress=False)
     assert joint.attrs["curvature"] == "hvp"
     assert joint.attrs["hvps_trace"] == 64 and joint.attrs["hvps_eli"] == 4
+    assert joint.attrs["strata"] == 1  # 14 samples: too few for strata (strata_for)
     assert np.all(np.isfinite(joint.eli)) and np.all(joint.eli_se > 0)
     exact = np.array([float(b.trace()) for b in blocks[1:]])
     assert np.all(np.abs(joint.trace - exact) <= 4 * joint.trace_se), (joint.trace, exact, joint.trace_se)

@@ -190,3 +190,17 @@ def test_layer_metrics_cover_every_projection(digits, sample):
         assert list(df["layer"]) == mappable_layers(model)
         for col in ("trace", "lambda_max", "eli", "macs", "params"):
             assert np.isfinite(df[col].to_numpy(dtype=float)).all(), (name, col)
+
+
+def test_layer_metrics_stratifies_the_traces_where_probes_and_samples_allow(digits):
+    """16 probes on 64 samples: two gradient strata (one per 8 probes and 32 samples), each with its own
+    probes, and finite traces with standard errors; the mapping default's settings."""
+    from hilal.hessian import HessianConfig, layer_metrics
+
+    torch.manual_seed(0)
+    model = model_for("vit_tiny", digits).eval()
+    cfg = HessianConfig(probes=16, power_iters=2, eli_samples=2, first_order_samples=2, max_samples=64,
+                        batch_size=32, gauss_newton="off")
+    df = layer_metrics(model, digits, preset="pcm", cfg=cfg, progress=False)
+    assert df.attrs["strata"] == 2
+    assert np.isfinite(df["trace"]).all() and (df["trace_se"] > 0).all()
