@@ -572,13 +572,13 @@ def probe_counts(op: OutputOperator | GaussNewton, probes: int) -> list[int]:
     scales = getattr(op, "scales", None)
     if scales is None:
         return [probes] * len(op.batch_weights)
-    spread = [s.astype(float) ** STRATUM_EXPONENT for s in scales]
-    rms = np.array([math.sqrt(float(np.mean(x**2))) for x in spread])
-    sizes = np.array([len(x) for x in spread], float)
+    spread = [s ** STRATUM_EXPONENT for s in scales]
     total = float(sum(np.sum(x**2) for x in spread))
-    kappa = probes * float((sizes * rms).sum()) / total if total > 0 else 0.0
-    counts = (1 - STRATUM_FLOOR) * kappa * rms + STRATUM_FLOOR * probes if total > 0 else np.full(len(rms), probes)
-    return [max(2, int(round(c))) for c in counts]
+    if total == 0:  # no sample has a gradient: nothing to allot by
+        return [probes] * len(scales)
+    rms = np.array([math.sqrt(float(np.mean(x**2))) for x in spread])
+    kappa = probes * float(sum(len(x) * r for x, r in zip(spread, rms, strict=True))) / total
+    return [max(2, int(round((1 - STRATUM_FLOOR) * kappa * r + STRATUM_FLOOR * probes))) for r in rms]
 
 
 def _rank_one_probe(mod: nn.Module, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -937,6 +937,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         raise HilalError(f"curvature is measured on the digital model; layer(s) {analog} are already analog")
 
     batches = calibration_batches(splits, cfg)
+    samples = sum(_batch_size_of(b) for b in batches)
     bar = tqdm(total=3, desc="curvature", disable=not progress, leave=False)
     was_training = model.training
     flags = {n: mods[n].weight.requires_grad for n in layers}
@@ -951,7 +952,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         if cfg.mode == "joint" and cfg.gauss_newton == "auto":
             gn = gauss_newton(model, batches, layers, op, seed=cfg.seed)
         if cfg.mode == "joint":  # exact blocks, or output-space HVPs with per-sample probes
-            strata = strata_for(cfg.strata, cfg.probes, sum(_batch_size_of(b) for b in batches))
+            strata = strata_for(cfg.strata, cfg.probes, samples)
             out_op = gn if gn is not None else OutputOperator(model, batches, layers, strata)
         timings["graph_s"] = time.perf_counter() - t0
         hv_check = op.hvps
@@ -1015,6 +1016,6 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
     df.attrs.update({"hvps": hv_trace + hv_eig + hv_eli, "hvps_check": hv_check, "hvps_trace": hv_trace - hv_check,
                      "hvps_eig": hv_eig, "hvps_eli": hv_eli, "backward_calls": calls, "mode": cfg.mode,
                      "noise": cfg.noise, "curvature": curvature, "gauss_newton_mismatch": check, "strata": used_strata,
-                     "samples": sum(_batch_size_of(b) for b in batches),
+                     "samples": samples,
                      **timings, "total_s": sum(timings.values())})
     return df
