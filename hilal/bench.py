@@ -66,6 +66,10 @@ class BenchConfig:
     mapping_seeds: tuple[int, ...] = (0,)
     """search: mapping seeds (noise, shuffling, evaluation programmings; same trained model), one record
     each; the table adds the median over seeds per model and method."""
+    recheck_reps: int = 50
+    """search: programmings of each method's final mapping on the calibration split, with seeds its search
+    never drew (:func:`hilal.mapping.recheck`, untimed, first repeat): whether the mapping holds the floor
+    it was accepted at. 0 turns it off."""
     forward_iters: int = 20
     """analog: forward passes per timed repeat."""
     batch_size: int = 256
@@ -80,7 +84,7 @@ class BenchConfig:
     def quick(cls, **overrides: Any) -> BenchConfig:
         """Smaller sizes for a quick look (minutes on a laptop CPU)."""
         base = cls(repeats=1, probes=16, eli_samples=8, max_samples=256, forward_iters=5,
-                   mapping={"reps": 5, "max_rounds": 4})
+                   recheck_reps=10, mapping={"reps": 5, "max_rounds": 4})
         return replace(base, **overrides)
 
 
@@ -324,18 +328,22 @@ def _result_record(res: Any) -> dict[str, Any]:
 
 def bench_search(cfg: BenchConfig, notes: list[str], progress: bool = True) -> Iterator[dict[str, Any]]:
     """One record per model: both methods' result records (timings are medians over repeats, the rest from
-    the first repeat) and the speed-up of the total time."""
+    the first repeat; ``recheck``: the first repeat's final mapping re-scored on fresh programmings) and the
+    speed-up of the total time."""
     from hilal.data import load_dataset
-    from hilal.mapping import MappingConfig, run_mapping
+    from hilal.mapping import MappingConfig, recheck, run_mapping
 
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     for name, seed in ((n, s) for n in _registered(cfg.search_models, notes) for s in cfg.mapping_seeds):
         mcfg = MappingConfig(**{"preset": cfg.preset, **cfg.mapping, "seed": seed})
         model = _trained(name, splits, cfg.seed, cfg.device)
         runs: dict[str, list[Any]] = {"hilal": [], "lionheart": []}
+        checks: dict[str, dict[str, Any]] = {}
         for r in range(cfg.repeats):
             for method in ("hilal", "lionheart") if r % 2 == 0 else ("lionheart", "hilal"):
                 res = run_mapping(method, model, splits, mcfg, progress=False)
+                if r == 0 and cfg.recheck_reps:
+                    checks[method] = recheck(res, splits, cfg.recheck_reps, seed)
                 res.model = None
                 runs[method].append(res)
                 if progress:
@@ -350,6 +358,8 @@ def bench_search(cfg: BenchConfig, notes: list[str], progress: bool = True) -> I
             d["total_times"] = [x.timings["total_s"] for x in rs]
             d["same_result_all_repeats"] = all(x.analog_layers == rs[0].analog_layers
                                                and x.accuracy_mean == rs[0].accuracy_mean for x in rs)
+            if method in checks:
+                d["recheck"] = checks[method]
             rec[method] = d
         rec["speedup"] = rec["lionheart"]["timings"]["total_s"] / rec["hilal"]["timings"]["total_s"]
         yield rec
@@ -432,11 +442,12 @@ def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
                          "rounds": d["rounds"], "analog_layers": f"{len(d['analog_layers'])}/{d['n_layers']}",
                          "analog_mac_share": d["analog_mac_share"], "accuracy_mean": d["accuracy_mean"],
                          "accuracy_std": d["accuracy_std"], "fp_accuracy": d["fp_accuracy"],
+                         "floor_margin": d.get("recheck", {}).get("margin", np.nan),
                          "speedup": r["speedup"] if method == "hilal" else 1.0})
     df = pd.DataFrame(rows)
     if df["seed"].nunique() > 1:  # the median over mapping seeds, per model and method
         num = ["search_s", "mapping_s", "total_s", "rounds", "analog_mac_share", "accuracy_mean", "accuracy_std",
-               "fp_accuracy", "speedup"]
+               "fp_accuracy", "floor_margin", "speedup"]
         med = df.groupby(["model", "method"], sort=False)[num].median().reset_index()
         df = pd.concat([df, med.assign(seed="median", analog_layers="")], ignore_index=True)[df.columns]
     return df

@@ -443,7 +443,8 @@ class _Run:
             fp_accuracy=self.fp_test, t_eval=self.cfg.t_eval, reps=reps,
             timings={k: round(v, 3) for k, v in self.timings.items()}, rounds=self.rounds,
             history=pd.DataFrame(self.rows), metrics=metrics, model=self.model,
-            extra={"n_layers": len(self.macs), "baseline_calib": self.baseline, "preset": self.cfg.preset,
+            extra={"n_layers": len(self.macs), "baseline_calib": self.baseline, "floor": self.floor(),
+                   "preset": self.cfg.preset,
                    **extra})
 
     def timed_search(self, fn: Callable[[], Any]) -> Any:
@@ -451,6 +452,34 @@ class _Run:
         out = fn()
         self.timings["search_s"] += time.perf_counter() - t
         return out
+
+
+RECHECK_SEED = 1_000_000
+"""Offset of :func:`recheck`'s programming seeds, far from every seed a search draws (mapping seed plus
+7919 per step, plus the round)."""
+
+
+def recheck(result: MappingResult, splits: Splits, reps: int = 50, seed: int = 0) -> dict[str, Any]:
+    """Score ``result``'s final model on the calibration split over ``reps`` programmings that its search never
+    drew (seeds ``RECHECK_SEED + seed`` on), against the floor the search accepted it at.
+
+    A search keeps the best of several noisy evaluations (each retraining round is one, and a greedy loop runs
+    one stage per layer), so the score it accepted a mapping at overstates what the mapping holds. Returns
+    ``calib_mean``, ``calib_se`` (standard error over the repetitions), ``reps``, ``floor``, ``margin``
+    (``calib_mean - floor``; negative: the mapping does not hold its tolerance on fresh programmings),
+    ``z`` (``margin / calib_se``; None when every repetition scored the same) and ``holds_floor`` (``margin >= 0``)."""
+    if result.model is None:
+        raise HilalError("recheck needs the mapped model: result.model is None (it was dropped after the run)")
+    if "floor" not in result.extra:
+        raise HilalError("recheck needs the floor the search used: result.extra has no 'floor' (a result of "
+                         "run_mapping has one)")
+    if reps < 2:
+        raise HilalError(f"recheck needs reps >= 2 for a standard error; got {reps}")
+    x = noisy_scores(result.model, splits, result.t_eval, reps, RECHECK_SEED + seed, split="calib")
+    mean, se, floor = float(x.mean()), _se(x), float(result.extra["floor"])
+    return {"calib_mean": mean, "calib_se": se, "reps": reps, "floor": floor, "margin": mean - floor,
+            "z": (mean - floor) / se if se > 0 else None,
+            "holds_floor": mean >= floor}
 
 
 def run_mapping(method: str, model: nn.Module, splits: Splits, cfg: MappingConfig | None = None,

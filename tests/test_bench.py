@@ -125,7 +125,7 @@ def test_joint_side_on_a_curved_model_matches_dense_hessian():
         assert abs(est["eli"][i] - elis[i]) < 4 * est["eli_se"][i]
 
 
-def test_search_bench_json(tmp_path, resnet8_digits):
+def test_search_bench_json(tmp_path, resnet8_digits, digits):
     out = tmp_path / "search.json"
     from hilal.hessian import HessianConfig
 
@@ -134,7 +134,7 @@ def test_search_bench_json(tmp_path, resnet8_digits):
     mapping = {"reps": 1, "max_rounds": 1, "patience": 1, "finetune": FinetuneConfig(steps=1),
                "hessian": {k: v for k, v in tiny.items() if k in known}}
     run_bench("search", out=out, search_models=["resnet8"], repeats=1, mapping=mapping, mapping_seeds=[0, 1],
-              progress=False)
+              recheck_reps=3, progress=False)
     data = _load(out)
     rec, rec1 = data["records"]
     assert [rec["mapping_seed"], rec1["mapping_seed"]] == [0, 1] == [rec["config"]["seed"], rec1["config"]["seed"]]
@@ -153,6 +153,19 @@ def test_search_bench_json(tmp_path, resnet8_digits):
     assert t.loc[0, "speedup"] == pytest.approx(rec["speedup"])
     assert t.loc[4, "speedup"] == pytest.approx(np.median([rec["speedup"], rec1["speedup"]]))
     assert t.loc[5, "total_s"] == pytest.approx(np.median([r["lionheart"]["timings"]["total_s"] for r in (rec, rec1)]))
+    # the recheck scores each method's final mapping (a rerun maps the same) on fresh programmings
+    from hilal.mapping import MappingConfig, recheck, run_mapping
+
+    for method in ("hilal", "lionheart"):
+        c = rec[method]["recheck"]
+        assert c["reps"] == 3 and c["floor"] == pytest.approx(rec[method]["baseline_calib"] - 0.02, abs=1e-8)
+        again = run_mapping(method, resnet8_digits, digits, MappingConfig(preset="pcm_harsh", seed=0, **mapping),
+                            progress=False)
+        assert again.analog_layers == rec[method]["analog_layers"]
+        mine = recheck(again, digits, 3, seed=0)
+        assert [mine[k] for k in ("calib_mean", "calib_se", "margin")] == pytest.approx(
+            [c[k] for k in ("calib_mean", "calib_se", "margin")]) and mine["holds_floor"] == c["holds_floor"]
+    assert list(t["floor_margin"][:2]) == pytest.approx([rec[m]["recheck"]["margin"] for m in ("hilal", "lionheart")])
 
 
 def test_analog_bench_json(tmp_path, resnet8_digits):

@@ -17,6 +17,7 @@ from hilal.mapping import (
     _knapsack,
     _screened,
     pareto_sets,
+    recheck,
     retrain,
     run_mapping,
 )
@@ -589,3 +590,35 @@ def test_stage_keeps_a_cleared_candidate_when_retraining_does_not_beat_it(resnet
     model = run.model if kept else run.rejected[1]
     assert analog_layers(model) == ["fc"]
     assert torch.equal(model.conv1.weight, resnet8_digits.conv1.weight)  # no fine-tuning step kept
+
+
+def test_recheck_rescores_the_final_mapping_on_fresh_programmings(resnet8_digits, digits):
+    """recheck scores the mapped model on the calibration split over programmings the search never drew: its
+    mean agrees with an independent Monte-Carlo of that model, its standard error with the spread of its
+    means over seeds, and its margin is taken against the floor the search accepted the mapping at."""
+    import numpy as np
+
+    from hilal.evaluate import noisy_scores
+
+    res = run_mapping("all-analog", resnet8_digits, digits, tiny_cfg(), progress=False)
+    assert res.extra["floor"] == pytest.approx(res.extra["baseline_calib"] - tiny_cfg().drop_threshold, abs=1e-8)
+    checks = [recheck(res, digits, reps=4, seed=s) for s in range(8)]
+    means = np.array([c["calib_mean"] for c in checks])
+    se = float(np.median([c["calib_se"] for c in checks]))
+    assert len(set(means)) == len(means)  # each seed draws its own programmings
+    assert 0.4 < means.std(ddof=1) / se < 2.5
+    ref = noisy_scores(res.model, digits, res.t_eval, 24, seed=7, split="calib")
+    assert abs(means.mean() - ref.mean()) < 4 * math.hypot(se / math.sqrt(8), ref.std(ddof=1) / math.sqrt(24))
+    assert means.mean() < res.extra["baseline_calib"] - 0.05  # the analog model, not the digital one
+    for c in checks:
+        assert c["reps"] == 4 and c["floor"] == res.extra["floor"]
+        assert c["margin"] == pytest.approx(c["calib_mean"] - c["floor"])
+        assert c["z"] == pytest.approx(c["margin"] / c["calib_se"]) and c["holds_floor"] == (c["margin"] >= 0)
+    res.model = None
+    with pytest.raises(HilalError, match="model"):
+        recheck(res, digits)
+    d = run_mapping("all-digital", resnet8_digits, digits, tiny_cfg(), progress=False)
+    with pytest.raises(HilalError, match="reps >= 2"):
+        recheck(d, digits, reps=1)
+    c = recheck(d, digits, reps=3)  # a digital model scores the same at every programming
+    assert c["calib_se"] == 0.0 and c["z"] is None and c["holds_floor"]
