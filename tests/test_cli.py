@@ -19,9 +19,12 @@ def test_map_all_digital_and_all_analog(tmp_path, resnet8_digits):
     common = ["--model", "resnet8", "--dataset", "digits", "--preset", "pcm_harsh", "--quiet", "--reps", "3",
               "--t-eval", str(365 * 86400)]
     assert main(["map", "--method", "all-digital", *common, "--out", str(out_d)]) == 0
-    assert main(["map", "--method", "all-analog", *common, "--out", str(out_a)]) == 0
+    assert main(["map", "--method", "all-analog", *common, "--recheck", "3", "--out", str(out_a)]) == 0
     d, a = json.loads(out_d.read_text()), json.loads(out_a.read_text())
     assert RESULT_FIELDS <= set(d) and RESULT_FIELDS <= set(a)
+    assert "recheck" not in d and a["recheck"]["reps"] == 3 and a["recheck"]["floor"] == pytest.approx(a["floor"])
+    assert a["recheck"]["margin"] == pytest.approx(a["recheck"]["calib_mean"] - a["floor"])
+    assert not a["recheck"]["holds_floor"] and a["recheck"]["calib_mean"] < a["baseline_calib"] - 0.1
     assert d["analog_mac_share"] == 0 and a["analog_mac_share"] == pytest.approx(1.0)
     assert {"search_s", "mapping_s", "total_s"} <= set(d["timings"])
     assert a["accuracy_mean"] < d["accuracy_mean"] - 0.1  # the harsh preset bites
@@ -33,6 +36,7 @@ def test_map_all_digital_and_all_analog(tmp_path, resnet8_digits):
     (["--model", "resnet8", "--dataset", "mnist"], "unknown dataset 'mnist'; valid choices: "),
     (["--model", "resnet8", "--dataset", "digits", "--preset", "rram"], "unknown preset 'rram'"),
     (["--model", "resnet8", "--dataset", "cifar10"], "cifar-10-batches-py"),
+    (["--model", "resnet8", "--dataset", "digits", "--recheck", "1"], "--recheck needs at least 2"),
 ])
 def test_errors_name_the_problem(tmp_path, capsys, args, needle, monkeypatch):
     monkeypatch.setenv("HILAL_DATA_DIR", str(tmp_path))
