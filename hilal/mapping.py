@@ -17,7 +17,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,8 +277,9 @@ def retrain(model: nn.Module, splits: Splits, cfg: MappingConfig, seed: int, dri
 
 
 def _se(x: np.ndarray) -> float:
-    """Standard error of a mean over repetitions (0 for a single one)."""
-    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+    """Standard error of a mean over repetitions (0 for a single one, or when all are equal: the float sum
+    of equal scores can leave a spread of 1e-17)."""
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 and np.ptp(x) > 0 else 0.0
 
 
 def _decided(x: np.ndarray, threshold: float, z: float = 3.0, min_reps: int = 3) -> bool:
@@ -459,27 +460,39 @@ RECHECK_SEED = 1_000_000
 7919 per step, plus the round)."""
 
 
-def recheck(result: MappingResult, splits: Splits, reps: int = 50, seed: int = 0) -> dict[str, Any]:
+def recheck(result: MappingResult | Mapping[str, Any], splits: Splits, reps: int = 50, seed: int = 0,
+            model: nn.Module | None = None) -> dict[str, Any]:
     """Score ``result``'s final model on the calibration split over ``reps`` programmings that its search never
     drew (seeds ``RECHECK_SEED + seed`` on), against the floor the search accepted it at.
 
+    ``result`` is a :class:`MappingResult` (its ``model`` is scored) or its ``to_dict()`` form, as stored in
+    result.json and by :func:`hilal.reproduce.mapping_results`, with the mapped ``model`` passed alongside.
     A search keeps the best of several noisy evaluations (each retraining round is one, and a greedy loop runs
     one stage per layer), so the score it accepted a mapping at overstates what the mapping holds. Returns
     ``calib_mean``, ``calib_se`` (standard error over the repetitions), ``reps``, ``floor``, ``margin``
     (``calib_mean - floor``; negative: the mapping does not hold its tolerance on fresh programmings),
-    ``z`` (``margin / calib_se``; None when every repetition scored the same) and ``holds_floor`` (``margin >= 0``)."""
-    if result.model is None:
-        raise HilalError("recheck needs the mapped model: result.model is None (it was dropped after the run)")
-    if "floor" not in result.extra:
-        raise HilalError("recheck needs the floor the search used: result.extra has no 'floor' (a result of "
-                         "run_mapping has one)")
+    ``z`` (``margin / calib_se``; None when every repetition scored the same), ``holds_floor``
+    (``margin >= 0``) and ``accepted`` (the score of the search's last kept step, the evaluation the final
+    mapping was kept on; None when no step was kept)."""
+    if isinstance(result, MappingResult):
+        model = result.model if model is None else model
+        floor, t_eval, history = result.extra.get("floor"), result.t_eval, result.history.to_dict(orient="records")
+    else:
+        floor, t_eval, history = result.get("floor"), result["t_eval"], list(result.get("history") or [])
+    if model is None:
+        raise HilalError("recheck needs the mapped model: result.model is None (it was dropped after the run) "
+                         "and no model= was given")
+    if floor is None:
+        raise HilalError("recheck needs the floor the search used: the result has no 'floor' (results of "
+                         "run_mapping record one in extra)")
     if reps < 2:
         raise HilalError(f"recheck needs reps >= 2 for a standard error; got {reps}")
-    x = noisy_scores(result.model, splits, result.t_eval, reps, RECHECK_SEED + seed, split="calib")
-    mean, se, floor = float(x.mean()), _se(x), float(result.extra["floor"])
+    x = noisy_scores(model, splits, t_eval, reps, RECHECK_SEED + seed, split="calib")
+    mean, se, floor = float(x.mean()), _se(x), float(floor)
+    kept = [float(r["score"]) for r in history if r.get("kept")]
     return {"calib_mean": mean, "calib_se": se, "reps": reps, "floor": floor, "margin": mean - floor,
-            "z": (mean - floor) / se if se > 0 else None,
-            "holds_floor": mean >= floor}
+            "z": (mean - floor) / se if se > 0 else None, "holds_floor": mean >= floor,
+            "accepted": kept[-1] if kept else None}
 
 
 def run_mapping(method: str, model: nn.Module, splits: Splits, cfg: MappingConfig | None = None,

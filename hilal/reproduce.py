@@ -268,6 +268,12 @@ class StoredMapping:
     reused: bool
     """True when loaded from an earlier run with identical settings instead of computed."""
 
+    def recheck(self, splits: Any, reps: int = 50, seed: int = 0) -> dict[str, Any]:
+        """The final model re-scored on fresh programmings against its floor (:func:`hilal.mapping.recheck`)."""
+        from hilal.mapping import recheck
+
+        return recheck(self.result, splits, reps, seed, model=self.model)
+
 
 def _key(d: Mapping[str, Any]) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]

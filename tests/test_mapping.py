@@ -613,6 +613,13 @@ def test_recheck_rescores_the_final_mapping_on_fresh_programmings(resnet8_digits
         assert c["reps"] == 4 and c["floor"] == res.extra["floor"]
         assert c["margin"] == pytest.approx(c["calib_mean"] - c["floor"])
         assert c["z"] == pytest.approx(c["margin"] / c["calib_se"]) and c["holds_floor"] == (c["margin"] >= 0)
+    # the stored (result.json) form with the model alongside gives the same check
+    assert recheck(res.to_dict(), digits, reps=4, seed=3, model=res.model) == checks[3]
+    assert checks[0]["accepted"] is None  # all-analog keeps no step: nothing was accepted on a score
+    with pytest.raises(HilalError, match="no model= was given"):
+        recheck(res.to_dict(), digits)
+    with pytest.raises(HilalError, match="floor"):
+        recheck({k: v for k, v in res.to_dict().items() if k != "floor"}, digits, model=res.model)
     res.model = None
     with pytest.raises(HilalError, match="model"):
         recheck(res, digits)

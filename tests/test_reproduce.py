@@ -147,6 +147,11 @@ def test_mapping_results_are_stored_and_reused_with_identical_settings(tmp_path,
     # the fine-tuned model comes back as it was: same scores under the same seeds
     np.testing.assert_array_equal(noisy_scores(first["all-analog-ft"].model, digits, 3600.0, 2, seed=5),
                                   noisy_scores(again["all-analog-ft"].model, digits, 3600.0, 2, seed=5))
+    # a stored mapping re-checks as the one computed: same model, same fresh programmings; the score its
+    # retraining stage was kept at is the history's
+    ft, ft_again = first["all-analog-ft"].recheck(digits, 3, seed=2), again["all-analog-ft"].recheck(digits, 3, seed=2)
+    assert ft == ft_again and ft["floor"] == first["all-analog-ft"].result["floor"]
+    assert ft["accepted"] == first["all-analog-ft"].result["history"][-1]["score"]
     other = rp.mapping_results(["all-digital"], "resnet8", digits, MappingConfig(reps=3), progress=False)
     assert not other["all-digital"].reused
     fresh = rp.mapping_results(["all-digital"], "resnet8", digits, cfg, reuse=False, progress=False)
