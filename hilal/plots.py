@@ -427,6 +427,65 @@ def layer_heatmap(results: Iterable[Mapping[str, Any]], layers: Sequence[str],
     return fig, data
 
 
+def recheck_table(checks: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per method from :func:`hilal.mapping.recheck` outputs (``{method: check}``): the score the
+    search kept the final mapping at, its fresh score with standard error and 95 % interval, the floor,
+    the margin and whether it holds, in the kit's method order."""
+    if not checks:
+        raise HilalError("recheck_table needs at least one method's recheck")
+    rows = []
+    for method in _order(checks, METHOD_ORDER):
+        c = checks[method]
+        acc = c.get("accepted")
+        rows.append({"method": method, "accepted": np.nan if acc is None else float(acc),
+                     "calib_mean": float(c["calib_mean"]), "calib_se": float(c["calib_se"]),
+                     "ci_low": float(c["calib_mean"]) - 1.96 * float(c["calib_se"]),
+                     "ci_high": float(c["calib_mean"]) + 1.96 * float(c["calib_se"]),
+                     "floor": float(c["floor"]), "margin": float(c["margin"]), "holds_floor": bool(c["holds_floor"]),
+                     "reps": int(c["reps"])})
+    return pd.DataFrame(rows)
+
+
+def recheck_plot(checks: Mapping[str, Mapping[str, Any]],
+                 title: str = "Does each mapping hold its tolerance on fresh programmings?"
+                 ) -> tuple[Figure, pd.DataFrame]:
+    """Per method, the calibration score its search kept the final mapping at (open diamond) and the same
+    mapping's score over programmings the search never drew (dot, 95 % interval), against the floor (dashed;
+    a tick per row where the floors differ)."""
+    data = recheck_table(checks)
+    colors = dict(zip(data["method"], sns.color_palette(PALETTE, len(data)), strict=True))
+    with style():
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(data) + 1.9))
+        y = np.arange(len(data))
+        for yi, r in data.iterrows():
+            col = colors[r["method"]]
+            ax.errorbar(r["calib_mean"], yi, xerr=1.96 * r["calib_se"], fmt="o", color=col, capsize=3, ms=6,
+                        label="fresh programmings (95 % interval)" if yi == 0 else None)
+            if np.isfinite(r["accepted"]):
+                ax.plot(r["accepted"], yi, marker="D", mfc="none", mec=col, ms=7, ls="none",
+                        label="score the search kept it at" if yi == data["accepted"].first_valid_index() else None)
+            verdict = "holds" if r["holds_floor"] else "below"
+            ax.annotate(f"{100 * r['margin']:+.2f} points ({verdict})", (max(r["ci_high"], r["accepted"] if np.isfinite(
+                r["accepted"]) else -np.inf), yi), xytext=(6, 0), textcoords="offset points", va="center",
+                fontsize=8)
+        if data["floor"].nunique() == 1:
+            ax.axvline(data["floor"].iloc[0], color="0.3", ls="--", lw=1, label="floor (tolerance)")
+        else:
+            ax.plot(data["floor"], y, marker="|", ms=14, color="0.3", ls="none", label="floor (tolerance)")
+        lo = min(data["ci_low"].min(), data["floor"].min())
+        hi = max(data["ci_high"].max(), data["accepted"].max(skipna=True) if data["accepted"].notna().any()
+                 else -np.inf, data["floor"].max())
+        ax.set_xlim(lo - 0.01, min(hi + 0.3 * (hi - lo) + 0.01, 1.002))
+        _percent_axis(ax, "x")
+        ax.set_yticks(y)
+        ax.set_yticklabels(data["method"])
+        ax.invert_yaxis()
+        ax.set_xlabel("calibration accuracy at the evaluation time (margin = fresh score - floor)")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3, frameon=False)
+        ax.set_title(title)
+    return fig, data
+
+
 def runtime_bars(results: Iterable[Mapping[str, Any]], reference: str = "lionheart",
                  title: str = "Search and mapping time per method") -> tuple[Figure, pd.DataFrame]:
     """Stacked horizontal bars of search time (curvature, clustering, ordering, rejected retraining rounds)

@@ -23,7 +23,7 @@ FIGURES = {
     "02": ["02_analog_drift"],
     "03": ["03_layer_profile", "03_metric_vs_measured"],
     "04": ["04_clusters"],
-    "05": ["05_mapping_overview", "05_mapping_layers"],
+    "05": ["05_mapping_overview", "05_mapping_layers", "05_mapping_recheck"],
     "06": ["06_runtime"],
     "07": ["07_drift_per_method"],
     "08": ["08_layer_metrics", "08_mapping"],

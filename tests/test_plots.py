@@ -193,6 +193,34 @@ def test_mapping_figures_carry_their_numbers():
     assert labels[0].endswith("(50%)")
 
 
+def test_recheck_plot_draws_each_methods_fresh_score_against_its_floor():
+    floor = 0.97
+    checks = {"lionheart": {"calib_mean": 0.965, "calib_se": 0.002, "reps": 50, "floor": floor, "margin": -0.005,
+                            "z": -2.5, "holds_floor": False, "accepted": 0.972},
+              "all-digital": {"calib_mean": 0.99, "calib_se": 0.0, "reps": 50, "floor": floor, "margin": 0.02,
+                              "z": None, "holds_floor": True, "accepted": None},
+              "hilal": {"calib_mean": 0.975, "calib_se": 0.001, "reps": 50, "floor": floor, "margin": 0.005,
+                        "z": 5.0, "holds_floor": True, "accepted": 0.974}}
+    fig, data = plots.recheck_plot(checks)
+    assert data["method"].tolist() == ["hilal", "lionheart", "all-digital"]
+    by = data.set_index("method")
+    assert by.loc["lionheart", "ci_low"] == pytest.approx(0.965 - 1.96 * 0.002)
+    assert by.loc["hilal", "ci_high"] == pytest.approx(0.975 + 1.96 * 0.001)
+    assert np.isnan(by.loc["all-digital", "accepted"]) and by.loc["lionheart", "accepted"] == 0.972
+    assert by["holds_floor"].tolist() == [True, False, True]
+    ax = fig.get_axes()[0]
+    floor_lines = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert len(floor_lines) == 1 and floor_lines[0].get_xdata()[0] == floor  # one shared floor: one line
+    texts = [t.get_text() for t in ax.texts]
+    assert "-0.50 points (below)" in texts and "+0.50 points (holds)" in texts
+    # floors that differ get a tick on each row instead of a common line
+    checks["hilal"] = {**checks["hilal"], "floor": 0.96, "margin": 0.015}
+    fig, data = plots.recheck_plot(checks)
+    assert not [ln for ln in fig.get_axes()[0].get_lines() if ln.get_linestyle() == "--"]
+    with pytest.raises(HilalError, match="at least one"):
+        plots.recheck_table({})
+
+
 def test_layer_figures():
     n = 6
     merged = pd.DataFrame({"layer": [f"block{i}.conv" for i in range(n)], "trace": np.logspace(0, 4, n),
