@@ -203,6 +203,18 @@ def test_05_mapping_numbers(smoke):
     assert 0 < m["hilal"]["analog_mac_share"] < 1
     assert m["hilal"]["accuracy_drop"] < m["all-analog"]["accuracy_drop"]
     assert m["hilal-paper"]["analog_mac_share"] > 0
+    # section 4: every mapping re-scored on fresh programmings against the one floor (baseline - tolerance)
+    rc = s["recheck"]
+    assert set(rc) == set(m)
+    floors = {k: c["calib_mean"] - c["margin"] for k, c in rc.items()}
+    floor = floors["all-digital"]
+    assert all(f == pytest.approx(floor, abs=1e-9) for f in floors.values())
+    digital = rc["all-digital"]  # scores the same at every programming, exactly the tolerance above the floor
+    assert digital["calib_se"] == 0 and digital["margin"] == pytest.approx(s["drop_threshold"], abs=1e-8)
+    assert digital["holds_floor"] and digital["accepted"] is None
+    assert rc["all-analog"]["margin"] < 0 and not rc["all-analog"]["holds_floor"]
+    for k in ("hilal", "lionheart"):  # steps are kept only at or above the floor
+        assert rc[k]["accepted"] >= floor and rc[k]["holds_floor"] == (rc[k]["margin"] >= 0)
 
 
 @pytest.mark.slow
