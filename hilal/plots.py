@@ -466,7 +466,7 @@ def recheck_plot(checks: Mapping[str, Mapping[str, Any]],
                         label="score the search kept it at" if yi == data["accepted"].first_valid_index() else None)
             verdict = "holds" if r["holds_floor"] else "below"
             ax.annotate(f"{100 * r['margin']:+.2f} points ({verdict})", (max(r["ci_high"], r["accepted"] if np.isfinite(
-                r["accepted"]) else -np.inf), yi), xytext=(6, 0), textcoords="offset points", va="center",
+                r["accepted"]) else -np.inf), yi), xytext=(10, 0), textcoords="offset points", va="center",
                 fontsize=8)
         if data["floor"].nunique() == 1:
             ax.axvline(data["floor"].iloc[0], color="0.3", ls="--", lw=1, label="floor (tolerance)")
