@@ -465,8 +465,9 @@ def recheck(result: MappingResult | Mapping[str, Any], splits: Splits, reps: int
     """Score ``result``'s final model on the calibration split over ``reps`` programmings that its search never
     drew (seeds ``RECHECK_SEED + seed`` on), against the floor the search accepted it at.
 
-    ``result`` is a :class:`MappingResult` (its ``model`` is scored) or its ``to_dict()`` form, as stored in
-    result.json and by :func:`hilal.reproduce.mapping_results`, with the mapped ``model`` passed alongside.
+    ``result`` is a :class:`MappingResult` (its ``model`` is scored, unless ``model`` is given) or its
+    ``to_dict()`` form, as stored in result.json and by :func:`hilal.reproduce.mapping_results`, with the
+    mapped ``model`` passed alongside.
     A search keeps the best of several noisy evaluations (each retraining round is one, and a greedy loop runs
     one stage per layer), so the score it accepted a mapping at overstates what the mapping holds. Returns
     ``calib_mean``, ``calib_se`` (standard error over the repetitions), ``reps``, ``floor``, ``margin``
