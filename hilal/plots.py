@@ -465,16 +465,14 @@ def recheck_plot(checks: Mapping[str, Mapping[str, Any]],
                 ax.plot(r["accepted"], yi, marker="D", mfc="none", mec=col, ms=7, ls="none",
                         label="score the search kept it at" if yi == data["accepted"].first_valid_index() else None)
             verdict = "holds" if r["holds_floor"] else "below"
-            ax.annotate(f"{100 * r['margin']:+.2f} points ({verdict})", (max(r["ci_high"], r["accepted"] if np.isfinite(
-                r["accepted"]) else -np.inf), yi), xytext=(10, 0), textcoords="offset points", va="center",
-                fontsize=8)
+            ax.annotate(f"{100 * r['margin']:+.2f} points ({verdict})", (np.nanmax([r["ci_high"], r["accepted"]]), yi),
+                        xytext=(10, 0), textcoords="offset points", va="center", fontsize=8)
         if data["floor"].nunique() == 1:
             ax.axvline(data["floor"].iloc[0], color="0.3", ls="--", lw=1, label="floor (tolerance)")
         else:
             ax.plot(data["floor"], y, marker="|", ms=14, color="0.3", ls="none", label="floor (tolerance)")
         lo = min(data["ci_low"].min(), data["floor"].min())
-        hi = max(data["ci_high"].max(), data["accepted"].max(skipna=True) if data["accepted"].notna().any()
-                 else -np.inf, data["floor"].max())
+        hi = np.nanmax(data[["ci_high", "accepted", "floor"]].to_numpy(float))
         ax.set_xlim(lo - 0.01, min(hi + 0.3 * (hi - lo) + 0.01, 1.002))
         _percent_axis(ax, "x")
         ax.set_yticks(y)
