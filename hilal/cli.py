@@ -91,7 +91,7 @@ def cmd_map(args: argparse.Namespace) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from hilal.reproduce import headlines, reproduce
 
-    table = reproduce(args.profile, only=args.only)
+    table = reproduce(args.profile, only=args.only, threads=args.threads)
     print(headlines(table["notebook"].tolist()))
 
 
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="execute the notebooks with papermill and regenerate figures/")
     r.add_argument("--profile", default="smoke", help="smoke or paper")
     r.add_argument("--only", default=None, help="notebook number(s), e.g. 03 or 00,05")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch threads per notebook kernel (default: OMP_NUM_THREADS if set, else 1)")
     r.set_defaults(fn=cmd_reproduce)
 
     b = sub.add_parser("bench", help="side-by-side benchmarks")

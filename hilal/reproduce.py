@@ -186,8 +186,8 @@ def _environ(**values: str) -> Iterator[None]:
 def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | int] | None = None,
               out_dir: str | Path | None = None, figures: str | Path | None = None,
               kernel_name: str = "python3", overrides: Mapping[str, Any] | None = None,
-              progress: bool = True, log_output: bool = False, notebooks: str | Path | None = None
-              ) -> pd.DataFrame:
+              progress: bool = True, log_output: bool = False, notebooks: str | Path | None = None,
+              threads: int | None = None) -> pd.DataFrame:
     """Execute notebooks with papermill under a profile and return a table of number, notebook, status,
     seconds and the output notebook path.
 
@@ -196,7 +196,10 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
     (default ``hilal.paths.figures_dir()``, i.e. ``figures/`` or ``HILAL_FIGURES_DIR``). ``kernel_name``:
     a Jupyter kernel; ``python3`` resolves to the interpreter running this function when ipykernel is
     installed in it. ``overrides``: parameters given to every selected notebook (each must declare them).
-    ``notebooks``: another folder of ``NN_name.ipynb`` files (default ``notebooks/``).
+    ``notebooks``: another folder of ``NN_name.ipynb`` files (default ``notebooks/``). ``threads``: torch threads
+    of each kernel (its ``OMP_NUM_THREADS``; default: the one set in the environment, else 1, since the models
+    are small and torch's default of one thread per core oversubscribes a shared machine: on two busy cores
+    it ran past the smoke profile's cell timeout).
 
     Every notebook runs even if an earlier one failed; then a ReproduceError (a HilalError) carrying the
     table is raised. Parameter errors (unknown profile or notebook, undeclared parameter) are raised before
@@ -204,6 +207,9 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
     """
     import papermill as pm
 
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise HilalError(f"threads must be a positive integer (torch threads per notebook kernel); got {threads!r}")
+    omp = str(threads) if threads is not None else os.environ.get("OMP_NUM_THREADS") or "1"
     prof = load_profile(profile)
     todo = plan(prof, only, folder=notebooks, overrides=overrides)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -217,7 +223,7 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
     rows = []
     # inline backend: the executed copies under runs/ show their figures (an inherited Agg would hide them)
     with _environ(HILAL_FIGURES_DIR=str(fig_dir.resolve()), PYTHONPATH=pypath,
-                  MPLBACKEND="module://matplotlib_inline.backend_inline", **allocator_env()):
+                  MPLBACKEND="module://matplotlib_inline.backend_inline", OMP_NUM_THREADS=omp, **allocator_env()):
         for key, (path, params) in todo.items():
             out_nb = run_dir / path.name
             if progress:

@@ -79,3 +79,12 @@ def test_map_defaults_are_the_package_defaults():
     assert args.search == cfg.search in SEARCHES
     assert (args.reps, args.drop_threshold, args.patience, args.max_rounds, args.stages, args.cluster) == (
         cfg.reps, cfg.drop_threshold, cfg.patience, cfg.max_rounds, cfg.stages, cfg.cluster)
+
+
+def test_reproduce_threads_reach_the_runner_and_bad_ones_are_refused(capsys):
+    from hilal.cli import build_parser
+
+    assert build_parser().parse_args(["reproduce", "--threads", "3"]).threads == 3
+    assert build_parser().parse_args(["reproduce"]).threads is None  # OMP_NUM_THREADS, else 1
+    assert main(["reproduce", "--only", "00", "--threads", "0"]) == 2
+    assert "threads must be a positive integer" in capsys.readouterr().err

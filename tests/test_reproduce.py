@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -34,10 +35,11 @@ def tiny(tmp_path):
     folder = tmp_path / "nbs"
     folder.mkdir()
     write_nb(folder, "00_first.ipynb", 'A = 1  # any int\nSHARED = "x"  # any string',
-             'import json, pathlib\n'
+             'import json, pathlib, torch\n'
              'out = pathlib.Path(os.environ["HILAL_FIGURES_DIR"])\n'
              '(out / "00_values.json").write_text(json.dumps({"A": A, "SHARED": SHARED,\n'
-             '                                              "malloc": os.environ.get("MALLOC_TRIM_THRESHOLD_")}))')
+             '                                              "malloc": os.environ.get("MALLOC_TRIM_THRESHOLD_"),\n'
+             '                                              "threads": torch.get_num_threads()}))')
     write_nb(folder, "01_second.ipynb", "B = 2  # any int\nFAIL = False  # True or False",
              'assert not FAIL, "asked to fail"')
     return folder
@@ -112,7 +114,8 @@ def test_reproduce_executes_with_parameters_env_and_reports_failures(tmp_path, t
     (tmp_path / "home").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("JUPYTER_PATH", raising=False)
-    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):  # the kernel gets them from reproduce itself
+    # the kernel gets these from reproduce itself (one torch thread unless told otherwise)
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS"):
         monkeypatch.delenv(k, raising=False)
     malloc = allocator_env().get("MALLOC_TRIM_THRESHOLD_")
     figs = tmp_path / "figs"
@@ -122,10 +125,19 @@ def test_reproduce_executes_with_parameters_env_and_reports_failures(tmp_path, t
         rp.reproduce(p, notebooks=tiny, out_dir=tmp_path / "run", figures=figs, progress=False)
     table = err.value.table
     assert table.set_index("notebook")["status"].to_dict() == {"00": "ok", "01": "failed"}
-    assert json.loads((figs / "00_values.json").read_text()) == {"A": 42, "SHARED": "z", "malloc": malloc}
+    assert json.loads((figs / "00_values.json").read_text()) == {"A": 42, "SHARED": "z", "malloc": malloc,
+                                                                 "threads": 1}
     assert (tmp_path / "run" / "00_first.ipynb").exists() and (tmp_path / "run" / "reproduce.csv").exists()
-    table = rp.reproduce(p, only="00", notebooks=tiny, out_dir=tmp_path / "run2", figures=figs, progress=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a user's setting is kept, an explicit argument wins over it
+    table = rp.reproduce(p, only="00", notebooks=tiny, out_dir=tmp_path / "run2", figures=figs, progress=False,
+                         threads=1)
     assert table["status"].tolist() == ["ok"] and table["seconds"].iloc[0] > 0
+    assert json.loads((figs / "00_values.json").read_text())["threads"] == 1
+    rp.reproduce(p, only="00", notebooks=tiny, out_dir=tmp_path / "run3", figures=figs, progress=False)
+    assert json.loads((figs / "00_values.json").read_text())["threads"] == min(2, os.cpu_count())  # torch's cap
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(HilalError, match=r"threads must be a positive integer.*got"):
+            rp.reproduce(p, notebooks=tiny, figures=figs, progress=False, threads=bad)
 
 
 def test_mapping_results_are_stored_and_reused_with_identical_settings(tmp_path, monkeypatch, digits):
