@@ -208,3 +208,32 @@ def test_markdown_table():
 
     md = markdown(pd.DataFrame({"model": ["resnet8"], "speedup": [3.14159], "hvps": [48]})).splitlines()
     assert md == ["| model | speedup | hvps |", "|---|---|---|", "| resnet8 | 3.14 | 48 |"]
+
+
+def test_warm_up_leaves_no_heavy_import_to_the_first_timed_method(tmp_path):
+    """In a fresh interpreter, after warm_up() neither method imports torch._dynamo, PyHessian, scikit-learn or
+    a module of this package while it runs (those imports would be timed as the first method's work)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from hilal.bench import warm_up\n"
+        "from hilal.data import load_dataset\n"
+        "from hilal.mapping import MappingConfig, run_mapping\n"
+        "from hilal.models import model_for\n"
+        "from hilal.train import FinetuneConfig\n"
+        "splits = load_dataset('digits', seed=0)\n"
+        "model = model_for('resnet8', splits).eval()\n"
+        "warm_up()\n"
+        "before = set(sys.modules)\n"
+        "cfg = MappingConfig(preset='pcm_harsh', reps=1, max_rounds=1, patience=1, finetune=FinetuneConfig(steps=1),\n"
+        "                    hessian={'probes': 2, 'eli_samples': 2, 'first_order_samples': 2, 'power_iters': 2,\n"
+        "                             'max_samples': 32})\n"
+        "for method in ('hilal', 'lionheart'):\n"
+        "    run_mapping(method, model, splits, cfg, progress=False)\n"
+        "heavy = ('torch._dynamo', 'pyhessian', 'sklearn', 'hilal.')\n"
+        "print(sorted(n for n in set(sys.modules) - before if n.startswith(heavy)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
