@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from hilal.analog import ANALOG_TYPES, check_layers, count_macs, mappable_layers, to_analog
 from hilal.data import Splits, loader
-from hilal.registry import HilalError, check_choice
+from hilal.registry import HilalError, check_choice, is_count
 from hilal.second_order import SecondOrderRules
 from hilal.train import model_device, task_loss, to_device
 
@@ -497,7 +497,7 @@ class OutputOperator:
 
 
 def _check_strata(strata: int) -> None:
-    if isinstance(strata, bool) or not isinstance(strata, int) or strata < 1:
+    if not is_count(strata):
         raise HilalError(f"strata must be a whole number >= 1 (1: no strata), got {strata!r}")
 
 

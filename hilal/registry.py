@@ -51,3 +51,8 @@ def check_choice(kind: str, value: str, choices: list[str] | tuple[str, ...]) ->
     if value not in choices:
         raise HilalError(f"unknown {kind} {value!r}; valid choices: {', '.join(choices)}")
     return value
+
+
+def is_count(value: object) -> bool:
+    """Whether ``value`` is a whole number >= 1 (an ``int``, not a ``bool``): a count of strata or threads."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

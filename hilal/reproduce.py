@@ -35,7 +35,7 @@ from hilal.paths import (
     figures_dir,
     project_root,
 )
-from hilal.registry import HilalError
+from hilal.registry import HilalError, is_count
 from hilal.runtime import allocator_env
 
 COLAB_REPO = "hilal-kit/hilal"
@@ -207,7 +207,7 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
     """
     import papermill as pm
 
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if threads is not None and not is_count(threads):
         raise HilalError(f"threads must be a positive integer (torch threads per notebook kernel); got {threads!r}")
     omp = str(threads) if threads is not None else os.environ.get("OMP_NUM_THREADS") or "1"
     prof = load_profile(profile)
