@@ -5,7 +5,7 @@ Usage: python bench/analog.py [--quick] [--repeats N] [--models A,B] [--threads 
 
 import sys
 
-from hilal.bench import main
+from hilal.bench import script
 
 if __name__ == "__main__":
-    sys.exit(main(["analog", *sys.argv[1:]]))
+    sys.exit(script("analog"))

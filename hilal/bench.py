@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -477,6 +478,70 @@ def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
+TARGET_SPEEDUP = 5.0
+"""The speed-up HILAL's total time should reach against LionHeart's (issue target, ``search_criteria``)."""
+
+
+def search_criteria(records: Sequence[dict[str, Any]], target: float = TARGET_SPEEDUP) -> pd.DataFrame:
+    """Per model, over its mapping seeds: how often HILAL meets each criterion against LionHeart, and the
+    medians behind them. ``speedup`` (median, with ``speedup_min``/``speedup_max``) and ``fast_seeds``, the
+    seeds at ``target`` or more; ``share_*`` the analog MAC shares and ``share_seeds`` the seeds where
+    HILAL's is at least as high; ``acc_*`` the test accuracies and ``acc_seeds`` the seeds where HILAL's is
+    at least as high (both start from the same digital model, so its drop is no larger); ``holds_*`` the
+    seeds whose final mapping holds its floor on fresh programmings and ``margin_*`` the median margins
+    (fractions; NaN without a recheck); ``all_seeds`` the seeds that meet the first three at once."""
+    if not records:
+        raise HilalError("no search records to summarize")
+    seen: set[tuple[str, int]] = set()
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        key = (r["model"], int(r.get("mapping_seed", 0)))
+        if key in seen:
+            raise HilalError(f"{key[0]} mapping seed {key[1]} appears twice; pass each seed's record once")
+        seen.add(key)
+        h, lh = r["hilal"], r["lionheart"]
+        fast = r["speedup"] >= target
+        share = h["analog_mac_share"] >= lh["analog_mac_share"] - 1e-12  # one set of layers: the same float
+        acc = h["accuracy_mean"] >= lh["accuracy_mean"]
+        rows.setdefault(r["model"], []).append({
+            "speedup": r["speedup"], "fast": fast, "share_hilal": h["analog_mac_share"],
+            "share_lionheart": lh["analog_mac_share"], "share": share, "acc_hilal": h["accuracy_mean"],
+            "acc_lionheart": lh["accuracy_mean"], "acc": acc, "all": fast and share and acc,
+            **{f"{k}_{m}": d.get("recheck", {}).get(f, np.nan) for m, d in (("hilal", h), ("lionheart", lh))
+               for k, f in (("holds", "holds_floor"), ("margin", "margin"))}})
+    out = []
+    for model, rs in rows.items():
+        df = pd.DataFrame(rs)
+        medians = df[["speedup", "share_hilal", "share_lionheart", "acc_hilal", "acc_lionheart", "margin_hilal",
+                      "margin_lionheart"]].astype(float).median()
+        holds = {f"holds_{m}": int(df[f"holds_{m}"].astype(float).sum()) if df[f"holds_{m}"].notna().all()
+                 else np.nan for m in ("hilal", "lionheart")}
+        out.append({"model": model, "seeds": len(df), "speedup": medians["speedup"],
+                    "speedup_min": float(df["speedup"].min()), "speedup_max": float(df["speedup"].max()),
+                    "fast_seeds": int(df["fast"].sum()), "share_hilal": medians["share_hilal"],
+                    "share_lionheart": medians["share_lionheart"], "share_seeds": int(df["share"].sum()),
+                    "acc_hilal": medians["acc_hilal"], "acc_lionheart": medians["acc_lionheart"],
+                    "acc_seeds": int(df["acc"].sum()), "all_seeds": int(df["all"].sum()), **holds,
+                    "margin_hilal": medians["margin_hilal"], "margin_lionheart": medians["margin_lionheart"]})
+    return pd.DataFrame(out)
+
+
+def search_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The records of one or more JSON files written by the ``search`` benchmark, in order."""
+    import json
+
+    records: list[dict[str, Any]] = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise HilalError(f"no benchmark file {str(path)!r}")
+        data = json.loads(path.read_text())
+        if data.get("kind") != "search":
+            raise HilalError(f"{str(path)!r} holds a {data.get('kind')!r} benchmark; the criteria need 'search' files")
+        records += data["records"]
+    return records
+
+
 def markdown(df: pd.DataFrame, digits: int = 3) -> str:
     """A pipe table of ``df`` for the README (floats to ``digits`` significant digits)."""
 
@@ -533,6 +598,8 @@ def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, pro
         torch.set_num_threads(old_threads)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
         print(table(kind, records).to_string(index=False))
+        if kind == "search" and len(cfg.mapping_seeds) > 1 and records:
+            print(search_criteria(records).to_string(index=False))
     for n in notes:
         print("note:", n)
     if out is not None:
@@ -544,7 +611,8 @@ def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, pro
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bench/*.py`` scripts: ``KIND [--out F] [--quick] [--repeats N] [--models A,B]
     [--threads T] [--probes P] [--samples S] [--seeds 0,1,2] [--device cuda]``; the output defaults to
-    ``bench/results/KIND.json``."""
+    ``bench/results/KIND.json``. ``search --criteria F [F ...]`` prints :func:`search_criteria` of finished
+    result files instead of running."""
     import argparse
 
     p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
@@ -558,7 +626,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
     p.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds (default 0)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--criteria", nargs="+", default=None, metavar="JSON",
+                   help="search: print the per-model criteria table of these finished result files and exit")
     a = p.parse_args(argv)
+    if a.criteria:
+        if a.kind != "search":
+            raise HilalError(f"--criteria summarizes search results; got kind {a.kind!r}")
+        print(markdown(search_criteria(search_records(a.criteria))))
+        return 0
     from hilal.paths import project_root
     from hilal.runtime import keep_freed_memory
 
@@ -571,3 +646,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_bench(a.kind, out=out, quick=a.quick, repeats=a.repeats, threads=a.threads, probes=a.probes,
               eli_samples=a.samples, mapping_seeds=seeds, device=a.device, **{key: models})
     return 0
+
+
+def script(kind: str, argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bench/KIND.py``: :func:`main` on the command line, bad input reported as one line on
+    stderr (exit status 2), as ``hilal bench`` does."""
+    try:
+        return main([kind, *(sys.argv[1:] if argv is None else argv)])
+    except HilalError as e:
+        print(f"bench {kind}: error: {e}", file=sys.stderr)
+        return 2

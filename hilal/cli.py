@@ -98,6 +98,11 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from hilal.bench import main as bench_main
 
+    if args.criteria:
+        bench_main([args.kind, "--criteria", *args.criteria])
+        return
+    if args.out is None:
+        raise HilalError("hilal bench needs --out F (where the JSON goes), or --criteria F [F ...] to summarize")
     argv = [args.kind, "--out", args.out] + (["--quick"] if args.quick else [])
     for flag in ("repeats", "models", "threads", "probes", "samples", "seeds", "device"):
         if getattr(args, flag) is not None:
@@ -145,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="side-by-side benchmarks")
     b.add_argument("kind", help="hessian, search or analog")
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", default=None, help="JSON output")
     b.add_argument("--quick", action="store_true", help="smaller sizes (for a quick look)")
     b.add_argument("--repeats", type=int, default=None, help="timed repeats per side (medians are reported)")
     b.add_argument("--models", default=None, help="comma-separated model names")
@@ -154,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
     b.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds, e.g. 0,1,2")
     b.add_argument("--device", default=None, help="cpu (default) or cuda")
+    b.add_argument("--criteria", nargs="+", default=None, metavar="JSON",
+                   help="search: print the per-model criteria table (HILAL against LionHeart over mapping seeds) "
+                        "of these finished result files instead of running")
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -12,7 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from hilal.bench import BenchConfig, joint_estimates, main, pyhessian_estimates, run_bench, table
+from hilal.bench import (
+    TARGET_SPEEDUP,
+    BenchConfig,
+    joint_estimates,
+    main,
+    pyhessian_estimates,
+    run_bench,
+    script,
+    search_criteria,
+    table,
+)
 from hilal.registry import HilalError
 from hilal.train import FinetuneConfig
 
@@ -173,6 +183,40 @@ def test_search_bench_json(tmp_path, resnet8_digits, digits):
         assert [mine[k] for k in ("calib_mean", "calib_se", "margin")] == pytest.approx(
             [c[k] for k in ("calib_mean", "calib_se", "margin")]) and mine["holds_floor"] == c["holds_floor"]
     assert list(t["floor_margin"][:2]) == pytest.approx([rec[m]["recheck"]["margin"] for m in ("hilal", "lionheart")])
+    _check_criteria(data["records"], out)
+
+
+def _check_criteria(recs, path):
+    """search_criteria's counts and medians, recomputed seed by seed from the records; the command-line
+    summary of the file prints the same row."""
+    (row,) = search_criteria(recs).to_dict("records")
+    sp = [r["speedup"] for r in recs]
+    assert (row["model"], row["seeds"]) == ("resnet8", len(recs))
+    assert [row["speedup"], row["speedup_min"], row["speedup_max"]] == pytest.approx([np.median(sp), min(sp), max(sp)])
+    assert row["fast_seeds"] == sum(s >= TARGET_SPEEDUP for s in sp)
+    met = {}
+    for key, f in (("share", "analog_mac_share"), ("acc", "accuracy_mean")):
+        h, lh = ([r[m][f] for r in recs] for m in ("hilal", "lionheart"))
+        assert [row[f"{key}_hilal"], row[f"{key}_lionheart"]] == pytest.approx([np.median(h), np.median(lh)])
+        met[key] = [a >= b for a, b in zip(h, lh, strict=True)]
+        assert row[f"{key}_seeds"] == sum(met[key])
+    all_three = zip(sp, met["share"], met["acc"], strict=True)
+    assert row["all_seeds"] == sum(s >= TARGET_SPEEDUP and a and b for s, a, b in all_three)
+    for m in ("hilal", "lionheart"):
+        assert row[f"holds_{m}"] == sum(r[m]["recheck"]["holds_floor"] for r in recs)
+        assert row[f"margin_{m}"] == pytest.approx(np.median([r[m]["recheck"]["margin"] for r in recs]))
+    with pytest.raises(HilalError, match="resnet8 mapping seed 0 appears twice"):
+        search_criteria(recs + recs[:1])
+    import contextlib
+    import io
+
+    from hilal.cli import main as cli_main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli_main(["bench", "search", "--criteria", str(path)]) == 0
+    line = next(ln for ln in buf.getvalue().splitlines() if ln.startswith("| resnet8 "))
+    assert line.split(" | ")[1:3] == [str(len(recs)), f"{row['speedup']:.3g}"]
 
 
 def test_analog_bench_json(tmp_path, resnet8_digits):
@@ -199,6 +243,35 @@ def test_bad_settings_name_the_problem():
     with pytest.raises(HilalError, match="device 'tpu'.*valid: 'cpu'"):
         run_bench("hessian", device="tpu")
     assert BenchConfig.quick(repeats=2).repeats == 2 and BenchConfig.quick().probes < BenchConfig().probes
+
+
+def test_criteria_without_recheck_and_bad_files(tmp_path, capsys):
+    """Ties meet a criterion (the same layers give the same share), a record without a recheck leaves the
+    floor columns empty, and the summary refuses files that are not search results."""
+
+    def rec(seed, speedup, share, acc):
+        side = {"analog_mac_share": share, "accuracy_mean": acc}
+        return {"model": "m", "mapping_seed": seed, "speedup": speedup, "hilal": side,
+                "lionheart": {"analog_mac_share": 0.5, "accuracy_mean": 0.9}}
+
+    (row,) = search_criteria([rec(0, 5.0, 0.5, 0.9), rec(1, 4.9, 0.6, 0.95), rec(2, 9.0, 0.4, 0.99)],
+                             ).to_dict("records")
+    assert (row["fast_seeds"], row["share_seeds"], row["acc_seeds"], row["all_seeds"]) == (2, 2, 3, 1)
+    assert np.isnan(row["holds_hilal"]) and np.isnan(row["margin_lionheart"])
+    with pytest.raises(HilalError, match="no search records"):
+        search_criteria([])
+    hess = tmp_path / "h.json"
+    hess.write_text(json.dumps({"kind": "hessian", "records": []}))
+    assert script("search", ["--criteria", str(hess)]) == 2
+    assert "holds a 'hessian' benchmark; the criteria need 'search' files" in capsys.readouterr().err
+    assert script("search", ["--criteria", str(tmp_path / "none.json")]) == 2
+    assert "no benchmark file" in capsys.readouterr().err
+    assert script("hessian", ["--criteria", str(hess)]) == 2
+    assert "--criteria summarizes search results" in capsys.readouterr().err
+    from hilal.cli import main as cli_main
+
+    assert cli_main(["bench", "search"]) == 2
+    assert "needs --out F" in capsys.readouterr().err
 
 
 def test_markdown_table():
