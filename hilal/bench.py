@@ -526,8 +526,9 @@ def search_criteria(records: Sequence[dict[str, Any]], target: float = TARGET_SP
     return pd.DataFrame(out)
 
 
-def search_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """The records of one or more JSON files written by the ``search`` benchmark, in order."""
+def search_records(paths: Sequence[str | Path], notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """The records of one or more JSON files written by the ``search`` benchmark, in order; a file left by an
+    interrupted run (``complete`` false) is read too, with a line in ``notes``."""
     import json
 
     records: list[dict[str, Any]] = []
@@ -535,9 +536,15 @@ def search_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         path = Path(p)
         if not path.is_file():
             raise HilalError(f"no benchmark file {str(path)!r}")
-        data = json.loads(path.read_text())
-        if data.get("kind") != "search":
-            raise HilalError(f"{str(path)!r} holds a {data.get('kind')!r} benchmark; the criteria need 'search' files")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise HilalError(f"{str(path)!r} is not a benchmark JSON file ({e})") from None
+        if not isinstance(data, dict) or data.get("kind") != "search":
+            kind = data.get("kind") if isinstance(data, dict) else None
+            raise HilalError(f"{str(path)!r} holds a {kind!r} benchmark; the criteria need 'search' files")
+        if not data.get("complete", True) and notes is not None:
+            notes.append(f"{path} is from an interrupted run: {len(data['records'])} record(s)")
         records += data["records"]
     return records
 
@@ -632,7 +639,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.criteria:
         if a.kind != "search":
             raise HilalError(f"--criteria summarizes search results; got kind {a.kind!r}")
-        print(markdown(search_criteria(search_records(a.criteria))))
+        notes: list[str] = []
+        print(markdown(search_criteria(search_records(a.criteria, notes))))
+        for n in notes:
+            print("note:", n)
         return 0
     from hilal.paths import project_root
     from hilal.runtime import keep_freed_memory

@@ -266,6 +266,13 @@ def test_criteria_without_recheck_and_bad_files(tmp_path, capsys):
     assert "holds a 'hessian' benchmark; the criteria need 'search' files" in capsys.readouterr().err
     assert script("search", ["--criteria", str(tmp_path / "none.json")]) == 2
     assert "no benchmark file" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert script("search", ["--criteria", str(tmp_path / "bad.json")]) == 2
+    assert "is not a benchmark JSON file" in capsys.readouterr().err
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"kind": "search", "complete": False, "records": [rec(0, 6.0, 0.7, 0.96)]}))
+    assert script("search", ["--criteria", str(partial)]) == 0
+    assert "from an interrupted run: 1 record(s)" in capsys.readouterr().out
     assert script("hessian", ["--criteria", str(hess)]) == 2
     assert "--criteria summarizes search results" in capsys.readouterr().err
     from hilal.cli import main as cli_main
