@@ -142,7 +142,7 @@ def test_joint_side_on_a_curved_model_matches_dense_hessian():
         assert abs(est["eli"][i] - elis[i]) < 4 * est["eli_se"][i]
 
 
-def test_search_bench_json(tmp_path, resnet8_digits, digits):
+def test_search_bench_json(tmp_path, resnet8_digits, digits, capsys):
     out = tmp_path / "search.json"
     from hilal.hessian import HessianConfig
 
@@ -183,10 +183,10 @@ def test_search_bench_json(tmp_path, resnet8_digits, digits):
         assert [mine[k] for k in ("calib_mean", "calib_se", "margin")] == pytest.approx(
             [c[k] for k in ("calib_mean", "calib_se", "margin")]) and mine["holds_floor"] == c["holds_floor"]
     assert list(t["floor_margin"][:2]) == pytest.approx([rec[m]["recheck"]["margin"] for m in ("hilal", "lionheart")])
-    _check_criteria(data["records"], out)
+    _check_criteria(data["records"], out, capsys)
 
 
-def _check_criteria(recs, path):
+def _check_criteria(recs, path, capsys):
     """search_criteria's counts and medians, recomputed seed by seed from the records; the command-line
     summary of the file prints the same row."""
     (row,) = search_criteria(recs).to_dict("records")
@@ -207,15 +207,11 @@ def _check_criteria(recs, path):
         assert row[f"margin_{m}"] == pytest.approx(np.median([r[m]["recheck"]["margin"] for r in recs]))
     with pytest.raises(HilalError, match="resnet8 mapping seed 0 appears twice"):
         search_criteria(recs + recs[:1])
-    import contextlib
-    import io
-
     from hilal.cli import main as cli_main
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert cli_main(["bench", "search", "--criteria", str(path)]) == 0
-    line = next(ln for ln in buf.getvalue().splitlines() if ln.startswith("| resnet8 "))
+    capsys.readouterr()
+    assert cli_main(["bench", "search", "--criteria", str(path)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| resnet8 "))
     assert line.split(" | ")[1:3] == [str(len(recs)), f"{row['speedup']:.3g}"]
 
 
@@ -254,8 +250,8 @@ def test_criteria_without_recheck_and_bad_files(tmp_path, capsys):
         return {"model": "m", "mapping_seed": seed, "speedup": speedup, "hilal": side,
                 "lionheart": {"analog_mac_share": 0.5, "accuracy_mean": 0.9}}
 
-    (row,) = search_criteria([rec(0, 5.0, 0.5, 0.9), rec(1, 4.9, 0.6, 0.95), rec(2, 9.0, 0.4, 0.99)],
-                             ).to_dict("records")
+    records = [rec(0, 5.0, 0.5, 0.9), rec(1, 4.9, 0.6, 0.95), rec(2, 9.0, 0.4, 0.99)]
+    (row,) = search_criteria(records).to_dict("records")
     assert (row["fast_seeds"], row["share_seeds"], row["acc_seeds"], row["all_seeds"]) == (2, 2, 3, 1)
     assert np.isnan(row["holds_hilal"]) and np.isnan(row["margin_lionheart"])
     with pytest.raises(HilalError, match="no search records"):
