@@ -492,57 +492,60 @@ def search_criteria(records: Sequence[dict[str, Any]], target: float = TARGET_SP
     (fractions; NaN without a recheck); ``all_seeds`` the seeds that meet the first three at once."""
     if not records:
         raise HilalError("no search records to summarize")
-    seen: set[tuple[str, int]] = set()
-    rows: dict[str, list[dict[str, Any]]] = {}
+    rows = []
     for r in records:
-        key = (r["model"], int(r.get("mapping_seed", 0)))
-        if key in seen:
-            raise HilalError(f"{key[0]} mapping seed {key[1]} appears twice; pass each seed's record once")
-        seen.add(key)
         h, lh = r["hilal"], r["lionheart"]
-        fast = r["speedup"] >= target
-        share = h["analog_mac_share"] >= lh["analog_mac_share"] - 1e-12  # one set of layers: the same float
-        acc = h["accuracy_mean"] >= lh["accuracy_mean"]
-        rows.setdefault(r["model"], []).append({
-            "speedup": r["speedup"], "fast": fast, "share_hilal": h["analog_mac_share"],
-            "share_lionheart": lh["analog_mac_share"], "share": share, "acc_hilal": h["accuracy_mean"],
-            "acc_lionheart": lh["accuracy_mean"], "acc": acc, "all": fast and share and acc,
-            **{f"{k}_{m}": d.get("recheck", {}).get(f, np.nan) for m, d in (("hilal", h), ("lionheart", lh))
-               for k, f in (("holds", "holds_floor"), ("margin", "margin"))}})
-    out = []
-    for model, rs in rows.items():
-        df = pd.DataFrame(rs)
-        medians = df[["speedup", "share_hilal", "share_lionheart", "acc_hilal", "acc_lionheart", "margin_hilal",
-                      "margin_lionheart"]].astype(float).median()
-        holds = {f"holds_{m}": int(df[f"holds_{m}"].astype(float).sum()) if df[f"holds_{m}"].notna().all()
-                 else np.nan for m in ("hilal", "lionheart")}
-        out.append({"model": model, "seeds": len(df), "speedup": medians["speedup"],
-                    "speedup_min": float(df["speedup"].min()), "speedup_max": float(df["speedup"].max()),
-                    "fast_seeds": int(df["fast"].sum()), "share_hilal": medians["share_hilal"],
-                    "share_lionheart": medians["share_lionheart"], "share_seeds": int(df["share"].sum()),
-                    "acc_hilal": medians["acc_hilal"], "acc_lionheart": medians["acc_lionheart"],
-                    "acc_seeds": int(df["acc"].sum()), "all_seeds": int(df["all"].sum()), **holds,
-                    "margin_hilal": medians["margin_hilal"], "margin_lionheart": medians["margin_lionheart"]})
-    return pd.DataFrame(out)
+        rows.append({"model": r["model"], "seed": int(r.get("mapping_seed", 0)), "speedup": r["speedup"],
+                     **{f"{k}_{m}": d[f] for m, d in (("hilal", h), ("lionheart", lh))
+                        for k, f in (("share", "analog_mac_share"), ("acc", "accuracy_mean"))},
+                     **{f"{k}_{m}": d.get("recheck", {}).get(f, np.nan) for m, d in (("hilal", h), ("lionheart", lh))
+                        for k, f in (("holds", "holds_floor"), ("margin", "margin"))}})
+    df = pd.DataFrame(rows)
+    dup = df[df.duplicated(["model", "seed"])]
+    if len(dup):
+        raise HilalError(f"{dup['model'].iat[0]} mapping seed {dup['seed'].iat[0]} appears twice; pass each "
+                         "seed's record once")
+    df["fast"] = df["speedup"] >= target
+    df["share"] = df["share_hilal"] >= df["share_lionheart"] - 1e-12  # one set of layers: the same float
+    df["acc"] = df["acc_hilal"] >= df["acc_lionheart"]
+    df["all"] = df["fast"] & df["share"] & df["acc"]
+
+    def count(x: pd.Series) -> float:  # NaN when a record has no recheck
+        return int(x.astype(float).sum()) if x.notna().all() else np.nan
+
+    return df.groupby("model", sort=False).agg(
+        seeds=("seed", "size"), speedup=("speedup", "median"), speedup_min=("speedup", "min"),
+        speedup_max=("speedup", "max"), fast_seeds=("fast", "sum"), share_hilal=("share_hilal", "median"),
+        share_lionheart=("share_lionheart", "median"), share_seeds=("share", "sum"),
+        acc_hilal=("acc_hilal", "median"), acc_lionheart=("acc_lionheart", "median"), acc_seeds=("acc", "sum"),
+        all_seeds=("all", "sum"), holds_hilal=("holds_hilal", count), holds_lionheart=("holds_lionheart", count),
+        margin_hilal=("margin_hilal", "median"), margin_lionheart=("margin_lionheart", "median")).reset_index()
+
+
+def load_bench(path: str | Path) -> dict[str, Any]:
+    """A JSON file written by :func:`run_bench` (missing or unreadable files get a one-line error)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise HilalError(f"no benchmark file {str(path)!r}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HilalError(f"{str(path)!r} is not a benchmark JSON file ({e})") from None
+    if not isinstance(data, dict) or "records" not in data:
+        raise HilalError(f"{str(path)!r} is not a benchmark JSON file (no records)")
+    return data
 
 
 def search_records(paths: Sequence[str | Path], notes: list[str] | None = None) -> list[dict[str, Any]]:
     """The records of one or more JSON files written by the ``search`` benchmark, in order; a file left by an
     interrupted run (``complete`` false) is read too, with a line in ``notes``."""
-    import json
-
     records: list[dict[str, Any]] = []
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise HilalError(f"no benchmark file {str(path)!r}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise HilalError(f"{str(path)!r} is not a benchmark JSON file ({e})") from None
-        if not isinstance(data, dict) or data.get("kind") != "search":
-            kind = data.get("kind") if isinstance(data, dict) else None
-            raise HilalError(f"{str(path)!r} holds a {kind!r} benchmark; the criteria need 'search' files")
+        path, data = Path(p), load_bench(p)
+        if data.get("kind") != "search":
+            raise HilalError(f"{str(path)!r} holds a {data.get('kind')!r} benchmark; the criteria need 'search' files")
         if not data.get("complete", True) and notes is not None:
             notes.append(f"{path} is from an interrupted run: {len(data['records'])} record(s)")
         records += data["records"]
@@ -564,9 +567,7 @@ def markdown(df: pd.DataFrame, digits: int = 3) -> str:
 
 def markdown_from_json(path: str | Path) -> str:
     """The README table of a JSON file written by :func:`run_bench`."""
-    import json
-
-    data = json.loads(Path(path).read_text())
+    data = load_bench(path)
     return markdown(table(data["kind"], data["records"]))
 
 
