@@ -377,8 +377,8 @@ def bench_search(cfg: BenchConfig, notes: list[str], progress: bool = True) -> I
                     print(f"[bench search] {name} seed {seed} {method} repeat {r + 1}/{cfg.repeats}: "
                           f"{res.timings['total_s']:.1f}s, {len(res.analog_layers)} analog layers, "
                           f"acc {res.accuracy_mean:.4f}", flush=True)
-        rec: dict[str, Any] = {"model": name, "dataset": cfg.dataset, "preset": cfg.preset, "mapping_seed": seed,
-                               "config": asdict(mcfg)}
+        rec: dict[str, Any] = {"model": name, "dataset": cfg.dataset, "preset": cfg.preset, "train_seed": cfg.seed,
+                               "mapping_seed": seed, "config": asdict(mcfg)}
         for method, rs in runs.items():
             d = _result_record(rs[0])
             d["timings"] = {k: _median([x.timings[k] for x in rs]) for k in rs[0].timings}
@@ -618,7 +618,7 @@ def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, pro
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bench/*.py`` scripts: ``KIND [--out F] [--quick] [--repeats N] [--models A,B]
-    [--threads T] [--probes P] [--samples S] [--seeds 0,1,2] [--device cuda]``; the output defaults to
+    [--threads T] [--probes P] [--samples S] [--seeds 0,1,2] [--train-seed 1] [--device cuda]``; the output defaults to
     ``bench/results/KIND.json``. ``search --criteria F [F ...]`` prints :func:`search_criteria` of finished
     result files instead of running."""
     import argparse
@@ -633,6 +633,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--probes", type=int, default=None, help="hessian: Hutchinson probes")
     p.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
     p.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds (default 0)")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="seed of the data split and the digital model's training (default 0): another checkpoint")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--criteria", nargs="+", default=None, metavar="JSON",
                    help="search: print the per-model criteria table of these finished result files and exit")
@@ -655,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = "search_models" if a.kind == "search" else "models"
     seeds = tuple(int(x) for x in a.seeds.split(",")) if a.seeds else None
     run_bench(a.kind, out=out, quick=a.quick, repeats=a.repeats, threads=a.threads, probes=a.probes,
-              eli_samples=a.samples, mapping_seeds=seeds, device=a.device, **{key: models})
+              eli_samples=a.samples, mapping_seeds=seeds, device=a.device, seed=a.train_seed, **{key: models})
     return 0
 
 

@@ -104,9 +104,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.out is None:
         raise HilalError("hilal bench needs --out F (where the JSON goes), or --criteria F [F ...] to summarize")
     argv = [args.kind, "--out", args.out] + (["--quick"] if args.quick else [])
-    for flag in ("repeats", "models", "threads", "probes", "samples", "seeds", "device"):
+    for flag in ("repeats", "models", "threads", "probes", "samples", "seeds", "train_seed", "device"):
         if getattr(args, flag) is not None:
-            argv += [f"--{flag}", str(getattr(args, flag))]
+            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     bench_main(argv)
 
 
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--probes", type=int, default=None, help="hessian: Hutchinson probes")
     b.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
     b.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds, e.g. 0,1,2")
+    b.add_argument("--train-seed", type=int, default=None,
+                   help="seed of the data split and the digital model's training (default 0)")
     b.add_argument("--device", default=None, help="cpu (default) or cuda")
     b.add_argument("--criteria", nargs="+", default=None, metavar="JSON",
                    help="search: print the per-model criteria table (HILAL against LionHeart over mapping seeds) "

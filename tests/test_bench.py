@@ -155,6 +155,7 @@ def test_search_bench_json(tmp_path, resnet8_digits, digits, capsys):
     data = _load(out)
     rec, rec1 = data["records"]
     assert [rec["mapping_seed"], rec1["mapping_seed"]] == [0, 1] == [rec["config"]["seed"], rec1["config"]["seed"]]
+    assert rec["train_seed"] == rec1["train_seed"] == data["config"]["seed"] == 0
     assert (rec["model"], rec["dataset"], rec["preset"]) == ("resnet8", "digits", "pcm_harsh")
     assert rec["config"]["reps"] == 1 and rec["config"]["finetune"]["steps"] == 1
     for method in ("hilal", "lionheart"):
@@ -229,6 +230,22 @@ def test_analog_bench_json(tmp_path, resnet8_digits):
     assert min(rec["digital_s"], rec["analog_s"], rec["drift_eval_s"]) > 0
     assert rec["overhead"] == pytest.approx(rec["analog_s"] / rec["digital_s"])
     assert rec["drift_eval_overhead"] == pytest.approx(rec["drift_eval_s"] / rec["digital_eval_s"])
+
+
+def test_train_seed_reaches_the_benchmark_config(tmp_path, monkeypatch):
+    """``--train-seed`` (both entry points) sets BenchConfig.seed, the data split and training of the
+    checkpoint; left out, the default stays."""
+    import hilal.bench
+    from hilal.cli import main as cli_main
+
+    seen: list[dict] = []
+    monkeypatch.setattr(hilal.bench, "run_bench", lambda kind, **kw: seen.append({"kind": kind, **kw}))
+    out = str(tmp_path / "s.json")
+    assert main(["search", "--train-seed", "3", "--seeds", "0,2", "--out", out]) == 0
+    assert cli_main(["bench", "search", "--train-seed", "1", "--out", out]) == 0
+    assert cli_main(["bench", "hessian", "--out", out]) == 0
+    assert [(s["kind"], s["seed"]) for s in seen] == [("search", 3), ("search", 1), ("hessian", None)]
+    assert seen[0]["mapping_seeds"] == (0, 2)
 
 
 def test_bad_settings_name_the_problem():
