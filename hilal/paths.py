@@ -6,7 +6,7 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,9 @@ def offline() -> bool:
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # ``write`` creates the temporary file itself, so it gets the mode of any new file (0666 less the umask);
+    # mkstemp's 0600 would leave results and checkpoints unreadable to a group sharing the directory
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)

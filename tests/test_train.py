@@ -119,6 +119,22 @@ def test_checkpoint_write_is_atomic(digits, tmp_path, monkeypatch):
     model.load_state_dict(st["model"])
 
 
+def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path):
+    """Results and checkpoints are readable as any file the user writes (umask applies), not 0600."""
+    from hilal.paths import atomic_json_dump, atomic_torch_save
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    for p in (atomic_json_dump({"a": 1}, tmp_path / "r.json"), atomic_torch_save({"a": 1}, tmp_path / "c.pt")):
+        assert os.stat(p).st_mode == os.stat(plain).st_mode
+    old = os.umask(0o022)
+    try:
+        assert os.stat(atomic_json_dump({"a": 2}, tmp_path / "s.json")).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == ["c.pt", "plain.txt", "r.json", "s.json"]
+
+
 def test_non_finite_loss_raises(digits):
     class Exploding(_MLP):
         def forward(self, x):
