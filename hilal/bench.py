@@ -634,7 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
     p.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds (default 0)")
     p.add_argument("--train-seed", type=int, default=None,
-                   help="seed of the data split and the digital model's training (default 0): another checkpoint")
+                   help="seed of the data split, the digital model's training (another checkpoint) and, for "
+                        "hessian, its probes and noise (default 0)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--criteria", nargs="+", default=None, metavar="JSON",
                    help="search: print the per-model criteria table of these finished result files and exit")
