@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
     b.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds, e.g. 0,1,2")
     b.add_argument("--train-seed", type=int, default=None,
-                   help="seed of the data split, the digital model's training and hessian's probes (default 0)")
+                   help="seed of the data split, the digital model's training (another checkpoint) and, for "
+                        "hessian, its probes and noise (default 0)")
     b.add_argument("--device", default=None, help="cpu (default) or cuda")
     b.add_argument("--criteria", nargs="+", default=None, metavar="JSON",
                    help="search: print the per-model criteria table (HILAL against LionHeart over mapping seeds) "
