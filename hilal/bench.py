@@ -15,6 +15,7 @@ ratio is the ratio of the medians over repeats, so background load affects both 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -621,25 +622,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     [--threads T] [--probes P] [--samples S] [--seeds 0,1,2] [--train-seed 1] [--device cuda]``; the output defaults to
     ``bench/results/KIND.json``. ``search --criteria F [F ...]`` prints :func:`search_criteria` of finished
     result files instead of running."""
-    import argparse
+    from hilal.cli import add_bench_options
 
     p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     p.add_argument("kind", choices=KINDS)
-    p.add_argument("--out", default=None, help="JSON output (default bench/results/KIND.json)")
-    p.add_argument("--quick", action="store_true", help="smaller sizes")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per side (medians are reported)")
-    p.add_argument("--models", default=None, help="comma-separated model names")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--probes", type=int, default=None, help="hessian: Hutchinson probes")
-    p.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
-    p.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds (default 0)")
-    p.add_argument("--train-seed", type=int, default=None,
-                   help="seed of the data split, the digital model's training (another checkpoint) and, for "
-                        "hessian, its probes and noise (default 0)")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--criteria", nargs="+", default=None, metavar="JSON",
-                   help="search: print the per-model criteria table of these finished result files and exit")
-    a = p.parse_args(argv)
+    add_bench_options(p)
+    return run_args(p.parse_args(argv))
+
+
+def run_args(a: argparse.Namespace) -> int:
+    """Run the benchmark that parsed options ``a`` (of :func:`hilal.cli.add_bench_options`, plus ``kind``)
+    describe, or with ``criteria`` print the criteria table of those files."""
     if a.criteria:
         if a.kind != "search":
             raise HilalError(f"--criteria summarizes search results; got kind {a.kind!r}")

@@ -96,18 +96,31 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from hilal.bench import main as bench_main
+    from hilal.bench import run_args
 
-    if args.criteria:
-        bench_main([args.kind, "--criteria", *args.criteria])
-        return
-    if args.out is None:
+    if not args.criteria and args.out is None:
         raise HilalError("hilal bench needs --out F (where the JSON goes), or --criteria F [F ...] to summarize")
-    argv = [args.kind, "--out", args.out] + (["--quick"] if args.quick else [])
-    for flag in ("repeats", "models", "threads", "probes", "samples", "seeds", "train_seed", "device"):
-        if getattr(args, flag) is not None:
-            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    bench_main(argv)
+    run_args(args)
+
+
+def add_bench_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``hilal bench`` and of ``python bench/*.py``, defined once for both entry points."""
+    p.add_argument("--out", default=None, help="JSON output (bench/*.py: default bench/results/KIND.json)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (for a quick look)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per side (medians are reported)")
+    p.add_argument("--models", default=None, help="comma-separated model names")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice; 1 on a shared machine)")
+    p.add_argument("--probes", type=int, default=None, help="hessian: Hutchinson probes")
+    p.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
+    p.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds, e.g. 0,1,2 (default 0)")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="seed of the data split, the digital model's training (another checkpoint) and, for "
+                        "hessian, its probes and noise (default 0)")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--criteria", nargs="+", default=None, metavar="JSON",
+                   help="search: print the per-model criteria table (HILAL against LionHeart over mapping seeds) "
+                        "of these finished result files instead of running")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,21 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="side-by-side benchmarks")
     b.add_argument("kind", help="hessian, search or analog")
-    b.add_argument("--out", default=None, help="JSON output")
-    b.add_argument("--quick", action="store_true", help="smaller sizes (for a quick look)")
-    b.add_argument("--repeats", type=int, default=None, help="timed repeats per side (medians are reported)")
-    b.add_argument("--models", default=None, help="comma-separated model names")
-    b.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
-    b.add_argument("--probes", type=int, default=None, help="hessian: Hutchinson probes")
-    b.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
-    b.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds, e.g. 0,1,2")
-    b.add_argument("--train-seed", type=int, default=None,
-                   help="seed of the data split, the digital model's training (another checkpoint) and, for "
-                        "hessian, its probes and noise (default 0)")
-    b.add_argument("--device", default=None, help="cpu (default) or cuda")
-    b.add_argument("--criteria", nargs="+", default=None, metavar="JSON",
-                   help="search: print the per-model criteria table (HILAL against LionHeart over mapping seeds) "
-                        "of these finished result files instead of running")
+    add_bench_options(b)
     b.set_defaults(fn=cmd_bench)
     return p
 
