@@ -618,10 +618,9 @@ def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, pro
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``bench/*.py`` scripts: ``KIND [--out F] [--quick] [--repeats N] [--models A,B]
-    [--threads T] [--probes P] [--samples S] [--seeds 0,1,2] [--train-seed 1] [--device cuda]``; the output defaults to
-    ``bench/results/KIND.json``. ``search --criteria F [F ...]`` prints :func:`search_criteria` of finished
-    result files instead of running."""
+    """Entry point of the ``bench/*.py`` scripts: ``KIND`` and the options of :func:`hilal.cli.add_bench_options`;
+    the output defaults to ``bench/results/KIND.json``. ``search --criteria F [F ...]`` prints
+    :func:`search_criteria` of finished result files instead of running."""
     from hilal.cli import add_bench_options
 
     p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
