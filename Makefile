@@ -22,7 +22,7 @@ reproduce: $(STAMP)  ## main job: execute every notebook (smoke profile) and reg
 
 test: $(STAMP)  ## lint, stripped-notebook check, unit tests, every notebook at the smoke profile
 	$(VENV)/bin/ruff check hilal tests bench
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hilal tests bench
