@@ -489,8 +489,12 @@ def search_criteria(records: Sequence[dict[str, Any]], target: float = TARGET_SP
     seeds at ``target`` or more; ``share_*`` the analog MAC shares and ``share_seeds`` the seeds where
     HILAL's is at least as high; ``acc_*`` the test accuracies and ``acc_seeds`` the seeds where HILAL's is
     at least as high (both start from the same digital model, so its drop is no larger); ``holds_*`` the
-    seeds whose final mapping holds its floor on fresh programmings and ``margin_*`` the median margins
-    (fractions; NaN without a recheck); ``all_seeds`` the seeds that meet the first three at once."""
+    seeds whose final mapping holds its floor on fresh programmings, ``margin_*`` the median margins
+    (fractions) and ``pass_*`` the median chance that one more run of the search's acceptance test, on
+    fresh programmings, passes the final mapping (:func:`hilal.mapping.fresh_pass_rate`; the last three NaN
+    without a recheck); ``all_seeds`` the seeds that meet the first three at once."""
+    from hilal.mapping import fresh_pass_rate
+
     if not records:
         raise HilalError("no search records to summarize")
     rows = []
@@ -500,7 +504,9 @@ def search_criteria(records: Sequence[dict[str, Any]], target: float = TARGET_SP
                      **{f"{k}_{m}": d[f] for m, d in (("hilal", h), ("lionheart", lh))
                         for k, f in (("share", "analog_mac_share"), ("acc", "accuracy_mean"))},
                      **{f"{k}_{m}": d.get("recheck", {}).get(f, np.nan) for m, d in (("hilal", h), ("lionheart", lh))
-                        for k, f in (("holds", "holds_floor"), ("margin", "margin"))}})
+                        for k, f in (("holds", "holds_floor"), ("margin", "margin"))},
+                     **{f"pass_{m}": fresh_pass_rate(d["recheck"], r["config"]["reps"]) if "recheck" in d else np.nan
+                        for m, d in (("hilal", h), ("lionheart", lh))}})
     df = pd.DataFrame(rows)
     dup = df[df.duplicated(["model", "seed"])]
     if len(dup):
@@ -520,7 +526,8 @@ def search_criteria(records: Sequence[dict[str, Any]], target: float = TARGET_SP
         share_lionheart=("share_lionheart", "median"), share_seeds=("share", "sum"),
         acc_hilal=("acc_hilal", "median"), acc_lionheart=("acc_lionheart", "median"), acc_seeds=("acc", "sum"),
         all_seeds=("all", "sum"), holds_hilal=("holds_hilal", count), holds_lionheart=("holds_lionheart", count),
-        margin_hilal=("margin_hilal", "median"), margin_lionheart=("margin_lionheart", "median")).reset_index()
+        margin_hilal=("margin_hilal", "median"), margin_lionheart=("margin_lionheart", "median"),
+        pass_hilal=("pass_hilal", "median"), pass_lionheart=("pass_lionheart", "median")).reset_index()
 
 
 def load_bench(path: str | Path) -> dict[str, Any]:

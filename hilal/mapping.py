@@ -496,6 +496,21 @@ def recheck(result: MappingResult | Mapping[str, Any], splits: Splits, reps: int
             "accepted": kept[-1] if kept else None}
 
 
+def fresh_pass_rate(check: Mapping[str, Any], test_reps: int) -> float:
+    """The chance that one more run of a search's own acceptance test (the mean score over ``test_reps``
+    fresh programmings at least the floor) passes the mapping that ``check``, a :func:`recheck` record,
+    re-scored: Phi(margin / (sd / sqrt(test_reps))), with the spread over programmings sd = calib_se *
+    sqrt(reps) (the normal approximation of a mean of ``test_reps`` programmings). A mapping exactly at its
+    floor passes half the time; 1 or 0 when every programming scored the same."""
+    if test_reps < 1:
+        raise HilalError(f"test_reps must be at least 1; got {test_reps}")
+    margin, se = float(check["margin"]), float(check["calib_se"])
+    if se <= 0:
+        return float(margin >= 0)
+    sd_of_test = se * math.sqrt(int(check["reps"]) / test_reps)
+    return 0.5 * (1.0 + math.erf(margin / sd_of_test / math.sqrt(2.0)))
+
+
 def run_mapping(method: str, model: nn.Module, splits: Splits, cfg: MappingConfig | None = None,
                 progress: bool = True) -> MappingResult:
     """Run one allocation method on a trained digital ``model`` (left unmodified)."""

@@ -4,12 +4,14 @@ PyHessian per-layer reference checked against a dense Hessian. No timed assertio
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from scipy.stats import norm
 from torch import nn
 
 from hilal.bench import (
@@ -187,6 +189,12 @@ def test_search_bench_json(tmp_path, resnet8_digits, digits, capsys):
     _check_criteria(data["records"], out, capsys)
 
 
+def _pass_rate(check, test_reps):
+    if check["calib_se"] == 0:
+        return float(check["margin"] >= 0)
+    return float(norm.cdf(check["margin"] / (check["calib_se"] * math.sqrt(check["reps"] / test_reps))))
+
+
 def _check_criteria(recs, path, capsys):
     """search_criteria's counts and medians, recomputed seed by seed from the records; the command-line
     summary of the file prints the same row."""
@@ -206,6 +214,9 @@ def _check_criteria(recs, path, capsys):
     for m in ("hilal", "lionheart"):
         assert row[f"holds_{m}"] == sum(r[m]["recheck"]["holds_floor"] for r in recs)
         assert row[f"margin_{m}"] == pytest.approx(np.median([r[m]["recheck"]["margin"] for r in recs]))
+        # the chance that a fresh acceptance test (config reps programmings) passes: Phi(margin / its sd)
+        rates = [_pass_rate(r[m]["recheck"], r["config"]["reps"]) for r in recs]
+        assert row[f"pass_{m}"] == pytest.approx(np.median(rates))
     with pytest.raises(HilalError, match="resnet8 mapping seed 0 appears twice"):
         search_criteria(recs + recs[:1])
     from hilal.cli import main as cli_main
@@ -270,7 +281,7 @@ def test_criteria_without_recheck_and_bad_files(tmp_path, capsys):
     records = [rec(0, 5.0, 0.5, 0.9), rec(1, 4.9, 0.6, 0.95), rec(2, 9.0, 0.4, 0.99)]
     (row,) = search_criteria(records).to_dict("records")
     assert (row["fast_seeds"], row["share_seeds"], row["acc_seeds"], row["all_seeds"]) == (2, 2, 3, 1)
-    assert np.isnan(row["holds_hilal"]) and np.isnan(row["margin_lionheart"])
+    assert np.isnan(row["holds_hilal"]) and np.isnan(row["margin_lionheart"]) and np.isnan(row["pass_hilal"])
     with pytest.raises(HilalError, match="no search records"):
         search_criteria([])
     hess = tmp_path / "h.json"

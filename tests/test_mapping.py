@@ -16,6 +16,7 @@ from hilal.mapping import (
     _extend_prefix,
     _knapsack,
     _screened,
+    fresh_pass_rate,
     pareto_sets,
     recheck,
     retrain,
@@ -628,3 +629,26 @@ def test_recheck_rescores_the_final_mapping_on_fresh_programmings(resnet8_digits
         recheck(d, digits, reps=1)
     c = recheck(d, digits, reps=3)  # a digital model scores the same at every programming
     assert c["calib_se"] == 0.0 and c["z"] is None and c["holds_floor"]
+    assert fresh_pass_rate(c, 10) == 1.0 and fresh_pass_rate({**c, "margin": -1e-9}, 10) == 0.0
+
+
+def test_fresh_pass_rate_matches_repeated_acceptance_tests():
+    """Monte-Carlo: programmings score like accuracies on 360 calibration samples, each programming with its
+    own accuracy. A recheck over 4000 programmings gives the chance that a test of 10 programmings clears the
+    floor; it matches the frequency over 20000 such tests, at floors around the mean, and for tests of 5."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def scores(n: int) -> np.ndarray:
+        return rng.binomial(360, np.clip(rng.normal(0.962, 0.004, n), 0, 1)) / 360
+
+    x = scores(4000)
+    for floor in (0.958, 0.962, 0.9635, 0.966):
+        check = {"margin": x.mean() - floor, "calib_se": x.std(ddof=1) / math.sqrt(len(x)), "reps": len(x)}
+        for test_reps in (10, 5):
+            freq = float((scores(20000 * test_reps).reshape(-1, test_reps).mean(1) >= floor - 1e-12).mean())
+            assert fresh_pass_rate(check, test_reps) == pytest.approx(freq, abs=0.03), (floor, test_reps)
+    assert fresh_pass_rate({"margin": 0.0, "calib_se": 0.01, "reps": 5}, 10) == pytest.approx(0.5)
+    with pytest.raises(HilalError, match="test_reps must be at least 1"):
+        fresh_pass_rate(check, 0)
