@@ -15,8 +15,8 @@ keep_freed_memory()  # as the hilal command does (hilal.runtime); the notebook k
 
 
 def pytest_collection_modifyitems(config, items):
-    # The notebooks run first: with two workers (pytest-xdist, one file each) the other takes every other
-    # file meanwhile, and the two finish at about the same time.
+    # The notebooks' file, the longest by far, runs first: with two workers (pytest-xdist, a file at a time)
+    # the other takes every other file meanwhile.
     items.sort(key=lambda item: item.path.name != "test_notebooks.py")
     if torch.cuda.is_available():
         return
