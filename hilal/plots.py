@@ -427,12 +427,16 @@ def layer_heatmap(results: Iterable[Mapping[str, Any]], layers: Sequence[str],
     return fig, data
 
 
-def recheck_table(checks: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+def recheck_table(checks: Mapping[str, Mapping[str, Any]], test_reps: int | None = None) -> pd.DataFrame:
     """One row per method from :func:`hilal.mapping.recheck` outputs (``{method: check}``): the score the
     search kept the final mapping at, its fresh score with standard error and 95 % interval, the floor,
-    the margin and whether it holds, in the kit's method order."""
+    the margin and whether it holds, in the kit's method order. With ``test_reps`` (the programmings of the
+    search's own evaluation), also ``pass_rate``: the chance that one more such evaluation on fresh
+    programmings clears the floor (:func:`hilal.mapping.fresh_pass_rate`)."""
     if not checks:
         raise HilalError("recheck_table needs at least one method's recheck")
+    if test_reps is not None:
+        from hilal.mapping import fresh_pass_rate
     rows = []
     for method in _order(checks, METHOD_ORDER):
         c = checks[method]
@@ -442,17 +446,18 @@ def recheck_table(checks: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
                      "ci_low": float(c["calib_mean"]) - 1.96 * float(c["calib_se"]),
                      "ci_high": float(c["calib_mean"]) + 1.96 * float(c["calib_se"]),
                      "floor": float(c["floor"]), "margin": float(c["margin"]), "holds_floor": bool(c["holds_floor"]),
-                     "reps": int(c["reps"])})
+                     "reps": int(c["reps"]),
+                     **({} if test_reps is None else {"pass_rate": fresh_pass_rate(c, test_reps)})})
     return pd.DataFrame(rows)
 
 
 def recheck_plot(checks: Mapping[str, Mapping[str, Any]],
-                 title: str = "Does each mapping hold its tolerance on fresh programmings?"
-                 ) -> tuple[Figure, pd.DataFrame]:
+                 title: str = "Does each mapping hold its tolerance on fresh programmings?",
+                 test_reps: int | None = None) -> tuple[Figure, pd.DataFrame]:
     """Per method, the calibration score its search kept the final mapping at (open diamond) and the same
     mapping's score over programmings the search never drew (dot, 95 % interval), against the floor (dashed;
-    a tick per row where the floors differ)."""
-    data = recheck_table(checks)
+    a tick per row where the floors differ). The data is :func:`recheck_table`'s, ``test_reps`` included."""
+    data = recheck_table(checks, test_reps)
     colors = dict(zip(data["method"], sns.color_palette(PALETTE, len(data)), strict=True))
     with style():
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(data) + 1.9))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import matplotlib
 
@@ -12,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from scipy.stats import norm  # noqa: E402
 
 from hilal import plots  # noqa: E402
 from hilal.evaluate import ONE_DAY, ONE_YEAR  # noqa: E402
@@ -219,6 +221,12 @@ def test_recheck_plot_draws_each_methods_fresh_score_against_its_floor():
     assert not [ln for ln in fig.get_axes()[0].get_lines() if ln.get_linestyle() == "--"]
     with pytest.raises(HilalError, match="at least one"):
         plots.recheck_table({})
+    # with the search's programmings per evaluation: the chance one more evaluation clears the floor
+    assert "pass_rate" not in data
+    rates = plots.recheck_table(checks, test_reps=10).set_index("method")["pass_rate"]
+    assert rates["lionheart"] == pytest.approx(norm.cdf(-0.005 / (0.002 * math.sqrt(50 / 10))))
+    assert rates["hilal"] == pytest.approx(norm.cdf(0.015 / (0.001 * math.sqrt(5))))
+    assert rates["all-digital"] == 1.0  # every programming scores the same, above the floor
 
 
 def test_layer_figures():
