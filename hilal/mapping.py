@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -507,8 +508,7 @@ def fresh_pass_rate(check: Mapping[str, Any], test_reps: int) -> float:
     margin, se = float(check["margin"]), float(check["calib_se"])
     if se <= 0:
         return float(margin >= 0)
-    sd_of_test = se * math.sqrt(int(check["reps"]) / test_reps)
-    return 0.5 * (1.0 + math.erf(margin / sd_of_test / math.sqrt(2.0)))
+    return NormalDist(0.0, se * math.sqrt(int(check["reps"]) / test_reps)).cdf(margin)
 
 
 def run_mapping(method: str, model: nn.Module, splits: Splits, cfg: MappingConfig | None = None,
