@@ -251,12 +251,13 @@ class Round:
 
 
 def retrain(model: nn.Module, splits: Splits, cfg: MappingConfig, seed: int, drift: bool = True,
-            progress: bool = False, start: float | None = None) -> Round:
+            progress: bool = False, start: float | None = None, teacher: nn.Module | None = None) -> Round:
     """Noise-injection fine-tuning until ``patience`` evaluations in a row fall below the best one (or
     ``max_rounds``); the best weights are kept in ``model``. Each evaluation is the mean score over ``reps``
     programmings at ``t_eval`` (or, with ``drift=False``, of the unprogrammed model) on the calibration split.
     ``start``, the score of ``model`` as given (already measured), makes it round 0: retraining stops once
     ``patience`` rounds in a row fail to beat it, and if none does the model is left as it was.
+    ``teacher``: the digital model, needed when ``cfg.finetune.distill`` > 0.
     """
     t0 = time.perf_counter()
     opt = make_optimizer(model, cfg.finetune)
@@ -265,7 +266,7 @@ def retrain(model: nn.Module, splits: Splits, cfg: MappingConfig, seed: int, dri
         best, best_snap = float(start), snapshot(model)
     n = 0
     for n in range(1, cfg.max_rounds + 1):
-        finetune_round(model, splits, cfg.finetune, opt, seed=seed * 101 + n)
+        finetune_round(model, splits, cfg.finetune, opt, seed=seed * 101 + n, teacher=teacher)
         s = _in_loop_score(model, splits, cfg, seed + n, drift)
         recent.append(s)
         if s > best:
@@ -353,7 +354,7 @@ class _Run:
                 z = None if zero_shot is False else float(zero_shot)
             z_s = time.perf_counter() - t
             torch.manual_seed(self.cfg.seed + len(self.rows))
-            r = retrain(candidate, self.splits, self.cfg, seed, drift, start=z)
+            r = retrain(candidate, self.splits, self.cfg, seed, drift, start=z, teacher=self.digital)
             ok = True if accept is None else bool(accept(r.score))
             done = {"kept": ok, "score": r.score, "rounds": r.rounds, "seconds": r.seconds + z_s, "zero_shot": z}
             self.journal.put(key, done, candidate if ok or keep_rejected else None)

@@ -62,25 +62,45 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch.to(device) if torch.is_tensor(batch) else batch
 
 
-def task_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+def task_loss(model: nn.Module, batch: Any, teacher: nn.Module | None = None, distill: float = 0.0,
+              temperature: float = 4.0) -> torch.Tensor:
     """The task loss of one batch already on the model's device.
 
     ``(inputs, labels)`` -> cross-entropy; a dict with ``start_positions``/``end_positions`` ->
-    the mean of start and end cross-entropy (extractive QA).
+    the mean of start and end cross-entropy (extractive QA). With a ``teacher`` and ``distill`` > 0,
+    ``(1 - distill) * task + distill * T^2 * KL(teacher || student)`` on the logits softened by
+    ``temperature`` T (knowledge distillation; for QA the mean over start and end).
     """
+    logits, targets = _task_outputs(model, batch)
+    ce = sum(nn.functional.cross_entropy(z, t) for z, t in zip(logits, targets, strict=True)) / len(logits)
+    if teacher is None or distill == 0:
+        return ce
+    with torch.no_grad():
+        soft = _task_outputs(teacher, batch)[0]
+    kd = sum(distillation_loss(z, s, temperature) for z, s in zip(logits, soft, strict=True)) / len(logits)
+    return (1 - distill) * ce + distill * kd
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch (the T^2 keeps
+    the gradient's scale independent of T)."""
+    log_p = nn.functional.log_softmax(teacher / temperature, dim=-1)
+    log_q = nn.functional.log_softmax(student / temperature, dim=-1)
+    return nn.functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def _task_outputs(model: nn.Module, batch: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The logits of one batch and their targets: one pair for classification, start and end for QA."""
     if isinstance(batch, Mapping):
         if "start_positions" not in batch or "end_positions" not in batch:
             raise HilalError("a question-answering batch needs 'start_positions' and 'end_positions'")
         inputs = {k: v for k, v in batch.items() if k not in ("start_positions", "end_positions",
                                                                "example_id", "offset_mapping")}
-        out = model(**inputs)
-        start, end = _qa_logits(out)
-        ce = nn.functional.cross_entropy
-        return (ce(start, batch["start_positions"]) + ce(end, batch["end_positions"])) / 2
+        start, end = _qa_logits(model(**inputs))
+        return [start, end], [batch["start_positions"], batch["end_positions"]]
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise HilalError("a classification batch must be (inputs, labels); got a batch without labels")
-    x, y = batch[0], batch[1]
-    return nn.functional.cross_entropy(model(x), y)
+    return [model(batch[0])], [batch[1]]
 
 
 def _qa_logits(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,6 +244,17 @@ class FinetuneConfig:
     """Optimizer steps per round; -1 = one pass over the training split."""
     batch_size: int = 64
     """Mini-batch size."""
+    distill: float = 0.0
+    """Weight in [0, 1] of knowledge distillation from the digital model (0: the task loss alone, as
+    LionHeart trains; see :func:`task_loss`)."""
+    temperature: float = 4.0
+    """Softening temperature of the distillation."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.distill <= 1:
+            raise HilalError(f"distill must lie in [0, 1] (0 turns distillation off); got {self.distill}")
+        if not self.temperature > 0:
+            raise HilalError(f"temperature must be positive; got {self.temperature}")
 
 
 def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -240,9 +271,12 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimiz
 
 
 def finetune_round(model: nn.Module, splits: Splits, cfg: FinetuneConfig, optimizer: torch.optim.Optimizer,
-                   seed: int = 0, progress: bool = False) -> float:
+                   seed: int = 0, progress: bool = False, teacher: nn.Module | None = None) -> float:
     """``cfg.steps`` optimizer steps of noise-injection training (the analog tiles inject the preset's
-    weight noise in training mode). Returns the mean training loss."""
+    weight noise in training mode), distilled from ``teacher`` (the digital model, in eval mode) when
+    ``cfg.distill`` > 0. Returns the mean training loss."""
+    if cfg.distill > 0 and teacher is None:
+        raise HilalError("FinetuneConfig.distill > 0 needs the digital model as teacher")
     device = model_device(model)
     model.train()
     steps = cfg.steps if cfg.steps > 0 else math.inf
@@ -252,7 +286,7 @@ def finetune_round(model: nn.Module, splits: Splits, cfg: FinetuneConfig, optimi
         batches = loader(splits.train, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True)
         for batch in tqdm(batches, desc="finetune", disable=not progress, leave=False):
             optimizer.zero_grad(set_to_none=True)
-            loss = task_loss(model, to_device(batch, device))
+            loss = task_loss(model, to_device(batch, device), teacher, cfg.distill, cfg.temperature)
             _check_finite(loss, "noise-injection fine-tuning")
             loss.backward()
             optimizer.step()

@@ -307,6 +307,16 @@ def test_retrain_keeps_best_and_respects_patience(resnet8_digits, digits):
     assert 1 <= r.rounds <= 3 and 0.0 <= r.score <= 1.0
 
 
+def test_mapping_stages_distill_from_the_digital_model(resnet8_digits, digits):
+    """Every retraining stage gets the digital model as teacher (``finetune_round`` refuses distillation
+    without one), and distilling changes what the stage learns."""
+    kw = dict(max_rounds=1, patience=1, t_eval=365 * 86400.0)
+    runs = {d: run_mapping("all-analog-ft", resnet8_digits, digits, tiny_cfg(
+        **kw, finetune=FinetuneConfig(steps=3, distill=d)), progress=False) for d in (0.0, 1.0)}
+    assert runs[1.0].history["score"].iloc[0] != runs[0.0].history["score"].iloc[0]
+    assert analog_layers(resnet8_digits) == []
+
+
 def script_rounds(monkeypatch, scores) -> None:
     """Scripted retraining: each fine-tuning step adds 1 to every weight (the kept weights tell the round)
     and the evaluations return ``scores`` in turn; what stays under test is the stopping and keeping rule."""

@@ -15,6 +15,7 @@ from hilal.train import (
     FinetuneConfig,
     TrainConfig,
     checkpoint_path,
+    distillation_loss,
     evaluate,
     finetune_round,
     make_optimizer,
@@ -214,3 +215,92 @@ def test_finetune_round_updates_analog_weights_within_clip(resnet8_digits, digit
     assert not torch.equal(model.get_submodule("layer1.0.conv1").weight, digital_before)
     # the digital original is untouched
     assert resnet8_digits.get_submodule("layer1.0.conv1").weight.requires_grad
+
+
+class _QA(nn.Module):
+    """Start and end logits over 5 positions from token ids, like a QA head."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(7, 2)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.emb(input_ids)
+        return out[..., 0], out[..., 1]
+
+
+def _kl_by_hand(student: torch.Tensor, teacher: torch.Tensor, t: float) -> float:
+    """T^2 * mean over rows of sum_c p_c (log p_c - log q_c), in float64 from the softmax's definition."""
+    def soft(z: torch.Tensor) -> torch.Tensor:
+        e = torch.exp(z.double() / t - (z.double() / t).max(dim=-1, keepdim=True).values)
+        return e / e.sum(dim=-1, keepdim=True)
+
+    p, q = soft(teacher), soft(student)
+    return float(t ** 2 * (p * (p.log() - q.log())).sum(dim=-1).mean())
+
+
+@pytest.mark.parametrize("t", [1.0, 4.0])
+def test_distillation_loss_matches_the_definition(t):
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 10, generator=g) * 3, torch.randn(6, 10, generator=g) * 3
+    assert float(distillation_loss(student, teacher, t)) == pytest.approx(_kl_by_hand(student, teacher, t), rel=1e-5)
+    assert float(distillation_loss(teacher, teacher, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("distill", [0.0, 0.3, 1.0])
+def test_task_loss_mixes_the_task_and_the_distillation(digits, distill):
+    student, teacher = _mlp(1).eval(), _mlp(2).eval()
+    x, y = digits.train.tensors[0][:8], digits.train.tensors[1][:8]
+    with torch.no_grad():
+        ce = float(nn.functional.cross_entropy(student(x), y))
+        kd = _kl_by_hand(student(x), teacher(x), 4.0)
+        got = float(task_loss(student, (x, y), teacher, distill, 4.0))
+    assert got == pytest.approx((1 - distill) * ce + distill * kd, rel=1e-5)
+    # without a teacher, or with distill 0, it is the task loss exactly
+    assert torch.equal(task_loss(student, (x, y), teacher, 0.0), task_loss(student, (x, y)))
+
+    qa, qa_teacher = _QA(0), _QA(1)
+    ids = torch.randint(0, 7, (4, 5), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "start_positions": torch.tensor([0, 1, 2, 3]),
+             "end_positions": torch.tensor([1, 2, 3, 4])}
+    with torch.no_grad():
+        (s, e), (ts, te) = qa(ids), qa_teacher(ids)
+        ce_qa = float(nn.functional.cross_entropy(s, batch["start_positions"])
+                      + nn.functional.cross_entropy(e, batch["end_positions"])) / 2
+        kd_qa = (_kl_by_hand(s, ts, 2.0) + _kl_by_hand(e, te, 2.0)) / 2
+        got_qa = float(task_loss(qa, batch, qa_teacher, distill, 2.0))
+    assert got_qa == pytest.approx((1 - distill) * ce_qa + distill * kd_qa, rel=1e-5)
+
+
+def test_distillation_pulls_the_student_towards_the_teacher(digits):
+    """Fine-tuned on the teacher's soft outputs alone, a student comes much closer to them than when it is
+    fine-tuned on the labels for as many steps."""
+    teacher = _mlp(0)
+    train_digital(teacher, digits, TrainConfig(epochs=2, lr=0.05, seed=0), progress=False)
+    teacher.eval()
+    x = digits.calib.tensors[0]
+
+    def gap(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float(distillation_loss(m.eval()(x), teacher(x), 4.0))
+
+    gaps = {}
+    for distill in (0.0, 1.0):
+        student = _mlp(1)
+        cfg = FinetuneConfig(digital_lr=0.05, steps=40, distill=distill)
+        finetune_round(student, digits, cfg, make_optimizer(student, cfg), seed=0, teacher=teacher)
+        gaps[distill] = gap(student)
+    assert gaps[1.0] < 0.5 * gaps[0.0]
+    assert gaps[1.0] < 0.5 * gap(_mlp(1))
+
+
+def test_distillation_settings_are_checked(digits):
+    with pytest.raises(HilalError, match=r"distill must lie in \[0, 1\]"):
+        FinetuneConfig(distill=1.5)
+    with pytest.raises(HilalError, match="temperature must be positive"):
+        FinetuneConfig(distill=0.5, temperature=0.0)
+    student = _mlp(1)
+    cfg = FinetuneConfig(steps=1, distill=0.5)
+    with pytest.raises(HilalError, match="needs the digital model as teacher"):
+        finetune_round(student, digits, cfg, make_optimizer(student, cfg))
