@@ -71,9 +71,11 @@ def task_loss(model: nn.Module, batch: Any, teacher: nn.Module | None = None, di
     ``(1 - distill) * task + distill * T^2 * KL(teacher || student)`` on the logits softened by
     ``temperature`` T (knowledge distillation; for QA the mean over start and end).
     """
+    if distill > 0 and teacher is None:
+        raise HilalError("FinetuneConfig.distill > 0 needs the digital model as teacher")
     logits, targets = _task_outputs(model, batch)
     ce = sum(nn.functional.cross_entropy(z, t) for z, t in zip(logits, targets, strict=True)) / len(logits)
-    if teacher is None or distill == 0:
+    if distill == 0:
         return ce
     with torch.no_grad():
         soft = _task_outputs(teacher, batch)[0]
@@ -275,8 +277,6 @@ def finetune_round(model: nn.Module, splits: Splits, cfg: FinetuneConfig, optimi
     """``cfg.steps`` optimizer steps of noise-injection training (the analog tiles inject the preset's
     weight noise in training mode), distilled from ``teacher`` (the digital model, in eval mode) when
     ``cfg.distill`` > 0. Returns the mean training loss."""
-    if cfg.distill > 0 and teacher is None:
-        raise HilalError("FinetuneConfig.distill > 0 needs the digital model as teacher")
     device = model_device(model)
     model.train()
     steps = cfg.steps if cfg.steps > 0 else math.inf
