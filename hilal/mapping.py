@@ -251,15 +251,19 @@ class Round:
 
 
 def retrain(model: nn.Module, splits: Splits, cfg: MappingConfig, seed: int, drift: bool = True,
-            progress: bool = False, start: float | None = None, teacher: nn.Module | None = None) -> Round:
+            progress: bool = False, start: float | None = None, teacher: nn.Module | None = None,
+            noise_seed: int | None = None) -> Round:
     """Noise-injection fine-tuning until ``patience`` evaluations in a row fall below the best one (or
     ``max_rounds``); the best weights are kept in ``model``. Each evaluation is the mean score over ``reps``
     programmings at ``t_eval`` (or, with ``drift=False``, of the unprogrammed model) on the calibration split.
     ``start``, the score of ``model`` as given (already measured), makes it round 0: retraining stops once
     ``patience`` rounds in a row fail to beat it, and if none does the model is left as it was.
-    ``teacher``: the digital model, needed when ``cfg.finetune.distill`` > 0.
+    ``teacher``: the digital model, needed when ``cfg.finetune.distill`` > 0. The tiles' training noise
+    draws from torch's global generator, which is seeded with ``noise_seed`` (default ``seed``) first, so
+    the result does not depend on what ran before.
     """
     t0 = time.perf_counter()
+    torch.manual_seed(seed if noise_seed is None else noise_seed)
     opt = make_optimizer(model, cfg.finetune)
     best, best_snap, recent = -np.inf, None, []
     if start is not None:
@@ -353,8 +357,8 @@ class _Run:
             else:
                 z = None if zero_shot is False else float(zero_shot)
             z_s = time.perf_counter() - t
-            torch.manual_seed(self.cfg.seed + len(self.rows))
-            r = retrain(candidate, self.splits, self.cfg, seed, drift, start=z, teacher=self.digital)
+            r = retrain(candidate, self.splits, self.cfg, seed, drift, start=z, teacher=self.digital,
+                        noise_seed=self.cfg.seed + len(self.rows))
             ok = True if accept is None else bool(accept(r.score))
             done = {"kept": ok, "score": r.score, "rounds": r.rounds, "seconds": r.seconds + z_s, "zero_shot": z}
             self.journal.put(key, done, candidate if ok or keep_rejected else None)

@@ -21,6 +21,7 @@ from hilal.mapping import (
     recheck,
     retrain,
     run_mapping,
+    snapshot,
 )
 from hilal.registry import HilalError
 from hilal.train import FinetuneConfig
@@ -305,6 +306,24 @@ def test_retrain_keeps_best_and_respects_patience(resnet8_digits, digits):
     model = to_analog(resnet8_digits, mappable_layers(resnet8_digits), "pcm_harsh")
     r = retrain(model, digits, tiny_cfg(max_rounds=3, patience=1), seed=0)
     assert 1 <= r.rounds <= 3 and 0.0 <= r.score <= 1.0
+
+
+def test_retrain_is_reproducible_whatever_ran_before(resnet8_digits, digits):
+    """The tiles' training noise comes from torch's global generator; ``retrain`` seeds it, so a call
+    gives the same weights whatever drew from it before, and another ``noise_seed`` gives other ones."""
+    import torch
+
+    from hilal.analog import to_analog
+
+    def run(draws: int, **kw) -> tuple[float, dict[str, torch.Tensor]]:
+        model = to_analog(resnet8_digits, mappable_layers(resnet8_digits), "pcm_harsh")
+        torch.rand(draws)
+        r = retrain(model, digits, tiny_cfg(max_rounds=1, patience=1), seed=0, **kw)
+        return r.score, snapshot(model)
+
+    (s1, w1), (s2, w2), (_, w3) = run(1), run(1000), run(1, noise_seed=5)
+    assert s1 == s2 and w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert any(not torch.equal(w1[k], w3[k]) for k in w1)
 
 
 def test_mapping_stages_distill_from_the_digital_model(resnet8_digits, digits):
