@@ -54,19 +54,28 @@ def cmd_analyze(args: argparse.Namespace) -> None:
                       "hvps": df.attrs.get("hvps"), "layers": layers}, args.out)
 
 
+def mapping_config(args: argparse.Namespace) -> Any:
+    """The :class:`hilal.mapping.MappingConfig` that ``hilal map``'s options describe."""
+    from hilal.mapping import MappingConfig
+    from hilal.train import FinetuneConfig
+
+    return MappingConfig(preset=args.preset, t_eval=args.t_eval, reps=args.reps, drop_threshold=args.drop_threshold,
+                         patience=args.patience, max_rounds=args.max_rounds, stages=args.stages, search=args.search,
+                         robust_only=args.robust_only, cluster=args.cluster, ablation=args.ablation, seed=args.seed,
+                         workdir=args.workdir,
+                         finetune=FinetuneConfig(distill=args.distill, temperature=args.temperature))
+
+
 def cmd_map(args: argparse.Namespace) -> None:
-    from hilal.mapping import METHODS, MappingConfig, recheck, run_mapping
+    from hilal.mapping import METHODS, recheck, run_mapping
     from hilal.paths import atomic_json_dump
     from hilal.registry import HilalError
 
     METHODS[args.method]  # noqa: B018
     if args.recheck and args.recheck < 2:
         raise HilalError(f"--recheck needs at least 2 programmings (or 0 for none); got {args.recheck}")
+    cfg = mapping_config(args)  # settings are checked before a model is trained
     model, splits = _model(args)
-    cfg = MappingConfig(preset=args.preset, t_eval=args.t_eval, reps=args.reps, drop_threshold=args.drop_threshold,
-                        patience=args.patience, max_rounds=args.max_rounds, stages=args.stages, search=args.search,
-                        robust_only=args.robust_only, cluster=args.cluster, ablation=args.ablation, seed=args.seed,
-                        workdir=args.workdir)
     res = run_mapping(args.method, model, splits, cfg, progress=not args.quiet)
     d = res.to_dict()
     d.update(model=args.model, dataset=args.dataset)
@@ -147,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--robust-only", action="store_true")
     m.add_argument("--cluster", default="kmeans")
     m.add_argument("--ablation", default="eli-r", help="hilal-paper features")
+    m.add_argument("--distill", type=float, default=0.0,
+                   help="weight in [0, 1] of distilling the digital model's outputs while retraining (0: off)")
+    m.add_argument("--temperature", type=float, default=4.0, help="softening temperature of --distill")
     m.add_argument("--recheck", type=int, default=0,
                    help="re-score the final mapping on this many programmings its search never drew (calibration "
                         "split) against the floor it was accepted at; 0: none")

@@ -37,6 +37,8 @@ def test_map_all_digital_and_all_analog(tmp_path, resnet8_digits):
     (["--model", "resnet8", "--dataset", "digits", "--preset", "rram"], "unknown preset 'rram'"),
     (["--model", "resnet8", "--dataset", "cifar10"], "cifar-10-batches-py"),
     (["--model", "resnet8", "--dataset", "digits", "--recheck", "1"], "--recheck needs at least 2"),
+    (["--model", "resnet8", "--dataset", "digits", "--distill", "1.5"], "distill must lie in [0, 1]"),
+    (["--model", "resnet8", "--dataset", "digits", "--temperature", "0"], "temperature must be positive"),
 ])
 def test_errors_name_the_problem(tmp_path, capsys, args, needle, monkeypatch):
     monkeypatch.setenv("HILAL_DATA_DIR", str(tmp_path))
@@ -70,7 +72,7 @@ def test_map_reports_exact_match_and_f1_for_question_answering(tmp_path, capsys)
 
 
 def test_map_defaults_are_the_package_defaults():
-    from hilal.cli import build_parser
+    from hilal.cli import build_parser, mapping_config
     from hilal.mapping import SEARCHES, MappingConfig
 
     args = build_parser().parse_args(["map", "--method", "hilal", "--model", "resnet8", "--dataset", "digits",
@@ -79,6 +81,12 @@ def test_map_defaults_are_the_package_defaults():
     assert args.search == cfg.search in SEARCHES
     assert (args.reps, args.drop_threshold, args.patience, args.max_rounds, args.stages, args.cluster) == (
         cfg.reps, cfg.drop_threshold, cfg.patience, cfg.max_rounds, cfg.stages, cfg.cluster)
+    assert mapping_config(args) == cfg
+    distilled = mapping_config(build_parser().parse_args(
+        ["map", "--method", "hilal", "--model", "resnet8", "--dataset", "digits", "--out", "x.json",
+         "--distill", "0.5", "--temperature", "2"]))
+    assert (distilled.finetune.distill, distilled.finetune.temperature) == (0.5, 2.0)
+    assert distilled.finetune.steps == cfg.finetune.steps and distilled.reps == cfg.reps
 
 
 def test_reproduce_threads_reach_the_runner_and_bad_ones_are_refused(capsys):
