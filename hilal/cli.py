@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hilal.registry import HilalError
+
+if TYPE_CHECKING:  # the command imports torch and aihwkit only when a subcommand needs them
+    from hilal.mapping import MappingConfig
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -54,7 +57,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
                       "hvps": df.attrs.get("hvps"), "layers": layers}, args.out)
 
 
-def mapping_config(args: argparse.Namespace) -> Any:
+def mapping_config(args: argparse.Namespace) -> MappingConfig:
     """The :class:`hilal.mapping.MappingConfig` that ``hilal map``'s options describe."""
     from hilal.mapping import MappingConfig
     from hilal.train import FinetuneConfig
