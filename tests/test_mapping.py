@@ -326,6 +326,40 @@ def test_retrain_is_reproducible_whatever_ran_before(resnet8_digits, digits):
     assert any(not torch.equal(w1[k], w3[k]) for k in w1)
 
 
+def test_confirm_accepts_on_a_fresh_evaluation_not_the_best_round(resnet8_digits, digits, monkeypatch):
+    """With ``confirm`` a stage is judged by an evaluation on seeds its rounds never drew. The evaluations
+    are scripted: every retraining round scores 1 and every confirming evaluation 0, so LionHeart keeps
+    every layer on its best rounds and none on the fresh evaluations."""
+    import hilal.mapping as hm
+
+    monkeypatch.setattr(hm, "_in_loop_score", lambda m, s, c, seed, drift: float(seed < hm.CONFIRM_SEED))
+    runs = {c: run_mapping("lionheart", resnet8_digits, digits, tiny_cfg(max_rounds=1, confirm=c), progress=False)
+            for c in (False, True)}
+    plain, confirmed = runs[False].history, runs[True].history
+    assert plain["kept"].all() and plain["score"].eq(1.0).all() and plain["best_round"].isna().all()
+    assert runs[False].analog_mac_share == pytest.approx(1.0)
+    assert not confirmed["kept"].any() and confirmed["score"].eq(0.0).all() and confirmed["best_round"].eq(1.0).all()
+    assert runs[True].analog_layers == [] and len(confirmed) == len(plain) == len(mappable_layers(resnet8_digits))
+
+
+def test_confirmed_score_is_a_fresh_evaluation_of_the_kept_model(resnet8_digits, digits):
+    """The score a confirmed stage is kept on is the mean over ``reps`` programmings of the mapping it keeps,
+    at the seeds ``CONFIRM_SEED`` plus the stage's seed: re-scored from the final model, it comes out the
+    same."""
+    from hilal.evaluate import noisy_scores
+    from hilal.mapping import CONFIRM_SEED
+
+    cfg = tiny_cfg(max_rounds=1, reps=3, confirm=True, drop_threshold=0.5)
+    res = run_mapping("lionheart", resnet8_digits, digits, cfg, progress=False)
+    h = res.history
+    assert h["kept"].all() and h["best_round"].notna().all()
+    last = len(h) - 1
+    fresh = noisy_scores(res.model, digits, cfg.t_eval, cfg.reps, CONFIRM_SEED + cfg.seed + 7919 * last,
+                         split="calib")
+    assert h["score"].iloc[-1] == pytest.approx(float(fresh.mean()), abs=1e-12)
+    assert (h["score"] != h["best_round"]).any()  # other programmings, other scores
+
+
 def test_mapping_stages_distill_from_the_digital_model(resnet8_digits, digits):
     """Every retraining stage gets the digital model as teacher (``finetune_round`` refuses distillation
     without one), and distilling changes what the stage learns."""
