@@ -65,7 +65,7 @@ def mapping_config(args: argparse.Namespace) -> MappingConfig:
     return MappingConfig(preset=args.preset, t_eval=args.t_eval, reps=args.reps, drop_threshold=args.drop_threshold,
                          patience=args.patience, max_rounds=args.max_rounds, stages=args.stages, search=args.search,
                          robust_only=args.robust_only, cluster=args.cluster, ablation=args.ablation, seed=args.seed,
-                         workdir=args.workdir,
+                         workdir=args.workdir, confirm=args.confirm,
                          finetune=FinetuneConfig(distill=args.distill, temperature=args.temperature))
 
 
@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--distill", type=float, default=0.0,
                    help="weight in [0, 1] of distilling the digital model's outputs while retraining (0: off)")
     m.add_argument("--temperature", type=float, default=4.0, help="softening temperature of --distill")
+    m.add_argument("--confirm", action="store_true",
+                   help="accept each retraining stage on a fresh evaluation, not on its best round's score")
     m.add_argument("--recheck", type=int, default=0,
                    help="re-score the final mapping on this many programmings its search never drew (calibration "
                         "split) against the floor it was accepted at; 0: none")

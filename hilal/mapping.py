@@ -361,7 +361,7 @@ class _Run:
                 z = _in_loop_score(candidate, self.splits, self.cfg, seed, drift)
             else:
                 z = None if zero_shot is False else float(zero_shot)
-            z_s = time.perf_counter() - t
+            scoring_s = time.perf_counter() - t
             r = retrain(candidate, self.splits, self.cfg, seed, drift, start=z, teacher=self.digital,
                         noise_seed=self.cfg.seed + len(self.rows))
             done = {"score": r.score, "rounds": r.rounds, "zero_shot": z}
@@ -369,9 +369,9 @@ class _Run:
                 t = time.perf_counter()
                 done |= {"score": _in_loop_score(candidate, self.splits, self.cfg, CONFIRM_SEED + seed, drift),
                          "best_round": r.score}
-                z_s += time.perf_counter() - t
+                scoring_s += time.perf_counter() - t
             ok = True if accept is None else bool(accept(done["score"]))
-            done |= {"kept": ok, "seconds": r.seconds + z_s}
+            done |= {"kept": ok, "seconds": r.seconds + scoring_s}
             self.journal.put(key, done, candidate if ok or keep_rejected else None)
             self._record(key, layers, done, ok)
             if not ok and keep_rejected:

@@ -84,8 +84,8 @@ def test_map_defaults_are_the_package_defaults():
     assert mapping_config(args) == cfg
     distilled = mapping_config(build_parser().parse_args(
         ["map", "--method", "hilal", "--model", "resnet8", "--dataset", "digits", "--out", "x.json",
-         "--distill", "0.5", "--temperature", "2"]))
-    assert (distilled.finetune.distill, distilled.finetune.temperature) == (0.5, 2.0)
+         "--distill", "0.5", "--temperature", "2", "--confirm"]))
+    assert (distilled.finetune.distill, distilled.finetune.temperature, distilled.confirm) == (0.5, 2.0, True)
     assert distilled.finetune.steps == cfg.finetune.steps and distilled.reps == cfg.reps
 
 
