@@ -87,6 +87,8 @@ class BenchConfig:
         """Smaller sizes for a quick look (minutes on a laptop CPU)."""
         base = cls(repeats=1, probes=16, eli_samples=8, max_samples=256, forward_iters=5,
                    recheck_reps=10, mapping={"reps": 5, "max_rounds": 4})
+        if "mapping" in overrides:  # settings of the mapping go on top of the quick sizes
+            overrides = {**overrides, "mapping": {**base.mapping, **overrides["mapping"]}}
         return replace(base, **overrides)
 
 
@@ -647,9 +649,14 @@ def run_args(a: argparse.Namespace) -> int:
         for n in notes:
             print("note:", n)
         return 0
+    from hilal.cli import retraining_overrides
     from hilal.paths import project_root
     from hilal.runtime import keep_freed_memory
 
+    mapping = retraining_overrides(a)
+    if mapping and a.kind != "search":
+        raise HilalError(f"--confirm, --distill and --temperature set how the search benchmark retrains; got kind "
+                         f"{a.kind!r}")
     keep_freed_memory()
 
     out = a.out or project_root() / "bench" / "results" / f"{a.kind}.json"
@@ -657,7 +664,8 @@ def run_args(a: argparse.Namespace) -> int:
     key = "search_models" if a.kind == "search" else "models"
     seeds = tuple(int(x) for x in a.seeds.split(",")) if a.seeds else None
     run_bench(a.kind, out=out, quick=a.quick, repeats=a.repeats, threads=a.threads, probes=a.probes,
-              eli_samples=a.samples, mapping_seeds=seeds, device=a.device, seed=a.train_seed, **{key: models})
+              eli_samples=a.samples, mapping_seeds=seeds, device=a.device, seed=a.train_seed, mapping=mapping or None,
+              **{key: models})
     return 0
 
 

@@ -57,16 +57,35 @@ def cmd_analyze(args: argparse.Namespace) -> None:
                       "hvps": df.attrs.get("hvps"), "layers": layers}, args.out)
 
 
+def add_retraining_options(p: argparse.ArgumentParser) -> None:
+    """How every method retrains and accepts a stage: the options of ``hilal map`` and ``hilal bench search``."""
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight in [0, 1] of distilling the digital model's outputs while retraining (0: off)")
+    p.add_argument("--temperature", type=float, default=4.0, help="softening temperature of --distill")
+    p.add_argument("--confirm", action="store_true",
+                   help="accept each retraining stage on a fresh evaluation, not on its best round's score")
+
+
+def retraining_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`hilal.mapping.MappingConfig` fields that :func:`add_retraining_options` set away from their
+    defaults (checked here, before any model is trained)."""
+    from hilal.train import FinetuneConfig
+
+    out: dict[str, Any] = {"confirm": True} if args.confirm else {}
+    finetune = FinetuneConfig(distill=args.distill, temperature=args.temperature)
+    if finetune != FinetuneConfig():
+        out["finetune"] = finetune
+    return out
+
+
 def mapping_config(args: argparse.Namespace) -> MappingConfig:
     """The :class:`hilal.mapping.MappingConfig` that ``hilal map``'s options describe."""
     from hilal.mapping import MappingConfig
-    from hilal.train import FinetuneConfig
 
     return MappingConfig(preset=args.preset, t_eval=args.t_eval, reps=args.reps, drop_threshold=args.drop_threshold,
                          patience=args.patience, max_rounds=args.max_rounds, stages=args.stages, search=args.search,
                          robust_only=args.robust_only, cluster=args.cluster, ablation=args.ablation, seed=args.seed,
-                         workdir=args.workdir, confirm=args.confirm,
-                         finetune=FinetuneConfig(distill=args.distill, temperature=args.temperature))
+                         workdir=args.workdir, **retraining_overrides(args))
 
 
 def cmd_map(args: argparse.Namespace) -> None:
@@ -130,6 +149,7 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
                    help="seed of the data split, the digital model's training (another checkpoint) and, for "
                         "hessian, its probes and noise (default 0)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    add_retraining_options(p)  # search: the same for both methods
     p.add_argument("--criteria", nargs="+", default=None, metavar="JSON",
                    help="search: print the per-model criteria table (HILAL against LionHeart over mapping seeds) "
                         "of these finished result files instead of running")
@@ -159,11 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--robust-only", action="store_true")
     m.add_argument("--cluster", default="kmeans")
     m.add_argument("--ablation", default="eli-r", help="hilal-paper features")
-    m.add_argument("--distill", type=float, default=0.0,
-                   help="weight in [0, 1] of distilling the digital model's outputs while retraining (0: off)")
-    m.add_argument("--temperature", type=float, default=4.0, help="softening temperature of --distill")
-    m.add_argument("--confirm", action="store_true",
-                   help="accept each retraining stage on a fresh evaluation, not on its best round's score")
+    add_retraining_options(m)
     m.add_argument("--recheck", type=int, default=0,
                    help="re-score the final mapping on this many programmings its search never drew (calibration "
                         "split) against the floor it was accepted at; 0: none")

@@ -259,6 +259,34 @@ def test_train_seed_reaches_the_benchmark_config(tmp_path, monkeypatch):
     assert seen[0]["mapping_seeds"] == (0, 2)
 
 
+def test_retraining_options_reach_the_search_benchmark(tmp_path, monkeypatch, capsys):
+    """``--confirm``, ``--distill`` and ``--temperature`` (both entry points) become the benchmark's mapping
+    overrides, the same for both methods; left at their defaults they add nothing, so the JSON config is as
+    before. Bad values, or these options on another benchmark, stop before any work with exit code 2."""
+    import hilal.bench
+    from hilal.cli import main as cli_main
+
+    seen: list[dict] = []
+    monkeypatch.setattr(hilal.bench, "run_bench", lambda kind, **kw: seen.append({"kind": kind, **kw}))
+    out = str(tmp_path / "s.json")
+    assert main(["search", "--confirm", "--out", out]) == 0
+    assert cli_main(["bench", "search", "--distill", "0.5", "--temperature", "2", "--confirm", "--out", out]) == 0
+    assert cli_main(["bench", "search", "--out", out]) == 0
+    assert seen[0]["mapping"] == {"confirm": True}
+    assert seen[1]["mapping"] == {"confirm": True, "finetune": FinetuneConfig(distill=0.5, temperature=2.0)}
+    assert seen[2]["mapping"] is None
+    n = len(seen)
+    assert script("search", ["--distill", "2", "--out", out]) == 2
+    assert "distill must lie in [0, 1]" in capsys.readouterr().err
+    assert cli_main(["bench", "search", "--distill", "0.5", "--temperature", "0", "--out", out]) == 2
+    assert "temperature must be positive" in capsys.readouterr().err
+    assert script("hessian", ["--confirm", "--out", out]) == 2
+    assert "set how the search benchmark retrains; got kind 'hessian'" in capsys.readouterr().err
+    assert len(seen) == n
+    quick = BenchConfig.quick(mapping={"confirm": True})
+    assert quick.mapping == {**BenchConfig.quick().mapping, "confirm": True}
+
+
 def test_bad_settings_name_the_problem():
     with pytest.raises(HilalError, match="kind"):
         run_bench("nope")
