@@ -111,7 +111,7 @@ class MappingConfig:
     """HILAL ``knapsack``: when a retrained stage falls below the floor, screen subsets of its layers (the
     knapsack frontier of the stage's own layers, bisected) on its best weights (retrained, or as they were
     when no round beat its zero-shot score) with the other layers digital again, and keep the largest that
-    clears the floor without a further retraining stage."""
+    clears the floor without a further retraining stage (with ``confirm``, on a fresh evaluation as well)."""
     scan: int = 0
     """HILAL ``knapsack``: in a later round where no frontier set clears the floor, screen up to this many
     of the remaining single layers (ascending cost per MAC, sequential test) and retrain the first within one
@@ -127,7 +127,9 @@ class MappingConfig:
     """Every method: accept a retraining stage on a fresh evaluation (``reps`` programmings that its rounds
     never drew, seeds from ``CONFIRM_SEED``) instead of its best round's score, the maximum of several noisy
     evaluations, which overstates what the mapping holds (:func:`recheck`); the best round's score is kept
-    as ``best_round``. Off by default, as LionHeart accepts; one more evaluation per stage."""
+    as ``best_round``. HILAL's ``trim`` likewise keeps a subset only if a fresh evaluation clears the floor
+    (its screen score stays as ``zero_shot``). Off by default, as LionHeart accepts; one more evaluation per
+    stage or trimmed subset."""
     cluster: str = "kmeans"
     """Clustering method (hilal.cluster)."""
     hessian: dict[str, Any] = field(default_factory=dict)
@@ -390,23 +392,34 @@ class _Run:
             raise HilalError(f"layer(s) {unknown} were not in the rejected stage; its layers: {', '.join(staged)}")
         return revert_to_digital(model, [n for n in staged if n not in set(layers)])
 
-    def adopt(self, key: str, layers: list[str], score: float) -> None:
+    def adopt(self, key: str, layers: list[str], score: float) -> bool:
         """Keep the last rejected stage's retrained model with only ``layers`` of its new layers analog (a
         subset that :meth:`screen` ``(retrained=True)`` scored at ``score``), without retraining again. Its
-        retraining time moves from search to mapping, since the kept model is its result."""
+        retraining time moves from search to mapping, since the kept model is its result. With ``confirm`` the
+        subset is kept only if a fresh evaluation (seeds from ``CONFIRM_SEED``) clears the floor too, as a
+        retraining stage is: its screen is one of several that the trim chose among. Returns whether it was
+        kept (a rejected subset leaves the rejected stage in place for another)."""
         candidate = self._trimmed(layers)
         done = self.journal.get(key)
+        replayed = done is not None
         if done is None:
             done = {"kept": True, "score": score, "rounds": 0, "seconds": 0.0, "zero_shot": score}
-            self.journal.put(key, done, candidate)
-            self._record(key, layers, done, True)
-        else:
+            if self.cfg.confirm:
+                t = time.perf_counter()
+                fresh = _in_loop_score(candidate, self.splits, self.cfg,
+                                       CONFIRM_SEED + self.cfg.seed + 7919 * len(self.rows), True)
+                done |= {"score": fresh, "kept": fresh >= self.floor(), "seconds": time.perf_counter() - t}
+            self.journal.put(key, done, candidate if done["kept"] else None)
+        elif done["kept"]:
             self.journal.load_model(key, candidate)
-            self._record(key, layers, done, True, replayed=True)
+        self._record(key, layers, done, done["kept"], replayed=replayed)
+        if not done["kept"]:
+            return False
         seconds = self.rejected[2]
         self.timings["search_s"] -= seconds
         self.timings["mapping_s"] += seconds
         self.model, self.layers, self.rejected = candidate, self.layers + list(layers), None
+        return True
 
     def screen(self, key: str, layers: list[str], threshold: float | None = None, retrained: bool = False) -> float:
         """Zero-shot score (no retraining) of the current model with ``layers`` made analog as well: the
@@ -715,8 +728,9 @@ def _trim(run: _Run, key: str, layers: list[str], cost: dict[str, float], floor:
     ``gain`` MACs. Retraining adapted the whole network to the stage's noise, so a subset usually clears the
     floor where it would not on the model before the stage (ResNet-8: 1-2 points higher); this replaces a
     second retraining stage by a few evaluations (when no round beat the stage's zero-shot score, its weights
-    are those it had before retraining, and the subsets are screened on them). Returns whether a subset was
-    kept."""
+    are those it had before retraining, and the subsets are screened on them). With ``confirm`` the subsets
+    that cleared are tried largest first until one also clears a fresh evaluation (:meth:`_Run.adopt`).
+    Returns whether a subset was kept."""
     full = set(layers)
     subsets = [[layers[i] for i in idx] for _, _, idx in
                pareto_sets([cost[n] for n in layers], [run.macs[n] for n in layers])]
@@ -727,10 +741,9 @@ def _trim(run: _Run, key: str, layers: list[str], cost: dict[str, float], floor:
         k = (lo + hi + 1) // 2
         z[k] = run.screen(f"{key}-{k}", subsets[k], threshold=floor, retrained=True)
         lo, hi = (k, hi) if z[k] >= floor else (lo, k - 1)
-    if lo < 0:
-        return False
-    run.adopt(key, subsets[lo], z[lo])
-    return True
+    # the largest subset that cleared the floor first; the smaller ones only when ``confirm`` rejects it
+    cleared = sorted((k for k in z if z[k] >= floor), reverse=True)
+    return any(run.adopt(key if i == 0 else f"{key}-{k}-adopt", subsets[k], z[k]) for i, k in enumerate(cleared))
 
 
 def _screened(run: _Run, order: list[str], n_robust: int) -> None:

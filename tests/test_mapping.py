@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from dataclasses import replace
 
 import pytest
 from torch import nn
@@ -149,6 +150,7 @@ class KnapsackOracle:
         assert set(layers) <= set(self.rejected) and score == self._true(layers)
         self.trims.append(list(layers))
         self.layers, self.rejected = self.layers + list(layers), None
+        return True
 
 
 def best_mac_share(names, loss, macs, budget, forced=()):
@@ -581,6 +583,68 @@ def test_trim_adopts_the_retrained_weights_and_resumes(resnet8_digits, digits, t
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_confirmed_trim_keeps_a_subset_only_on_a_fresh_evaluation(resnet8_digits, digits, monkeypatch):
+    """With ``confirm``, :meth:`_Run.adopt` re-scores the trimmed model at seeds from ``CONFIRM_SEED``: the
+    score it is kept on is that fresh evaluation (its screen stays as ``zero_shot``), and a subset that fails
+    it is not kept: the model, its layers and the timings stay as they were, and the rejected stage stays
+    available for another subset."""
+    import hilal.mapping as hm
+    from hilal.evaluate import noisy_scores
+
+    stage, keep = ["layer2.0.conv2", "layer3.0.conv2", "fc"], ["layer3.0.conv2", "fc"]
+
+    def trimmed(cfg):
+        run = hm._Run("hilal", resnet8_digits, digits, cfg, progress=False)
+        assert not run.stage("s", stage, lambda s: False, keep_rejected=True)
+        z = run.screen("t", keep, retrained=True)
+        return run, z, run.adopt("kept", keep, z)
+
+    cfg = tiny_cfg(max_rounds=1, reps=3, confirm=True, drop_threshold=1.0)  # every score clears the floor
+    run, z, ok = trimmed(cfg)
+    h = run.rows[-1]
+    assert ok and run.layers == keep and analog_layers(run.model) == keep and run.rejected is None
+    fresh = noisy_scores(run.model, digits, cfg.t_eval, cfg.reps, hm.CONFIRM_SEED + cfg.seed + 7919 * 2,
+                         split="calib")
+    assert h["kept"] and h["score"] == pytest.approx(float(fresh.mean()), abs=1e-12) and h["zero_shot"] == z
+    assert h["score"] != z  # other programmings, another score
+    without = trimmed(replace(cfg, confirm=False))[0].rows[-1]
+    assert without["score"] == without["zero_shot"] == z
+
+    monkeypatch.setattr(hm, "_in_loop_score", lambda m, s, c, seed, drift: float(seed < hm.CONFIRM_SEED))
+    cfg = replace(cfg, drop_threshold=0.5)  # the fresh evaluation (scripted: 0) fails the floor
+    run, z, ok = trimmed(cfg)
+    h = run.rows[-1]
+    assert not ok and not h["kept"] and h["score"] == 0.0 and h["zero_shot"] == z
+    assert run.layers == [] and analog_layers(run.model) == [] and run.rejected[0] == stage
+    assert run.timings["mapping_s"] == 0.0
+
+
+def test_confirmed_trim_tries_the_cleared_subsets_largest_first():
+    """``_trim`` adopts the largest subset that cleared the floor on its screen; only when ``adopt`` refuses
+    it (``confirm``'s fresh evaluation) does it try the smaller ones that cleared, largest first."""
+    from hilal.mapping import _trim
+
+    class Trims:
+        def __init__(self, refuse):
+            self.refuse, self.tried = refuse, []
+
+        def screen(self, key, layers, threshold=None, retrained=False):
+            return 1.0 if len(layers) <= 4 else 0.0  # subsets of up to four layers clear the floor of 0.5
+
+        def adopt(self, key, layers, score):
+            self.tried.append((key, len(layers)))
+            return len(layers) not in self.refuse
+
+    cost = {n: float(i + 1) for i, n in enumerate("abcdef")}  # frontier: a, ab, ..., abcde; screens: abc, abcd, abcde
+    macs = dict.fromkeys(cost, 1)
+    for refuse, tried, kept in (((), [4], True), ((4,), [4, 3], True), ((3, 4), [4, 3], False)):
+        run = Trims(set(refuse))
+        run.macs = macs
+        assert _trim(run, "t", list(cost), cost, 0.5, 0.0) is kept
+        assert [n for _, n in run.tried] == tried
+        assert run.tried[0][0] == "t" and all(k.startswith("t-") and k.endswith("-adopt") for k, _ in run.tried[1:])
 
 
 def test_scan_retrains_the_first_single_layer_near_the_floor():
