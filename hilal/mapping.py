@@ -357,7 +357,7 @@ class _Run:
                 self.rejected = (list(layers), candidate, done["seconds"])
             self._record(key, layers, done, ok, replayed=True)
         else:
-            seed = self.cfg.seed + 7919 * len(self.rows)
+            seed = self._step_seed()
             t = time.perf_counter()
             if zero_shot is True:
                 z = _in_loop_score(candidate, self.splits, self.cfg, seed, drift)
@@ -368,10 +368,9 @@ class _Run:
                         noise_seed=self.cfg.seed + len(self.rows))
             done = {"score": r.score, "rounds": r.rounds, "zero_shot": z}
             if self.cfg.confirm:
-                t = time.perf_counter()
-                done |= {"score": _in_loop_score(candidate, self.splits, self.cfg, CONFIRM_SEED + seed, drift),
-                         "best_round": r.score}
-                scoring_s += time.perf_counter() - t
+                fresh, fresh_s = self._fresh_score(candidate, seed, drift)
+                done |= {"score": fresh, "best_round": r.score}
+                scoring_s += fresh_s
             ok = True if accept is None else bool(accept(done["score"]))
             done |= {"kept": ok, "seconds": r.seconds + scoring_s}
             self.journal.put(key, done, candidate if ok or keep_rejected else None)
@@ -381,6 +380,16 @@ class _Run:
         if ok:
             self.model, self.layers = candidate, new_layers
         return ok
+
+    def _step_seed(self) -> int:
+        """The seed of the next step's evaluations: different for every step of the history."""
+        return self.cfg.seed + 7919 * len(self.rows)
+
+    def _fresh_score(self, candidate: nn.Module, seed: int, drift: bool) -> tuple[float, float]:
+        """``confirm``'s evaluation of ``candidate`` on programmings no step drew (seeds from ``CONFIRM_SEED``)
+        and the seconds it took."""
+        t = time.perf_counter()
+        return _in_loop_score(candidate, self.splits, self.cfg, CONFIRM_SEED + seed, drift), time.perf_counter() - t
 
     def _trimmed(self, layers: list[str]) -> nn.Module:
         """The last rejected stage's retrained model with only ``layers`` of its new layers left analog."""
@@ -405,10 +414,8 @@ class _Run:
         if done is None:
             done = {"kept": True, "score": score, "rounds": 0, "seconds": 0.0, "zero_shot": score}
             if self.cfg.confirm:
-                t = time.perf_counter()
-                fresh = _in_loop_score(candidate, self.splits, self.cfg,
-                                       CONFIRM_SEED + self.cfg.seed + 7919 * len(self.rows), True)
-                done |= {"score": fresh, "kept": fresh >= self.floor(), "seconds": time.perf_counter() - t}
+                fresh, fresh_s = self._fresh_score(candidate, self._step_seed(), True)
+                done |= {"score": fresh, "kept": fresh >= self.floor(), "seconds": fresh_s}
             self.journal.put(key, done, candidate if done["kept"] else None)
         elif done["kept"]:
             self.journal.load_model(key, candidate)
@@ -434,7 +441,7 @@ class _Run:
             candidate = self._trimmed(layers) if retrained else extend_analog(self.model, layers, self.cfg.preset)
             stop = None if threshold is None else lambda x: _decided(x, threshold)
             x = noisy_scores(candidate, self.splits, self.cfg.t_eval, self.cfg.reps,
-                             self.cfg.seed + 7919 * len(self.rows), split="calib", stop=stop)
+                             self._step_seed(), split="calib", stop=stop)
             s = float(x.mean())
             done = {"kept": False, "score": s, "rounds": 0, "seconds": time.perf_counter() - t, "zero_shot": s,
                     "zero_shot_se": _se(x), "reps": len(x)}
@@ -743,7 +750,10 @@ def _trim(run: _Run, key: str, layers: list[str], cost: dict[str, float], floor:
         lo, hi = (k, hi) if z[k] >= floor else (lo, k - 1)
     # the largest subset that cleared the floor first; the smaller ones only when ``confirm`` rejects it
     cleared = sorted((k for k in z if z[k] >= floor), reverse=True)
-    return any(run.adopt(key if i == 0 else f"{key}-{k}-adopt", subsets[k], z[k]) for i, k in enumerate(cleared))
+    for i, k in enumerate(cleared):
+        if run.adopt(key if i == 0 else f"{key}-{k}-adopt", subsets[k], z[k]):
+            return True
+    return False
 
 
 def _screened(run: _Run, order: list[str], n_robust: int) -> None:
