@@ -52,6 +52,13 @@ def program_and_drift(model: nn.Module, t_inference: float) -> None:
     model.drift_analog_weights(t_inference)
 
 
+def program_repetition(model: nn.Module, t_inference: float, seed: int, rep: int) -> None:
+    """:func:`program_and_drift` for repetition ``rep`` of an evaluation seeded with ``seed``: the same
+    (``seed``, ``rep``) always draws the same programming."""
+    torch.manual_seed(seed * 100_003 + rep)
+    program_and_drift(model, t_inference)
+
+
 def noisy_metrics(model: nn.Module, splits: Splits, t_inference: float = ONE_DAY, reps: int = 10, seed: int = 0,
                   split: str = "test", stop: Callable[[np.ndarray], bool] | None = None) -> pd.DataFrame:
     """Every task metric (:func:`hilal.train.evaluate`: accuracy, or F1 as ``accuracy`` plus ``em`` and ``f1``
@@ -63,8 +70,7 @@ def noisy_metrics(model: nn.Module, splits: Splits, t_inference: float = ONE_DAY
     rows: list[dict[str, float]] = []
     with inference_state(model):
         for r in range(reps):
-            torch.manual_seed(seed * 100_003 + r)
-            program_and_drift(model, t_inference)
+            program_repetition(model, t_inference, seed, r)
             rows.append(evaluate(model, splits, split))
             if stop is not None and r + 1 < reps and stop(np.array([x["accuracy"] for x in rows])):
                 break
@@ -150,8 +156,7 @@ def single_layer_sensitivity(model: nn.Module, splits: Splits, preset: str | obj
         losses, accs = np.empty(reps), np.empty(reps)
         with inference_state(analog):
             for r in range(reps):
-                torch.manual_seed(seed * 100_003 + r)
-                program_and_drift(analog, t_inference)
+                program_repetition(analog, t_inference, seed, r)
                 losses[r], accs[r] = _loss_and_accuracy(analog, splits, split)
         se = losses.std(ddof=1) / np.sqrt(reps) if reps > 1 else float("nan")
         rows.append({"layer": name, "loss": float(losses.mean()), "loss_increase": float(losses.mean() - base_loss),

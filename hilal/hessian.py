@@ -369,7 +369,7 @@ def weight_noise_stream(model: nn.Module, layers: Sequence[str], preset: Any = "
     ``program_analog_weights`` + ``drift_analog_weights`` (programming noise, drift, read noise and the
     drift compensation measured with the preset's IO). Yields one list per draw, tensors shaped like the
     digital weights, on the model's device and dtype."""
-    from hilal.evaluate import inference_state, program_and_drift
+    from hilal.evaluate import inference_state, program_repetition
 
     layers = check_layers(model, layers)
     analog = to_analog(model, layers, preset)
@@ -377,8 +377,7 @@ def weight_noise_stream(model: nn.Module, layers: Sequence[str], preset: Any = "
     ref = [mods[n].weight.detach() for n in layers]
     with inference_state(analog):
         for s in range(samples):
-            torch.manual_seed(seed * 100_003 + s)
-            program_and_drift(analog, t_inference)
+            program_repetition(analog, t_inference, seed, s)
             yield [_analog_weight(amods[n]).to(device=r.device, dtype=r.dtype).reshape(r.shape) - r
                    for n, r in zip(layers, ref, strict=True)]
 
@@ -852,7 +851,7 @@ def output_error_stream(model: nn.Module, op: OutputOperator, preset: Any = "pcm
     sampled through aihwkit: the layers are converted once with the preset; each draw is a seeded
     programming + drift, and each analog layer then runs (in inference mode, with its converters and output
     noise) on the inputs the digital network gave it."""
-    from hilal.evaluate import inference_state, program_and_drift
+    from hilal.evaluate import inference_state, program_repetition
 
     analog = to_analog(model, op.layers, preset)
     mods, amods = dict(model.named_modules()), dict(analog.named_modules())
@@ -860,8 +859,7 @@ def output_error_stream(model: nn.Module, op: OutputOperator, preset: Any = "pcm
         clean = [[mods[n](x) for n, x in zip(op.layers, xs, strict=True)] for xs in op.inputs]
     with inference_state(analog), torch.no_grad():
         for s in range(samples):
-            torch.manual_seed(seed * 100_003 + s)
-            program_and_drift(analog, t_inference)
+            program_repetition(analog, t_inference, seed, s)
             yield [[amods[n](x) - y for n, x, y in zip(op.layers, xs, ys, strict=True)]
                    for xs, ys in zip(op.inputs, clean, strict=True)]
 

@@ -592,7 +592,7 @@ def test_confirmed_trim_keeps_a_subset_only_on_a_fresh_evaluation(resnet8_digits
     it is not kept: the model, its layers and the timings stay as they were, and the rejected stage stays
     available for another subset."""
     import hilal.mapping as hm
-    from hilal.evaluate import inference_state, noisy_scores, program_and_drift
+    from hilal.evaluate import inference_state, noisy_scores, program_repetition
 
     stage, keep = ["layer2.0.conv2", "layer3.0.conv2", "fc"], ["layer3.0.conv2", "fc"]
 
@@ -614,8 +614,7 @@ def test_confirmed_trim_keeps_a_subset_only_on_a_fresh_evaluation(resnet8_digits
 
     def programmed_logits(seed):
         with inference_state(run.model), torch.no_grad():
-            torch.manual_seed(seed * 100_003)
-            program_and_drift(run.model, cfg.t_eval)
+            program_repetition(run.model, cfg.t_eval, seed, 0)
             return run.model(x)
 
     screened = noisy_scores(run.model, digits, cfg.t_eval, cfg.reps, cfg.seed + 7919, split="calib")
