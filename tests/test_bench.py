@@ -369,3 +369,30 @@ def test_warm_up_leaves_no_heavy_import_to_the_first_timed_method(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_warm_up_model_leaves_model_and_random_state_as_they_were():
+    """The untimed per-model warm-up must not change what the timed mappings compute: the digital model's
+    weights, gradient flags and mode, and torch's random state (the methods seed their own draws, but a
+    draw made before seeding would otherwise shift)."""
+    import torch
+
+    from hilal.bench import warm_up_model
+    from hilal.data import load_dataset
+    from hilal.mapping import MappingConfig
+    from hilal.models import model_for
+
+    splits = load_dataset("digits", seed=0)
+    model = model_for("resnet8", splits).eval()
+    cfg = MappingConfig(preset="pcm_harsh", hessian={"max_samples": 32, "probes": 2})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    warm_up_model(model, splits, cfg)
+    assert torch.equal(torch.rand(3), expected)
+    assert not model.training
+    assert [p.requires_grad for p in model.parameters()] == flags
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
