@@ -367,7 +367,8 @@ def warm_up_model(model: nn.Module, splits: Any, cfg: Any) -> None:
     with torch.random.fork_rng():
         layer_metrics(model, splits, cfg.preset, hcfg, progress=False)
         analog = to_analog(model, mappable_layers(model), cfg.preset)
-        finetune_round(analog, splits, replace(cfg.finetune, steps=2), make_optimizer(analog, cfg.finetune))
+        finetune_round(analog, splits, replace(cfg.finetune, steps=2), make_optimizer(analog, cfg.finetune),
+                       teacher=model)
         noisy_scores(analog, splits, cfg.t_eval, 1, split="calib")
 
 

@@ -381,10 +381,12 @@ def test_warm_up_model_leaves_model_and_random_state_as_they_were():
     from hilal.data import load_dataset
     from hilal.mapping import MappingConfig
     from hilal.models import model_for
+    from hilal.train import FinetuneConfig
 
     splits = load_dataset("digits", seed=0)
     model = model_for("resnet8", splits).eval()
-    cfg = MappingConfig(preset="pcm_harsh", hessian={"max_samples": 32, "probes": 2})
+    cfg = MappingConfig(preset="pcm_harsh", hessian={"max_samples": 32, "probes": 2},
+                        finetune=FinetuneConfig(distill=0.5))  # the bench's --distill: retraining needs a teacher
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
     torch.manual_seed(123)
