@@ -352,7 +352,7 @@ def warm_up() -> None:
 
 def warm_up_model(model: nn.Module, splits: Any, cfg: Any) -> None:
     """Run, untimed, each kind of work the two mapping methods do on ``model``, once and cheaply, on the shapes
-    they use: a curvature pass (HILAL's), a noise-injection training step on an all-analog copy (both
+    they use: a curvature pass (HILAL's), two noise-injection training steps on an all-analog copy (both
     methods' retraining) and one noisy evaluation of it (every step's). The first call of a kernel on a new
     shape pays one-time costs (allocations, oneDNN primitives: about 0.8 s of ResNet-8's first curvature
     pass in a process on a 2-core Xeon), which the method timed first would otherwise pay. ``cfg`` is the
