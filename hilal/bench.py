@@ -16,9 +16,6 @@ ratio is the ratio of the medians over repeats, so background load affects both 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 import time
 import warnings
@@ -34,7 +31,7 @@ from torch import nn
 
 from hilal.paths import atomic_json_dump
 from hilal.registry import HilalError, check_choice
-from hilal.runtime import SETTINGS
+from hilal.runtime import machine_info
 
 KINDS = ("hessian", "search", "analog")
 
@@ -90,31 +87,6 @@ class BenchConfig:
         if "mapping" in overrides:  # settings of the mapping go on top of the quick sizes
             overrides = {**overrides, "mapping": {**base.mapping, **overrides["mapping"]}}
         return replace(base, **overrides)
-
-
-def _cpu_model() -> str:
-    """The CPU's marketing name where the OS tells it (Linux), else the architecture: float results of the
-    same code can differ between CPUs (vector kernels), and with them trained checkpoints and mappings."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: str = "cpu") -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import aihwkit
-
-    dev = f"cuda:{torch.cuda.get_device_name(0)}" if device.startswith("cuda") else "cpu"
-    return {"torch": torch.__version__, "aihwkit": aihwkit.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_model": _cpu_model(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": dev,
-            "malloc": {k: os.environ.get(k) for _, _, k in SETTINGS.values()},
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def _median(xs: Sequence[float]) -> float:

@@ -1,4 +1,5 @@
-"""Process settings for fast CPU runs: glibc's allocator keeps freed memory for reuse.
+"""Process settings for fast CPU runs (glibc's allocator keeps freed memory for reuse), and a record of the
+machine that results were measured on (:func:`machine_info`).
 
 PyTorch's CPU tensors come from ``malloc``. With glibc's defaults, blocks above a dynamic threshold are
 mapped fresh and the top of the heap is handed back to the kernel once more than twice that threshold is
@@ -19,8 +20,11 @@ Colab and a plain papermill run get it too) apply this to their own process (:fu
 from __future__ import annotations
 
 import ctypes
+import datetime
 import os
 import platform
+from pathlib import Path
+from typing import Any
 
 _MIB = 1 << 20
 # mallopt parameter number (malloc.h), value, and glibc's environment variable for the same setting
@@ -68,3 +72,29 @@ def keep_freed_memory() -> dict[str, int]:
     for k, v in env.items():
         os.environ.setdefault(k, v)
     return applied
+
+
+def _cpu_model() -> str:
+    """The CPU's marketing name where the OS tells it (Linux), else the architecture: float results of the
+    same code can differ between CPUs (vector kernels), and with them trained checkpoints and mappings."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import aihwkit
+    import torch
+
+    dev = f"cuda:{torch.cuda.get_device_name(0)}" if device.startswith("cuda") else "cpu"
+    return {"torch": torch.__version__, "aihwkit": aihwkit.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_model": _cpu_model(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": dev,
+            "malloc": {k: os.environ.get(k) for _, _, k in SETTINGS.values()},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
