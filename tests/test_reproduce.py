@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -160,10 +161,23 @@ def test_source_revision_names_the_checkout_commit_or_none(tmp_path, monkeypatch
         assert len(rev["commit"]) == 40 and isinstance(rev["modified"], bool)
     monkeypatch.setattr(rp, "project_root", lambda: tmp_path)  # not a git checkout
     assert rp.source_revision() == {"commit": None, "modified": None}
-    if (project_root() / ".git").exists():  # inside a repository that is not the kit's own checkout
-        inner = project_root() / "figures"
-        monkeypatch.setattr(rp, "project_root", lambda: inner)
-        assert rp.source_revision() == {"commit": None, "modified": None}
+    repo = tmp_path / "repo"  # a checkout of its own: figures/ may change, anything else tracked may not
+    (repo / "figures").mkdir(parents=True)
+    (repo / "figures" / "a.csv").write_text("1")
+    (repo / "code.py").write_text("x = 1")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(rp, "project_root", lambda: repo)
+    (repo / "figures" / "a.csv").write_text("2")
+    (repo / "new.py").write_text("untracked")
+    assert rp.source_revision() == {"commit": head, "modified": False}
+    (repo / "code.py").write_text("x = 2")
+    assert rp.source_revision() == {"commit": head, "modified": True}
+    monkeypatch.setattr(rp, "project_root", lambda: repo / "figures")  # inside a repository, not its root
+    assert rp.source_revision() == {"commit": None, "modified": None}
 
 
 def test_mapping_results_are_stored_and_reused_with_identical_settings(tmp_path, monkeypatch, digits):
