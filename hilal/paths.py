@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import secrets
+import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +95,63 @@ def code_fingerprint(root: Path | None = None) -> str:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return f"{hilal.__version__}+{h.hexdigest()[:10]}"
+
+
+PROVENANCE = "provenance.json"
+"""The file in the figures folder that says, per notebook, from which code, on which machine and when its
+figures were last written, and under which profile and parameters when ``hilal reproduce`` ran it."""
+
+
+def source_revision() -> dict[str, Any]:
+    """The git commit of the kit's checkout (``commit``) and whether tracked files other than ``figures/`` differ
+    from it (``modified``); both None outside one (an installed package, whatever repository the working
+    directory is in, git missing)."""
+    root = project_root()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            return {"commit": None, "modified": None}
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)figures")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "modified": None}
+    return {"commit": commit, "modified": bool(changed)}
+
+
+def utc_now() -> str:
+    """The time in UTC, ISO 8601 to the millisecond (sorts as text)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def provenance_source(threads: int | None = None) -> dict[str, Any]:
+    """The code (:func:`code_fingerprint`, :func:`source_revision`) and machine (:func:`hilal.runtime.machine_info`
+    with ``threads`` in place of this process's torch threads when given) that results are written from."""
+    from hilal.runtime import machine_info
+
+    machine = machine_info()
+    machine.pop("date")
+    if threads is not None:
+        machine["threads"] = threads
+    return {"code": code_fingerprint(), **source_revision(), "machine": machine}
+
+
+def read_provenance(figures: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
+    """Notebook number -> entry of the figures folder's :data:`PROVENANCE` ({} when it is missing or
+    unreadable)."""
+    path = Path(figures or figures_dir()) / PROVENANCE
+    try:
+        entries = json.loads(path.read_text())["notebooks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def write_provenance(notebook: str, entry: dict[str, Any], figures: str | os.PathLike | None = None) -> Path:
+    """Replace ``notebook``'s entry in the figures folder's :data:`PROVENANCE`, keeping the others (atomic; an
+    unreadable file is started afresh)."""
+    entries = read_provenance(figures) | {notebook: entry}
+    return atomic_json_dump({"notebooks": dict(sorted(entries.items()))}, Path(figures or figures_dir()) / PROVENANCE)

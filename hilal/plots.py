@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 
 from hilal.evaluate import ONE_DAY, ONE_YEAR, time_label
-from hilal.paths import atomic_json_dump, figures_dir
+from hilal.paths import atomic_json_dump, figures_dir, provenance_source, utc_now, write_provenance
 from hilal.registry import HilalError
 
 _RC: dict[str, Any] = {
@@ -81,10 +81,15 @@ def savefig(fig: Figure, name: str, data: pd.DataFrame) -> Path:
 
 
 def save_summary(notebook: str, values: Mapping[str, Any]) -> Path:
-    """Record a notebook's headline numbers in ``<figures>/<NN>_summary.json`` (read back by the tests)."""
+    """Record a notebook's headline numbers in ``<figures>/<NN>_summary.json`` (read back by the tests), and
+    the code and machine they came from as the notebook's entry in ``<figures>/provenance.json``
+    (:data:`hilal.paths.PROVENANCE`; ``hilal reproduce`` adds the profile and parameters)."""
     if not re.fullmatch(r"\d\d", str(notebook)):
         raise HilalError(f"notebook {notebook!r} must be its two-digit number, e.g. '00'")
-    return atomic_json_dump(dict(values), figures_dir() / f"{notebook}_summary.json")
+    path = atomic_json_dump(dict(values), figures_dir() / f"{notebook}_summary.json")
+    write_provenance(str(notebook), {"profile": None, "parameters": None, **provenance_source(),
+                                     "written": utc_now()})
+    return path
 
 
 def time_axis(ax: plt.Axes, times: Iterable[float]) -> None:

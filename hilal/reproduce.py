@@ -13,12 +13,11 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +34,19 @@ from hilal.paths import (
     data_dir,
     figures_dir,
     project_root,
+    provenance_source,
+    read_provenance,
+    utc_now,
+    write_provenance,
 )
 from hilal.registry import HilalError, is_count
-from hilal.runtime import allocator_env, machine_info
+from hilal.runtime import allocator_env
 
 COLAB_REPO = "hilal-kit/hilal"
 """GitHub ``owner/name`` the notebooks install from on Colab and link their badges to (a placeholder until
 the kit is published); notebooks/README.md and every notebook's first code cell use this one value."""
 COLAB_INSTALL = f'%pip install -q "git+https://github.com/{COLAB_REPO}"'
 _NB = re.compile(r"^(\d\d)_[A-Za-z0-9_\-]+\.ipynb$")
-PROVENANCE = "provenance.json"
-"""The file in the figures folder that says, per notebook, when, from which code and on which machine its
-figures were last written (:func:`reproduce`)."""
 _PROFILE_KEYS = {"description", "common", "notebooks", "timeout_s"}
 
 
@@ -205,10 +205,11 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
     are small and torch's default of one thread per core oversubscribes a shared machine: on two busy cores
     it ran past the smoke profile's cell timeout).
 
-    After each notebook its entry in the figures folder's ``provenance.json`` (:data:`PROVENANCE`) is replaced:
-    profile, status, seconds, parameters, the code (:func:`hilal.paths.code_fingerprint`, and the git commit
-    with whether tracked files differed from it), the machine (:func:`hilal.runtime.machine_info`, with the
-    kernels' threads) and when it finished. Float results differ between CPUs, so figures are cited with it.
+    After each notebook its entry in the figures folder's ``provenance.json`` (:data:`hilal.paths.PROVENANCE`)
+    gets the profile, parameters, status, seconds and when it finished, on top of the code and machine that
+    the kernel's :func:`hilal.plots.save_summary` recorded (``written``), or, for a notebook that failed
+    before it, those of this process with the kernels' threads. Float results differ between CPUs, so
+    figures are cited with it.
 
     Every notebook runs even if an earlier one failed; then a ReproduceError (a HilalError) carrying the
     table is raised. Parameter errors (unknown profile or notebook, undeclared parameter) are raised before
@@ -230,9 +231,7 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
     pkg_root = str(Path(hilal.__file__).resolve().parent.parent)
     pypath = os.pathsep.join([pkg_root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
     rows = []
-    source = {"code": code_fingerprint(), **source_revision()}
-    machine = machine_info() | {"threads": int(omp)}  # the kernels' threads, not this process's
-    machine.pop("date")
+    source = provenance_source(threads=int(omp))  # the kernels' threads, not this process's
     # inline backend: the executed copies under runs/ show their figures (an inherited Agg would hide them)
     with _environ(HILAL_FIGURES_DIR=str(fig_dir.resolve()), PYTHONPATH=pypath,
                   MPLBACKEND="module://matplotlib_inline.backend_inline", OMP_NUM_THREADS=omp, **allocator_env()):
@@ -240,7 +239,7 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
             out_nb = run_dir / path.name
             if progress:
                 print(f"[reproduce] {path.name} {json.dumps(params, default=str)}", flush=True)
-            t0 = time.perf_counter()
+            t0, started = time.perf_counter(), utc_now()
             status, error = "ok", ""
             try:
                 pm.execute_notebook(str(path), str(out_nb), parameters=params, kernel_name=kernel_name,
@@ -253,9 +252,13 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
             secs = time.perf_counter() - t0
             rows.append({"notebook": key, "name": path.stem, "status": status, "seconds": round(secs, 1),
                          "output": str(out_nb), "error": error})
-            _record_provenance(fig_dir, key, {"name": path.stem, "profile": prof["name"], "status": status,
-                                              "seconds": round(secs, 1), "parameters": params, **source,
-                                              "machine": machine})
+            # the kernel's own entry (save_summary) names its machine and code; a notebook that did not get
+            # that far gets this process's
+            kernel = read_provenance(fig_dir).get(key, {})
+            wrote = kernel if str(kernel.get("written") or "") >= started else {}
+            write_provenance(key, {"name": path.stem, **source, **wrote, "profile": prof["name"], "status": status,
+                                   "seconds": round(secs, 1), "parameters": params, "finished": utc_now()},
+                             fig_dir)
             if progress:
                 print(f"[reproduce] {path.name}: {status} in {secs:.1f} s" + (f" ({error})" if error else ""),
                       flush=True)
@@ -268,41 +271,6 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
         raise ReproduceError(f"{len(failed)} notebook(s) failed: " + "; ".join(
             f"{r.name}: {r.error}" for r in failed.itertuples()) + f" (executed notebooks in {run_dir})", table)
     return table
-
-
-def source_revision() -> dict[str, Any]:
-    """The git commit of the kit's checkout (``commit``) and whether tracked files other than ``figures/`` differ
-    from it (``modified``); both None outside one (an installed package, whatever repository the working
-    directory is in, git missing)."""
-    root = project_root()
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True,
-                              timeout=30).stdout.strip()
-
-    try:
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
-            return {"commit": None, "modified": None}
-        commit = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)figures")
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "modified": None}
-    return {"commit": commit, "modified": bool(changed)}
-
-
-def _record_provenance(fig_dir: Path, key: str, entry: dict[str, Any]) -> None:
-    """Add or replace notebook ``key``'s entry in the figures folder's :data:`PROVENANCE` (written atomically
-    after every notebook, so an interrupted run keeps what finished; an unreadable file is started afresh)."""
-    path = fig_dir / PROVENANCE
-    try:
-        notebooks = json.loads(path.read_text())["notebooks"]
-        if not isinstance(notebooks, dict):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
-        notebooks = {}
-    finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    notebooks[key] = {**entry, "finished": finished}
-    atomic_json_dump({"notebooks": dict(sorted(notebooks.items()))}, path)
 
 
 def _short_error(e: Exception) -> str:

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from hilal import reproduce as rp
+from hilal.paths import read_provenance
 
 NOTEBOOKS = rp.list_notebooks()
 REQUIRED = ["00_quickstart", "01_digital_baselines", "02_analog_drift", "03_layer_sensitivity", "04_clustering",
@@ -143,6 +144,13 @@ def test_smoke_profile_runs_every_notebook(smoke):
             assert csv.exists() and len(csv.read_text().splitlines()) >= 2, f"{csv.name} missing or empty"
         if key in FIGURES:
             assert [p.stem for p in pngs] == sorted(FIGURES[key])
+    # every kernel recorded where its figures came from, and the runner added the profile and parameters
+    prov = read_provenance(smoke["figures"])
+    assert list(prov) == list(NOTEBOOKS)
+    todo = rp.plan("smoke")
+    for key, entry in prov.items():
+        assert entry["profile"] == "smoke" and entry["status"] == "ok" and entry["parameters"] == todo[key][1]
+        assert entry["written"] < entry["finished"]
 
 
 @pytest.mark.slow

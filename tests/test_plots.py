@@ -13,10 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from scipy.stats import norm  # noqa: E402
 
 from hilal import plots  # noqa: E402
 from hilal.evaluate import ONE_DAY, ONE_YEAR  # noqa: E402
+from hilal.paths import code_fingerprint, read_provenance, source_revision, utc_now  # noqa: E402
 from hilal.registry import HilalError  # noqa: E402
 
 
@@ -81,6 +83,12 @@ def test_save_summary(figdir):
     path = plots.save_summary("03", {"spearman": {"eli": np.float64(0.9)}, "layers": np.int64(10)})
     assert path == figdir / "03_summary.json"
     assert json.loads(path.read_text()) == {"spearman": {"eli": 0.9}, "layers": 10}
+    plots.save_summary("01", {})
+    entry = read_provenance()["03"]  # run by hand, not by hilal reproduce: no profile, no parameters
+    assert set(read_provenance()) == {"01", "03"} and read_provenance(figdir) == read_provenance()
+    assert entry["profile"] is None and entry["parameters"] is None and entry["code"] == code_fingerprint()
+    assert entry["commit"] == source_revision()["commit"] and entry["written"] <= utc_now()
+    assert entry["machine"]["threads"] == torch.get_num_threads() and "date" not in entry["machine"]
     with pytest.raises(HilalError, match="two-digit"):
         plots.save_summary("3", {})
 

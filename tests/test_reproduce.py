@@ -16,7 +16,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 import hilal
 from hilal import reproduce as rp
-from hilal.paths import code_fingerprint, project_root
+from hilal.paths import PROVENANCE, code_fingerprint, project_root, source_revision
 from hilal.registry import HilalError
 from hilal.runtime import allocator_env, machine_info
 
@@ -41,7 +41,9 @@ def tiny(tmp_path):
              'out = pathlib.Path(os.environ["HILAL_FIGURES_DIR"])\n'
              '(out / "00_values.json").write_text(json.dumps({"A": A, "SHARED": SHARED,\n'
              '                                              "malloc": os.environ.get("MALLOC_TRIM_THRESHOLD_"),\n'
-             '                                              "threads": torch.get_num_threads()}))')
+             '                                              "threads": torch.get_num_threads()}))\n'
+             'from hilal import plots\n'
+             'plots.save_summary("00", {"A": A})')
     write_nb(folder, "01_second.ipynb", "B = 2  # any int\nFAIL = False  # True or False",
              'assert not FAIL, "asked to fail"')
     return folder
@@ -130,37 +132,40 @@ def test_reproduce_executes_with_parameters_env_and_reports_failures(tmp_path, t
     assert json.loads((figs / "00_values.json").read_text()) == {"A": 42, "SHARED": "z", "malloc": malloc,
                                                                  "threads": 1}
     assert (tmp_path / "run" / "00_first.ipynb").exists() and (tmp_path / "run" / "reproduce.csv").exists()
-    prov = json.loads((figs / rp.PROVENANCE).read_text())["notebooks"]
+    prov = json.loads((figs / PROVENANCE).read_text())["notebooks"]
     assert {k: (v["name"], v["status"], v["parameters"]) for k, v in prov.items()} == {
         "00": ("00_first", "ok", {"A": 42, "SHARED": "z"}), "01": ("01_second", "failed", {"FAIL": True})}
     first, second = prov["00"], prov["01"]
     assert first["profile"] == "p" and first["seconds"] == table["seconds"].iloc[0]
     assert first["code"] == code_fingerprint() and first["machine"]["cpu_model"] == machine_info()["cpu_model"]
     assert first["machine"]["threads"] == 1 and first["machine"]["torch"] == torch.__version__
-    assert first["commit"] == rp.source_revision()["commit"]  # None outside a git checkout
+    assert first["commit"] == source_revision()["commit"]  # None outside a git checkout
+    # 00's kernel recorded its summary (save_summary); 01 failed before writing anything: the runner's record
+    assert first["written"] < first["finished"] and "written" not in second
+    assert second["machine"]["threads"] == 1 and second["code"] == code_fingerprint()
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a user's setting is kept, an explicit argument wins over it
     table = rp.reproduce(p, only="00", notebooks=tiny, out_dir=tmp_path / "run2", figures=figs, progress=False,
                          threads=1)
     assert table["status"].tolist() == ["ok"] and table["seconds"].iloc[0] > 0
     assert json.loads((figs / "00_values.json").read_text())["threads"] == 1
-    prov = json.loads((figs / rp.PROVENANCE).read_text())["notebooks"]
-    assert prov["01"] == second and prov["00"]["finished"] >= first["finished"]  # 01's entry is kept
-    (figs / rp.PROVENANCE).write_text("{not json")  # a damaged file is started afresh, not fatal
+    prov = json.loads((figs / PROVENANCE).read_text())["notebooks"]
+    assert prov["01"] == second and prov["00"]["written"] > first["finished"]  # 01's entry is kept
+    (figs / PROVENANCE).write_text("{not json")  # a damaged file is started afresh, not fatal
     rp.reproduce(p, only="00", notebooks=tiny, out_dir=tmp_path / "run3", figures=figs, progress=False)
     assert json.loads((figs / "00_values.json").read_text())["threads"] == min(2, os.cpu_count())  # torch's cap
-    prov = json.loads((figs / rp.PROVENANCE).read_text())["notebooks"]
-    assert list(prov) == ["00"] and prov["00"]["machine"]["threads"] == 2
+    prov = json.loads((figs / PROVENANCE).read_text())["notebooks"]
+    assert list(prov) == ["00"] and prov["00"]["machine"]["threads"] == min(2, os.cpu_count())  # the kernel's
     for bad in (0, -1, 1.5, "2", True):
         with pytest.raises(HilalError, match=r"threads must be a positive integer.*got"):
             rp.reproduce(p, notebooks=tiny, figures=figs, progress=False, threads=bad)
 
 
 def test_source_revision_names_the_checkout_commit_or_none(tmp_path, monkeypatch):
-    rev = rp.source_revision()
+    rev = source_revision()
     if (project_root() / ".git").exists():
         assert len(rev["commit"]) == 40 and isinstance(rev["modified"], bool)
-    monkeypatch.setattr(rp, "project_root", lambda: tmp_path)  # not a git checkout
-    assert rp.source_revision() == {"commit": None, "modified": None}
+    monkeypatch.setattr(hilal.paths, "project_root", lambda: tmp_path)  # not a git checkout
+    assert source_revision() == {"commit": None, "modified": None}
     repo = tmp_path / "repo"  # a checkout of its own: figures/ may change, anything else tracked may not
     (repo / "figures").mkdir(parents=True)
     (repo / "figures" / "a.csv").write_text("1")
@@ -170,14 +175,14 @@ def test_source_revision_names_the_checkout_commit_or_none(tmp_path, monkeypatch
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "c"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-    monkeypatch.setattr(rp, "project_root", lambda: repo)
+    monkeypatch.setattr(hilal.paths, "project_root", lambda: repo)
     (repo / "figures" / "a.csv").write_text("2")
     (repo / "new.py").write_text("untracked")
-    assert rp.source_revision() == {"commit": head, "modified": False}
+    assert source_revision() == {"commit": head, "modified": False}
     (repo / "code.py").write_text("x = 2")
-    assert rp.source_revision() == {"commit": head, "modified": True}
-    monkeypatch.setattr(rp, "project_root", lambda: repo / "figures")  # inside a repository, not its root
-    assert rp.source_revision() == {"commit": None, "modified": None}
+    assert source_revision() == {"commit": head, "modified": True}
+    monkeypatch.setattr(hilal.paths, "project_root", lambda: repo / "figures")  # inside a repository, not its root
+    assert source_revision() == {"commit": None, "modified": None}
 
 
 def test_mapping_results_are_stored_and_reused_with_identical_settings(tmp_path, monkeypatch, digits):
