@@ -129,10 +129,11 @@ def utc_now() -> str:
 
 def provenance_source(threads: int | None = None) -> dict[str, Any]:
     """The code (:func:`code_fingerprint`, :func:`source_revision`) and machine (:func:`hilal.runtime.machine_info`
-    with ``threads`` in place of this process's torch threads when given) that results are written from."""
+    with ``threads`` in place of this process's torch threads when given, and the GPU where there is one, since
+    the kit then runs on it) that results are written from."""
     from hilal.runtime import machine_info
 
-    machine = machine_info()
+    machine = machine_info("cuda" if torch.cuda.is_available() else "cpu")
     machine.pop("date")
     if threads is not None:
         machine["threads"] = threads

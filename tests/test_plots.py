@@ -89,6 +89,8 @@ def test_save_summary(figdir):
     assert entry["profile"] is None and entry["parameters"] is None and entry["code"] == code_fingerprint()
     assert entry["commit"] == source_revision()["commit"] and entry["written"] <= utc_now()
     assert entry["machine"]["threads"] == torch.get_num_threads() and "date" not in entry["machine"]
+    assert entry["machine"]["device"] == ("cpu" if not torch.cuda.is_available() else
+                                          f"cuda:{torch.cuda.get_device_name(0)}")
     with pytest.raises(HilalError, match="two-digit"):
         plots.save_summary("3", {})
 
