@@ -102,11 +102,12 @@ PROVENANCE = "provenance.json"
 figures were last written, and under which profile and parameters when ``hilal reproduce`` ran it."""
 
 
-def source_revision() -> dict[str, Any]:
-    """The git commit of the kit's checkout (``commit``) and whether tracked files other than ``figures/`` differ
-    from it (``modified``); both None outside one (an installed package, whatever repository the working
-    directory is in, git missing)."""
-    root = project_root()
+def source_revision(root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The git commit of the checkout at ``root`` (``commit``) and whether tracked files other than ``figures/``
+    differ from it (``modified``); both None where ``root`` is not the top of a git checkout or git is missing.
+    The default ``root`` is the folder holding this package: the kit's checkout when it runs from a clone or an
+    editable install, never the repository a user's working directory happens to be in."""
+    root = Path(root) if root is not None else _PKG.parent
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True,

@@ -160,12 +160,11 @@ def test_reproduce_executes_with_parameters_env_and_reports_failures(tmp_path, t
             rp.reproduce(p, notebooks=tiny, figures=figs, progress=False, threads=bad)
 
 
-def test_source_revision_names_the_checkout_commit_or_none(tmp_path, monkeypatch):
-    rev = source_revision()
+def test_source_revision_names_the_checkout_commit_or_none(tmp_path):
+    rev = source_revision()  # the kit's own checkout
     if (project_root() / ".git").exists():
         assert len(rev["commit"]) == 40 and isinstance(rev["modified"], bool)
-    monkeypatch.setattr(hilal.paths, "project_root", lambda: tmp_path)  # not a git checkout
-    assert source_revision() == {"commit": None, "modified": None}
+    assert source_revision(tmp_path) == {"commit": None, "modified": None}  # not a git checkout
     repo = tmp_path / "repo"  # a checkout of its own: figures/ may change, anything else tracked may not
     (repo / "figures").mkdir(parents=True)
     (repo / "figures" / "a.csv").write_text("1")
@@ -175,14 +174,13 @@ def test_source_revision_names_the_checkout_commit_or_none(tmp_path, monkeypatch
     subprocess.run([*git, "add", "."], check=True)
     subprocess.run([*git, "commit", "-qm", "c"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-    monkeypatch.setattr(hilal.paths, "project_root", lambda: repo)
     (repo / "figures" / "a.csv").write_text("2")
     (repo / "new.py").write_text("untracked")
-    assert source_revision() == {"commit": head, "modified": False}
+    assert source_revision(repo) == {"commit": head, "modified": False}
     (repo / "code.py").write_text("x = 2")
-    assert source_revision() == {"commit": head, "modified": True}
-    monkeypatch.setattr(hilal.paths, "project_root", lambda: repo / "figures")  # inside a repository, not its root
-    assert source_revision() == {"commit": None, "modified": None}
+    assert source_revision(repo) == {"commit": head, "modified": True}
+    # inside a repository but not at its top (an installed package under someone's project)
+    assert source_revision(repo / "figures") == {"commit": None, "modified": None}
 
 
 def test_mapping_results_are_stored_and_reused_with_identical_settings(tmp_path, monkeypatch, digits):
