@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import subprocess
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +120,6 @@ def source_revision(root: str | os.PathLike | None = None) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "modified": None}
     return {"commit": commit, "modified": bool(changed)}
-
-
-def utc_now() -> str:
-    """The time in UTC, ISO 8601 to the millisecond (sorts as text)."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def provenance_source(threads: int | None = None) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 
 from hilal.evaluate import ONE_DAY, ONE_YEAR, time_label
-from hilal.paths import atomic_json_dump, figures_dir, provenance_source, utc_now, write_provenance
+from hilal.paths import atomic_json_dump, figures_dir, provenance_source, write_provenance
 from hilal.registry import HilalError
+from hilal.runtime import utc_now
 
 _RC: dict[str, Any] = {
     **sns.axes_style("whitegrid"),

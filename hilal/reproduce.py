@@ -36,11 +36,10 @@ from hilal.paths import (
     project_root,
     provenance_source,
     read_provenance,
-    utc_now,
     write_provenance,
 )
 from hilal.registry import HilalError, is_count
-from hilal.runtime import allocator_env
+from hilal.runtime import allocator_env, utc_now
 
 COLAB_REPO = "hilal-kit/hilal"
 """GitHub ``owner/name`` the notebooks install from on Colab and link their badges to (a placeholder until

@@ -86,6 +86,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def utc_now(timespec: str = "milliseconds") -> str:
+    """The time in UTC, ISO 8601 (sorts as text)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec=timespec)
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """What the numbers were measured on."""
     import aihwkit
@@ -97,4 +102,4 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
             "cpu_model": _cpu_model(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": dev,
             "malloc": {k: os.environ.get(k) for _, _, k in SETTINGS.values()},
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "date": utc_now("seconds")}

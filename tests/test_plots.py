@@ -18,8 +18,9 @@ from scipy.stats import norm  # noqa: E402
 
 from hilal import plots  # noqa: E402
 from hilal.evaluate import ONE_DAY, ONE_YEAR  # noqa: E402
-from hilal.paths import code_fingerprint, read_provenance, source_revision, utc_now  # noqa: E402
+from hilal.paths import code_fingerprint, read_provenance, source_revision  # noqa: E402
 from hilal.registry import HilalError  # noqa: E402
+from hilal.runtime import utc_now  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
