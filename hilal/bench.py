@@ -31,7 +31,7 @@ from torch import nn
 
 from hilal.paths import atomic_json_dump
 from hilal.registry import HilalError, check_choice
-from hilal.runtime import machine_info
+from hilal.runtime import machine_info, utc_now
 
 KINDS = ("hessian", "search", "analog")
 
@@ -601,7 +601,8 @@ def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, pro
     records: list[dict[str, Any]] = []
 
     def result(complete: bool) -> dict[str, Any]:
-        return {"kind": kind, "quick": quick, "complete": complete, "machine": machine_info(cfg.device),
+        machine = {**machine_info(cfg.device), "date": utc_now("seconds")}
+        return {"kind": kind, "quick": quick, "complete": complete, "machine": machine,
                 "config": asdict(cfg), "records": records, "notes": notes, "wall_s": time.perf_counter() - t0}
 
     try:

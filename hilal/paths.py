@@ -129,7 +129,6 @@ def provenance_source(threads: int | None = None) -> dict[str, Any]:
     from hilal.runtime import machine_info
 
     machine = machine_info("cuda" if torch.cuda.is_available() else "cpu")
-    machine.pop("date")
     if threads is not None:
         machine["threads"] = threads
     return {"code": code_fingerprint(), **source_revision(), "machine": machine}

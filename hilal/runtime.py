@@ -92,7 +92,7 @@ def utc_now(timespec: str = "milliseconds") -> str:
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
-    """What the numbers were measured on."""
+    """What the numbers were measured on (the machine only; callers that want a date stamp add it)."""
     import aihwkit
     import torch
 
@@ -101,5 +101,4 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_model": _cpu_model(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": dev,
-            "malloc": {k: os.environ.get(k) for _, _, k in SETTINGS.values()},
-            "date": utc_now("seconds")}
+            "malloc": {k: os.environ.get(k) for _, _, k in SETTINGS.values()}}

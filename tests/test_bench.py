@@ -33,7 +33,7 @@ MACHINE_KEYS = {"torch", "threads", "device", "cpu_count", "python", "cpu_model"
 
 def _load(path):
     data = json.loads(path.read_text())
-    assert MACHINE_KEYS <= set(data["machine"])
+    assert MACHINE_KEYS | {"date"} <= set(data["machine"])
     assert data["machine"]["torch"] == torch.__version__
     cpuinfo = Path("/proc/cpuinfo")
     names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
