@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from aihwkit.nn import AnalogConv2d
 from pyhessian.utils import hessian_vector_product, normalization
 from torch import nn
 from tqdm.auto import tqdm
@@ -857,11 +858,28 @@ def output_error_stream(model: nn.Module, op: OutputOperator, preset: Any = "pcm
     mods, amods = dict(model.named_modules()), dict(analog.named_modules())
     with torch.no_grad():
         clean = [[mods[n](x) for n, x in zip(op.layers, xs, strict=True)] for xs in op.inputs]
+        runs = [[fixed_input_forward(amods[n], x, y.shape) for n, x, y in zip(op.layers, xs, ys, strict=True)]
+                for xs, ys in zip(op.inputs, clean, strict=True)]
     with inference_state(analog), torch.no_grad():
         for s in range(samples):
             program_repetition(analog, t_inference, seed, s)
-            yield [[amods[n](x) - y for n, x, y in zip(op.layers, xs, ys, strict=True)]
-                   for xs, ys in zip(op.inputs, clean, strict=True)]
+            yield [[run() - y for run, y in zip(rs, ys, strict=True)] for rs, ys in zip(runs, clean, strict=True)]
+
+
+def fixed_input_forward(module: nn.Module, x: torch.Tensor, out_shape: torch.Size) -> Callable[[], torch.Tensor]:
+    """A function that returns ``module(x)`` (of shape ``out_shape``) for an input that stays fixed while the
+    module's tiles are programmed again and again: an aihwkit ``AnalogConv2d`` on its unfold path (the torch
+    tiles' only one) gets its input unfolded once instead of at every call, then runs exactly the operations
+    of its own forward on it (the same result to the bit, from the same random state); any other module is
+    simply called."""
+    indexed = getattr(module, "use_indexed", None)
+    if indexed is None and isinstance(module, AnalogConv2d):
+        indexed = module.analog_module.is_cuda  # aihwkit's own rule when the module leaves it open
+    if not isinstance(module, AnalogConv2d) or indexed or x.dim() != 4:
+        return lambda: module(x)
+    cols = nn.functional.unfold(x, kernel_size=module.kernel_size, dilation=module.dilation,
+                                padding=module.padding, stride=module.stride).transpose(-1, -2)
+    return lambda: module.analog_module(cols).transpose(-1, -2).view(out_shape)
 
 
 def output_loss_increase(op: OutputOperator | GaussNewton, errors: Iterable[Sequence[Sequence[torch.Tensor]]],

@@ -871,3 +871,46 @@ def test_gauss_newton_output_space_eli_equals_per_layer_hvps(relu_case):
     for k in ("eli_first", "eli_second", "eli_se"):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-9)
     assert oop.hvps > 0 and gn.hvps == 0
+
+
+@pytest.mark.parametrize("conv", [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+    dict(kernel_size=1, stride=2),
+])
+def test_fixed_input_forward_matches_the_analog_module(conv, monkeypatch):
+    """The ELI's analog forwards with the input unfolded once give what aihwkit's own module call gives, to
+    the bit, programming after programming (converters, output noise and bound management included), for
+    convolutions of several geometries, and the convolution's unfold is not run again; other modules are
+    simply called."""
+    import aihwkit.nn.modules.conv as aconv
+
+    from hilal.evaluate import inference_state, program_repetition
+    from hilal.hessian import fixed_input_forward
+
+    torch.manual_seed(0)
+    digital = nn.Sequential(nn.Conv2d(3, 6, **conv), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(5, 3, 9, 8)
+    digital(x)
+    analog = to_analog(digital, ["0", "2"], "pcm_harsh")
+    conv_mod, fc = analog[0], analog[2]
+    unfolds = []
+    monkeypatch.setattr(aconv, "unfold", lambda *a, **k: unfolds.append(1) or nn.functional.unfold(*a, **k))
+    outputs = []
+    with torch.no_grad():
+        h = digital[1](digital[0](x))
+        runs = [fixed_input_forward(conv_mod, x, digital[0](x).shape), fixed_input_forward(fc, h, (5, 4))]
+        with inference_state(analog):
+            for rep in range(3):
+                program_repetition(analog, 86400.0, 7, rep)
+                for run, mod, inp in zip(runs, (conv_mod, fc), (x, h), strict=True):
+                    state = torch.get_rng_state()
+                    expected = mod(inp)
+                    torch.set_rng_state(state)
+                    n = len(unfolds)
+                    got = run()
+                    assert len(unfolds) == n  # the cached path: aihwkit's forward would unfold again
+                    assert torch.equal(got, expected)
+                outputs.append(got)
+    assert len(unfolds) == 3  # the module calls only
+    assert not torch.equal(outputs[0], outputs[1])  # each programming draws anew: the equality is not trivial
