@@ -847,35 +847,60 @@ def gauss_newton(model: nn.Module, batches: Sequence[Any], layers: Sequence[str]
 
 
 def output_error_stream(model: nn.Module, op: OutputOperator, preset: Any = "pcm", t_inference: float = 86400.0,
-                        samples: int = 16, seed: int = 0) -> Iterator[list[list[torch.Tensor]]]:
+                        samples: int = 16, seed: int = 0, cache_bytes: float = 2**30
+                        ) -> Iterator[list[list[torch.Tensor]]]:
     """Draws of e_l = y_analog(x_l) - y_digital(x_l) for every layer and calibration batch (batches x layers),
     sampled through aihwkit: the layers are converted once with the preset; each draw is a seeded
     programming + drift, and each analog layer then runs (in inference mode, with its converters and output
-    noise) on the inputs the digital network gave it."""
+    noise) on the inputs the digital network gave it. Convolution inputs are unfolded once for all draws
+    (:func:`fixed_input_forward`) while the unfolded copies fit in ``cache_bytes``; the rest unfold per draw."""
     from hilal.evaluate import inference_state, program_repetition
 
     analog = to_analog(model, op.layers, preset)
     mods, amods = dict(model.named_modules()), dict(analog.named_modules())
     with torch.no_grad():
         clean = [[mods[n](x) for n, x in zip(op.layers, xs, strict=True)] for xs in op.inputs]
-        runs = [[fixed_input_forward(amods[n], x, y.shape) for n, x, y in zip(op.layers, xs, ys, strict=True)]
-                for xs, ys in zip(op.inputs, clean, strict=True)]
+        runs, left = [], float(cache_bytes)
+        for xs, ys in zip(op.inputs, clean, strict=True):
+            runs.append([])
+            for n, x, y in zip(op.layers, xs, ys, strict=True):
+                size = unfolded_bytes(amods[n], x, y.shape)
+                cache = size <= left
+                runs[-1].append(fixed_input_forward(amods[n], x, y.shape, cache=cache))
+                left -= size if cache else 0
     with inference_state(analog), torch.no_grad():
         for s in range(samples):
             program_repetition(analog, t_inference, seed, s)
             yield [[run() - y for run, y in zip(rs, ys, strict=True)] for rs, ys in zip(runs, clean, strict=True)]
 
 
-def fixed_input_forward(module: nn.Module, x: torch.Tensor, out_shape: torch.Size) -> Callable[[], torch.Tensor]:
+def _unfolds(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether aihwkit's forward of ``module`` on ``x`` is an ``AnalogConv2d`` on its unfold path (the torch
+    tiles' only one): the module's own ``use_indexed``, or when it leaves that open, aihwkit's rule."""
+    if not isinstance(module, AnalogConv2d) or x.dim() != 4:
+        return False
+    indexed = module.use_indexed
+    if indexed is None:
+        indexed = module.analog_module.is_cuda
+    return not indexed
+
+
+def unfolded_bytes(module: nn.Module, x: torch.Tensor, out_shape: torch.Size) -> int:
+    """Bytes of ``x`` unfolded for ``module`` (positions x fan-in per sample) where it unfolds, else 0."""
+    if not _unfolds(module, x):
+        return 0
+    positions = math.prod(out_shape[2:])
+    return x.shape[0] * positions * module.in_channels * math.prod(module.kernel_size) * x.element_size()
+
+
+def fixed_input_forward(module: nn.Module, x: torch.Tensor, out_shape: torch.Size,
+                        cache: bool = True) -> Callable[[], torch.Tensor]:
     """A function that returns ``module(x)`` (of shape ``out_shape``) for an input that stays fixed while the
-    module's tiles are programmed again and again: an aihwkit ``AnalogConv2d`` on its unfold path (the torch
-    tiles' only one) gets its input unfolded once instead of at every call, then runs exactly the operations
-    of its own forward on it (the same result to the bit, from the same random state); any other module is
-    simply called."""
-    indexed = getattr(module, "use_indexed", None)
-    if indexed is None and isinstance(module, AnalogConv2d):
-        indexed = module.analog_module.is_cuda  # aihwkit's own rule when the module leaves it open
-    if not isinstance(module, AnalogConv2d) or indexed or x.dim() != 4:
+    module's tiles are programmed again and again: with ``cache``, an aihwkit ``AnalogConv2d`` on its unfold
+    path gets its input unfolded once (:func:`unfolded_bytes` held) instead of at every call, then runs exactly
+    the operations of its own forward on it (the same result to the bit, from the same random state); any
+    other module, or any module without ``cache``, is simply called."""
+    if not cache or not _unfolds(module, x):
         return lambda: module(x)
     cols = nn.functional.unfold(x, kernel_size=module.kernel_size, dilation=module.dilation,
                                 padding=module.padding, stride=module.stride).transpose(-1, -2)

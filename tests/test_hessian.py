@@ -886,7 +886,7 @@ def test_fixed_input_forward_matches_the_analog_module(conv, monkeypatch):
     import aihwkit.nn.modules.conv as aconv
 
     from hilal.evaluate import inference_state, program_repetition
-    from hilal.hessian import fixed_input_forward
+    from hilal.hessian import fixed_input_forward, unfolded_bytes
 
     torch.manual_seed(0)
     digital = nn.Sequential(nn.Conv2d(3, 6, **conv), nn.Flatten(), nn.LazyLinear(4))
@@ -914,3 +914,33 @@ def test_fixed_input_forward_matches_the_analog_module(conv, monkeypatch):
                 outputs.append(got)
     assert len(unfolds) == 3  # the module calls only
     assert not torch.equal(outputs[0], outputs[1])  # each programming draws anew: the equality is not trivial
+    cols = nn.functional.unfold(x, conv_mod.kernel_size, conv_mod.dilation, conv_mod.padding, conv_mod.stride)
+    assert unfolded_bytes(conv_mod, x, digital[0](x).shape) == cols.nbytes
+    assert unfolded_bytes(fc, h, (5, 4)) == 0
+    uncached = fixed_input_forward(conv_mod, x, digital[0](x).shape, cache=False)
+    with torch.no_grad():
+        uncached()
+    assert len(unfolds) == 4  # without the cache it is aihwkit's own call
+
+
+def test_output_error_stream_is_the_same_with_and_without_the_unfold_cache():
+    """The ELI's noise draws do not depend on how much of the unfolded input is cached (none, some, all)."""
+    from hilal.hessian import OutputOperator, output_error_stream, unfolded_bytes
+
+    torch.manual_seed(0)
+    model = _SmallNet().eval()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(12, 2, 5, 5, generator=g), torch.randint(0, 5, (12,), generator=g)),
+               (torch.randn(7, 2, 5, 5, generator=g), torch.randint(0, 5, (7,), generator=g))]
+    oop = OutputOperator(model, batches, ["conv", "fc"])
+    analog = to_analog(model, ["conv"], "pcm_harsh")
+    with torch.no_grad():
+        one = unfolded_bytes(analog.conv, oop.inputs[0][0], model.conv(oop.inputs[0][0]).shape)
+    assert one > 0
+    draws = [list(output_error_stream(model, oop, "pcm_harsh", 86400.0, 3, seed=4, cache_bytes=b))
+             for b in (0, one, 2**30)]
+    for other in draws[1:]:
+        for a, b in zip(draws[0], other, strict=True):
+            for ea, eb in zip(a, b, strict=True):
+                assert all(torch.equal(u, v) for u, v in zip(ea, eb, strict=True))
+    assert not torch.equal(draws[0][0][0][0], draws[0][1][0][0])
