@@ -911,7 +911,8 @@ def test_fixed_input_forward_matches_the_analog_module(conv, monkeypatch):
                     got = run()
                     assert len(unfolds) == n  # the cached path: aihwkit's forward would unfold again
                     assert torch.equal(got, expected)
-                outputs.append(got)
+                    if mod is conv_mod:
+                        outputs.append(got)
     assert len(unfolds) == 3  # the module calls only
     assert not torch.equal(outputs[0], outputs[1])  # each programming draws anew: the equality is not trivial
     cols = nn.functional.unfold(x, conv_mod.kernel_size, conv_mod.dilation, conv_mod.padding, conv_mod.stride)
