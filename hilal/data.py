@@ -178,6 +178,9 @@ def cifar100(seed: int = 0, root: Path | None = None, calib_size: int = 5000, do
     return _cifar("cifar100", seed, root or data_dir(), calib_size, download, augment)
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
 @DATASETS.register("imagenet")
 def imagenet(seed: int = 0, root: Path | None = None, calib_size: int = 10000, image_size: int = 224,
              **_: Any) -> Splits:
@@ -189,7 +192,7 @@ def imagenet(seed: int = 0, root: Path | None = None, calib_size: int = 10000, i
     if not (base / "train").is_dir() or not (base / "val").is_dir():
         raise HilalError(f"dataset 'imagenet' not found: expected class folders under {base / 'train'} and "
                          f"{base / 'val'} (one sub-folder per class, torchvision ImageFolder layout)")
-    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     ev = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), norm])
     tr_t = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     train_aug = torchvision.datasets.ImageFolder(str(base / "train"), transform=tr_t)
@@ -199,7 +202,8 @@ def imagenet(seed: int = 0, root: Path | None = None, calib_size: int = 10000, i
     calib_size = min(calib_size, len(labels) // 2)
     tr, ca, _ = _three_way(labels, calib_size, None, seed)
     return Splits("imagenet", Subset(train_aug, tr.tolist()), Subset(train_plain, ca.tolist()), test,
-                  in_channels=3, image_size=image_size, num_classes=len(train_plain.classes))
+                  in_channels=3, image_size=image_size, num_classes=len(train_plain.classes),
+                  meta={"normalization": (IMAGENET_MEAN, IMAGENET_STD)})
 
 
 from hilal import qa as _qa  # noqa: E402,F401  (registers the question-answering datasets)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_si
 
 
 def model_for(name: str, splits: Any, **kwargs: Any) -> nn.Module:
-    """Build ``name`` for a :class:`hilal.data.Splits` (its channels, size, classes and task)."""
+    """Build ``name`` for a :class:`hilal.data.Splits` (its channels, size, classes and task; its input
+    normalization, ``meta["normalization"]`` = (mean, std), for models with pretrained input statistics)."""
+    extra = {"input_norm": splits.meta["normalization"]} if "normalization" in splits.meta else {}
     return build_model(name, in_channels=splits.in_channels, num_classes=splits.num_classes,
-                       image_size=splits.image_size, **{**splits.meta.get("model_kwargs", {}), **kwargs})
+                       image_size=splits.image_size, **{**extra, **splits.meta.get("model_kwargs", {}), **kwargs})
 
 
 def load_weights(model: nn.Module, checkpoint: str | Path) -> nn.Module:
@@ -136,13 +139,13 @@ def vgg16(in_channels: int = 3, num_classes: int = 10, image_size: int = 32, **_
 
 @MODELS.register("resnet50")
 def resnet50(in_channels: int = 3, num_classes: int = 10, image_size: int = 224, weights: str | None = None,
-             **_: Any) -> nn.Module:
+             allow_random: bool = False, **_: Any) -> nn.Module:
     """torchvision ResNet-50 (no weights by default); small inputs get a 3x3 stem without max-pool."""
     import torchvision
 
     model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
     if weights is not None:
-        _load_torchvision_pretrained(model, "resnet50", weights, num_classes)
+        _load_torchvision_pretrained(model, "resnet50", weights, num_classes, allow_random)
     if image_size < 64 or in_channels != 3:
         k, s = (3, 1) if image_size < 64 else (7, 2)
         model.conv1 = nn.Conv2d(in_channels, 64, k, s, k // 2, bias=False)
@@ -151,50 +154,127 @@ def resnet50(in_channels: int = 3, num_classes: int = 10, image_size: int = 224,
     return model
 
 
-class _Resize(nn.Module):
-    """Upsamples inputs to the size a patch-16 transformer needs, and repeats grey channels to RGB."""
-
-    def __init__(self, size: int, channels: int) -> None:
-        super().__init__()
-        self.size, self.channels = size, channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.channels:
-            x = x.expand(-1, self.channels, -1, -1)
-        if x.shape[-1] != self.size:
-            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return x
-
-
-@MODELS.register("vit_b16")
-def vit_b16(in_channels: int = 3, num_classes: int = 10, image_size: int = 224, weights: str | None = None,
-            **_: Any) -> nn.Module:
-    """torchvision ViT-B/16; inputs smaller than 32 or not a multiple of 16 are upsampled first."""
-    import torchvision
-
-    size = image_size if image_size % 16 == 0 and image_size >= 32 else max(32, 16 * -(-image_size // 16))
-    model = torchvision.models.vit_b_16(weights=None, image_size=size, num_classes=num_classes)
-    if weights is not None:
-        _load_torchvision_pretrained(model, "vit_b_16", weights, num_classes)
-    if size == image_size and in_channels == 3:
-        return model
-    return nn.Sequential(_Resize(size, 3), model)
-
-
-def _load_torchvision_pretrained(model: nn.Module, arch: str, weights: str, num_classes: int) -> None:
-    """Load torchvision's pretrained weights (cached or downloadable), keeping a fresh head when classes differ."""
+def _load_torchvision_pretrained(model: nn.Module, arch: str, weights: str, num_classes: int,
+                                 allow_random: bool = False) -> None:
+    """Load torchvision's pretrained ``weights`` (torch's hub cache, or a download when online), keeping a fresh
+    head when the class count differs. Missing weights are a HilalError (a warning and a random init with
+    ``allow_random``)."""
     import torchvision
 
     try:
-        w = torchvision.models.get_weight(weights)
-        state = w.get_state_dict(progress=False)
+        state = torchvision.models.get_weight(weights).get_state_dict(progress=False)
     except Exception as e:
-        warnings.warn(f"{arch}: pretrained weights {weights!r} could not be loaded ({e}); random init. "
-                      f"Place them in torch's hub cache (TORCH_HOME) to use them offline.", stacklevel=3)
+        msg = (f"{arch}: pretrained weights {weights!r} are not available ({type(e).__name__}); download them "
+               f"once online (torchvision.models.get_weight({weights!r}).get_state_dict()) into torch's hub cache "
+               f"(TORCH_HOME)")
+        if not allow_random:
+            raise HilalError(msg + ", or pass allow_random=True") from None
+        warnings.warn(msg + "; random init", stacklevel=3)
         return
     own = model.state_dict()
-    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(keep, strict=False)
+    model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
+
+
+class ViTClassifier(nn.Module):
+    """transformers' ``ViTForImageClassification`` as a plain ``images -> logits`` module. Inputs are first
+    brought to what its weights were trained on: grey channels repeated to RGB, resized (bilinear) to ``size``,
+    and re-normalized from the dataset's (``in_norm``) to the weights' (``net_norm``) mean and std. The forward
+    calls the embeddings, blocks, final norm and head itself (the same computation): the library's own
+    forward reads the patch projection's ``weight``, which an analog layer keeps in its tiles."""
+
+    def __init__(self, net: nn.Module, size: int, in_norm: tuple | None = None, net_norm: tuple | None = None
+                 ) -> None:
+        super().__init__()
+        self.net, self.size = net, size
+        scale = shift = None
+        if in_norm is not None and net_norm is not None:
+            (m_in, s_in), (m_net, s_net) = (torch.tensor(v, dtype=torch.float32) for v in in_norm), (
+                torch.tensor(v, dtype=torch.float32) for v in net_norm)
+            scale, shift = s_in / s_net, (m_in - m_net) / s_net
+        self.register_buffer("scale", None if scale is None else scale.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", None if shift is None else shift.view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != 3:
+            x = x.expand(-1, 3, -1, -1)
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        if self.scale is not None:
+            x = x * self.scale + self.shift
+        vit = self.net.vit
+        h = vit.embeddings(x)
+        for block in vit.layers if hasattr(vit, "layers") else vit.encoder.layer:  # transformers 5 / 4
+            h = block(h)
+            h = h[0] if isinstance(h, tuple) else h
+        return self.net.classifier(vit.layernorm(h)[:, 0])
+
+
+def pretrained_source(name: str) -> tuple[str, bool]:
+    """Where Hugging Face weights or a tokenizer called ``name`` are read from: a folder ``name``, else
+    ``data/models/<last part of name>``, else the hub id (its cache only, when offline). Returns the source
+    and whether it is a local folder."""
+    from hilal.paths import data_dir
+
+    local = data_dir() / "models" / name.split("/")[-1]
+    if Path(name).is_dir():
+        return name, True
+    if local.is_dir():
+        return str(local), True
+    return name, False
+
+
+def _missing_weights(model: str, name: str, e: Exception, offline_alt: str) -> HilalError:
+    from hilal.paths import data_dir
+
+    local = data_dir() / "models" / name.split("/")[-1]
+    return HilalError(
+        f"{model} weights {name!r} are not available ({type(e).__name__}). Download them once with "
+        f"`huggingface-cli download {name}` (Hugging Face cache) or save_pretrained them into {local}; pass "
+        f"allow_random=True to start from a random init, or use {offline_alt!r} offline.")
+
+
+def _image_norm(folder: str, default: float = 0.5) -> tuple:
+    """The mean and std a Hugging Face image model was trained with (its ``preprocessor_config.json``)."""
+    cfg = Path(folder) / "preprocessor_config.json"
+    mean = std = (default,) * 3
+    if cfg.is_file():
+        d = json.loads(cfg.read_text())
+        mean, std = tuple(d.get("image_mean", mean)), tuple(d.get("image_std", std))
+    return mean, std
+
+
+VIT_B16 = "google/vit-base-patch16-224"
+"""ViT-B/16 pretrained on ImageNet-21k and fine-tuned on ImageNet-1k at 224x224 (the paper's starting point)."""
+
+
+@MODELS.register("vit_b16")
+def vit_b16(in_channels: int = 3, num_classes: int = 10, pretrained: str = VIT_B16, allow_random: bool = False,
+            input_norm: tuple | None = None, **_: Any) -> nn.Module:
+    """ViT-B/16 as transformers' ``ViTForImageClassification`` with eager attention: separate ``nn.Linear``
+    query, key, value and output projections and MLP layers in each of the 12 blocks (all mappable, and
+    twice differentiable for Hessian-vector products), patch projection and head: 74 mappable layers.
+    Pretrained weights by default (a local folder, ``data/models/vit-base-patch16-224`` or the Hugging Face
+    cache); the head is re-initialized when ``num_classes`` differs from theirs. Inputs of any size are
+    resized to the 224x224 the weights were trained at, and re-normalized from ``input_norm`` (the dataset's
+    (mean, std), when given) to the weights' own. Without the weights: a HilalError, or a random init with a
+    warning when ``allow_random=True``."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from hilal.paths import offline
+
+    src, local = pretrained_source(pretrained)
+    try:
+        net = ViTForImageClassification.from_pretrained(
+            src, num_labels=num_classes, ignore_mismatched_sizes=True, attn_implementation="eager",
+            local_files_only=offline() and not local)
+        net_norm = _image_norm(src) if local else _image_norm("")
+    except Exception as e:
+        if not allow_random:
+            raise _missing_weights("vit_b16", pretrained, e, "vit_tiny") from None
+        warnings.warn(f"vit_b16: pretrained weights {pretrained!r} not available; random init", stacklevel=2)
+        net = ViTForImageClassification(ViTConfig(num_labels=num_classes, attn_implementation="eager"))
+        net_norm = None
+    return ViTClassifier(net, net.config.image_size, input_norm if net_norm else None, net_norm)
 
 
 # --- transformers -----------------------------------------------------------------------------------
@@ -286,20 +366,15 @@ def mobilebert(vocab_size: int | None = None, pretrained: str = "google/mobilebe
     ``allow_random=True``."""
     from transformers import MobileBertConfig, MobileBertForQuestionAnswering
 
-    from hilal.paths import data_dir, offline
+    from hilal.paths import offline
 
-    local = data_dir() / "models" / pretrained.split("/")[-1]
-    src = pretrained if Path(pretrained).is_dir() else str(local) if local.is_dir() else pretrained
+    src, local = pretrained_source(pretrained)
     try:
         model = MobileBertForQuestionAnswering.from_pretrained(
-            src, attn_implementation="eager", local_files_only=offline() and not Path(src).is_dir())
+            src, attn_implementation="eager", local_files_only=offline() and not local)
     except Exception as e:
         if not allow_random:
-            raise HilalError(
-                f"MobileBERT weights {pretrained!r} are not available ({type(e).__name__}). Download them "
-                f"once with `huggingface-cli download {pretrained}` (Hugging Face cache) or save_pretrained "
-                f"them into {local}; pass allow_random=True to train from a random init, or use "
-                f"'mobilebert_tiny' offline.") from None
+            raise _missing_weights("MobileBERT", pretrained, e, "mobilebert_tiny") from None
         warnings.warn(f"mobilebert: pretrained weights {pretrained!r} not available; random init",
                       stacklevel=2)
         cfg = MobileBertConfig(vocab_size=vocab_size or 30522, attn_implementation="eager")

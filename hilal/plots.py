@@ -552,8 +552,10 @@ def headline(summary: pd.DataFrame, keys: Sequence[str], value: str = "mean") ->
 # ---------------------------------------------------------------- transformers (08)
 
 _BLOCK = re.compile(r"^(?P<pre>.*?)(?:blocks|layers|layer|encoder_layer|h)[._](?P<idx>\d+)\.(?P<proj>.+)$")
-# readable names of the projections inside a block (ViT, MobileBERT, torchvision ViT), applied in order
-_PROJ_SHORT = ((r"\.dense$", ""), (r"^attention\.self\.", ""), (r"^attn\.", ""), (r"^self_attention\.", ""),
+# readable names of the projections inside a block (ViT, transformers' ViT and MobileBERT, torchvision ViT), in order
+_PROJ_SHORT = ((r"\.dense$", ""), (r"^attention\.self\.", ""), (r"^attention\.attention\.", ""),
+               (r"^attention\.(q|k|v)_proj$", r"\1"), (r"^attention\.o_proj$", "out"), (r"^mlp\.(fc\d)$", r"\1"),
+               (r"^attn\.", ""), (r"^self_attention\.", ""),
                (r"^attention\.output$", "attn.out"), (r"^bottleneck\.input$", "bn.in"),
                (r"^bottleneck\.attention$", "bn.attn"), (r"^output\.bottleneck$", "out.bn"),
                (r"intermediate", "inter"), (r"^ffn\.(\d+)\.", r"ffn\1."), (r"^query$", "q"), (r"^key$", "k"),
