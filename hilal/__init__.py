@@ -1,6 +1,6 @@
 """hilal: Hessian-informed layer allocation for heterogeneous analog-digital inference.
 
-The package is thin on purpose: one module per concern (see DESIGN in the README).
+The package is thin on purpose: one module per concern (docs/design.md).
 """
 
 from hilal.registry import HilalError

@@ -1,4 +1,4 @@
-"""The ``hilal`` command: analyze, map, reproduce, bench (the contract in DESIGN.md)."""
+"""The ``hilal`` command: analyze, map, reproduce, bench (the contract in docs/design.md)."""
 
 from __future__ import annotations
 

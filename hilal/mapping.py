@@ -158,7 +158,7 @@ class MappingConfig:
 
 @dataclass
 class MappingResult:
-    """What every method returns (``to_dict`` gives DESIGN.md's result.json)."""
+    """What every method returns (``to_dict`` gives the result.json of docs/design.md)."""
 
     method: str
     analog_layers: list[str]

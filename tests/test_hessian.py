@@ -663,7 +663,7 @@ def test_errors():
 def test_eli_ranks_measured_single_layer_sensitivity(resnet8_digits, digits):
     """ELI models weight-level noise (programming, drift, read, drift compensation): compared with the
     measured loss increase of each layer made analog alone, under the pcm preset at one day with weight noise
-    only (perfect converters), as in DESIGN.md; for pcm_harsh at one year with the preset as is (converter and
+    only (perfect converters), as in docs/design.md; for pcm_harsh at one year with the preset as is (converter and
     output noise too), the output-space ELI is asserted and the weight-space one printed."""
     from hilal.evaluate import ONE_DAY, ONE_YEAR, single_layer_sensitivity
 
