@@ -83,16 +83,16 @@ def _json_default(o: Any) -> Any:
 
 @functools.lru_cache(maxsize=4)
 def code_fingerprint(root: Path | None = None) -> str:
-    """The package version plus a hash of its source files (``root``: the package folder), part of every
-    cache key: a stored mapping, metrics table or mapping journal is never reused across a change of the
-    code."""
+    """The package version plus a hash of its source files (``root``: the package folder, subpackages such as
+    ``mapping/`` included), part of every cache key: a stored mapping, metrics table or mapping journal is never
+    reused across a change of the code."""
     import hilal
 
     root = Path(root or _PKG)
     h = hashlib.sha1()
-    for f in sorted(root.glob("*.py")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
+    for rel in sorted(f.relative_to(root).as_posix() for f in root.rglob("*.py")):
+        h.update(rel.encode())
+        h.update((root / rel).read_bytes())
     return f"{hilal.__version__}+{h.hexdigest()[:10]}"
 
 

@@ -440,6 +440,30 @@ def test_resume_skips_finished_rounds(resnet8_digits, digits, tmp_path, monkeypa
     assert len(list(tmp_path.iterdir())) == len(before) + 1 and set(before) <= {p.name for p in tmp_path.iterdir()}
 
 
+def test_the_code_fingerprint_covers_the_mapping_subpackage(tmp_path):
+    """The fingerprint that keys the journal (and every cache) hashes the modules of ``hilal/mapping/`` too: a
+    copy of the package fingerprints as the package does, and an edit of one mapping module changes it."""
+    import shutil
+    from pathlib import Path
+
+    import hilal
+    from hilal.paths import code_fingerprint
+
+    src = Path(hilal.__file__).parent
+    copies = {name: tmp_path / name / "hilal" for name in ("same", "edited")}
+    for dst in copies.values():
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_fingerprint(copies["same"]) == code_fingerprint(src)
+    modules = sorted((src / "mapping").glob("*.py"))
+    assert modules
+    for module in modules:
+        with open(copies["edited"] / "mapping" / module.name, "a") as f:
+            f.write("# edited\n")
+        assert code_fingerprint(copies["edited"]) != code_fingerprint(src), module.name
+        code_fingerprint.cache_clear()
+        (copies["edited"] / "mapping" / module.name).write_bytes(module.read_bytes())
+
+
 @pytest.mark.parametrize("search", ["screen", "bisect"])
 def test_hilal_offloads_a_prefix_of_the_curvature_order(resnet8_digits, digits, search):
     cfg = tiny_cfg(search=search, hessian={"probes": 8, "eli_samples": 4, "first_order_samples": 8})
