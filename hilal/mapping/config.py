@@ -1,0 +1,163 @@
+"""A mapping's settings and outcome: :class:`MappingConfig` (one budget and one evaluation for every method),
+:class:`MappingResult`, the choices its options take, and the curvature budget HILAL ranks layers with."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+from torch import nn
+
+from hilal.evaluate import ONE_DAY
+from hilal.train import FinetuneConfig
+
+SEARCHES = ("knapsack", "screen", "gallop", "bisect", "walk")
+ORDERS = ("eli", "eli_per_mac")
+# What HILAL weighs a layer by: the curvature term of its ELI (1/2 E[e^T H e], from the noise's spread) or the
+# full ELI (plus the first-order term g . E[e], from its systematic part)
+COSTS = {"curvature": "eli_second", "eli": "eli"}
+# Curvature budget inside a mapping: enough to rank layers (notebook 03 shows the full-budget metrics). ELI in
+# output space, so converter and output noise count too (they dominate the harsh preset's sensitivity).
+MAPPING_HESSIAN = {"probes": 16, "power_iters": 10, "noise": "output", "eli_samples": 16, "first_order_samples": 16,
+                   "max_samples": 256}
+
+
+@dataclass
+class MappingConfig:
+    """Settings shared by every mapping method (one budget and one evaluation for all)."""
+
+    preset: str = "pcm_harsh"
+    """aihwkit preset (hilal.analog.PRESETS)."""
+    t_eval: float = ONE_DAY
+    """Inference time (s) at which accuracy is judged."""
+    reps: int = 10
+    """Programming/drift repetitions per evaluation."""
+    drop_threshold: float = 0.02
+    """Tolerated accuracy drop (fraction) below the digital baseline (LionHeart's threshold; HILAL's
+    tolerance for the sensitive extension)."""
+    patience: int = 2
+    """Retraining stops when this many evaluations in a row are below the best one (LionHeart's rule)."""
+    max_rounds: int = 6
+    """Upper bound on fine-tuning rounds per stage."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Optimizer settings and steps per round (one pass over the training split by default)."""
+    stages: int = 1
+    """HILAL: number of stages over which the robust cluster is offloaded."""
+    robust_only: bool = False
+    """HILAL: stop after the robust cluster."""
+    search: str = "knapsack"
+    """HILAL: how the stages are chosen. ``knapsack``: the sets carrying the most MACs per expected-loss
+    budget (a 0/1-knapsack Pareto frontier over ``cost``, robust cluster first) bisected on zero-shot scores,
+    each stage confirmed by one retrained stage (typically one to three in all); ``screen``: the same on
+    prefixes of the ordered layers, corrected by the measured retraining recovery; ``gallop`` (1, 2, 4...
+    then bisection), ``bisect`` or ``walk`` (one layer per stage) retrain at every probe, after the robust
+    cluster's own ``stages``."""
+    order: str = "eli_per_mac"
+    """HILAL: order inside each cluster: ``eli_per_mac`` (ascending cost per multiply-accumulate: the most
+    analog work per unit of expected loss first) or ``eli`` (ascending cost, as published)."""
+    cost: str = "curvature"
+    """HILAL: a layer's expected loss in the order and the knapsack: ``curvature``, the second-order term of
+    its ELI, 1/2 E[e^T H e], from the noise's spread (a fresh draw at every programming); or ``eli``, the
+    full ELI as published, which adds the first-order term g . E[e] of the noise's systematic part (drift,
+    converter bias: the same at every programming, so retrained output scales, biases and batch norm can
+    correct it). That term moves the calibration loss without predicting accuracy (on ResNet-20 it is
+    negative for four layers, down to -0.012, making them look the most robust); weighing by curvature alone
+    raised ResNet-20's median analog MAC share from 0.38 to 0.67 over mapping seeds 0-5."""
+    min_gain: float = 0.02
+    """HILAL ``knapsack``: after the first kept stage, a further stage must add at least this share of the
+    network's MACs to be worth a retraining stage."""
+    near_miss: float = 2.0
+    """HILAL ``knapsack``: a candidate whose zero-shot score falls short of the floor by at most this many
+    standard errors (of its repetitions) is retrained before the largest candidate that clears it, since
+    retraining may lift it over (LionHeart keeps such layers after retraining); 0 turns this off, as do
+    fewer than 5 ``reps`` (too few for a usable standard error). Only for the first stage: on a network
+    already fine-tuned under noise, retraining recovers less (later near misses were rejected 3 times in 5
+    on ResNet-8/20, each costing a full stage)."""
+    trim: bool = True
+    """HILAL ``knapsack``: when a retrained stage falls below the floor, screen subsets of its layers (the
+    knapsack frontier of the stage's own layers, bisected) on its best weights (retrained, or as they were
+    when no round beat its zero-shot score) with the other layers digital again, and keep the largest that
+    clears the floor without a further retraining stage (with ``confirm``, on a fresh evaluation as well)."""
+    scan: int = 0
+    """HILAL ``knapsack``: in a later round where no frontier set clears the floor, screen up to this many
+    of the remaining single layers (ascending cost per MAC, sequential test) and retrain the first within one
+    standard error of the floor (:func:`_scan`); 0 (the default) turns this off. With ``cost="eli"`` it
+    recovered layers that the ELI misranked (ResNet-20 seeds 0-5: median share 0.38 to 0.44); with the
+    default ``cost="curvature"`` it added one layer on two of six ResNet-20 seeds, and HILAL's median time
+    there was 58 s with it against 33 s without (speed-up 4.3x against 6.9x)."""
+    recovery_prior: float = 0.0
+    """HILAL ``screen`` and ``knapsack``: share of a zero-shot drop that retraining is assumed to recover
+    (``screen`` replaces it by the recovery a stage measured; ``knapsack`` keeps it). 0 is conservative; 0.5
+    explored one more stage on ResNet-8/20 without gaining analog MACs."""
+    confirm: bool = False
+    """Every method: accept a retraining stage on a fresh evaluation (``reps`` programmings that its rounds
+    never drew, seeds from ``CONFIRM_SEED``) instead of its best round's score, the maximum of several noisy
+    evaluations, which overstates what the mapping holds (:func:`recheck`); the best round's score is kept
+    as ``best_round``. HILAL's ``trim`` likewise keeps a subset only if a fresh evaluation clears the floor
+    (its screen score stays as ``zero_shot``). Off by default, as LionHeart accepts; one more evaluation per
+    stage or trimmed subset."""
+    cluster: str = "kmeans"
+    """Clustering method (hilal.cluster)."""
+    hessian: dict[str, Any] = field(default_factory=dict)
+    """Overrides of hilal.hessian.HessianConfig on top of ``MAPPING_HESSIAN`` (t_inference defaults to
+    ``t_eval``)."""
+    ablation: str = "eli-r"
+    """hilal-paper: the features clustered (eli-r, eli-only, r-only, topeigen-only, topeigen/params,
+    trace-only)."""
+    gamma: float = 0.08
+    """hilal-paper: isotropic noise scale, sigma = gamma * max|W|."""
+    sensitivity_batches: int = 1
+    """hilal-paper: training mini-batches averaged for its descriptors."""
+    seed: int = 0
+    """Seed for noise, shuffling and random orders."""
+    final_reps: int | None = None
+    """Repetitions of the final test evaluation (default: ``reps``)."""
+    workdir: str | None = None
+    """Folder for the resumable journal; an interrupted run started again with the same settings and code
+    skips finished rounds."""
+
+    def key(self) -> str:
+        d = asdict(self)
+        d.pop("workdir")
+        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass
+class MappingResult:
+    """What every method returns (``to_dict`` gives the result.json of docs/design.md)."""
+
+    method: str
+    analog_layers: list[str]
+    analog_mac_share: float
+    accuracy_mean: float
+    accuracy_std: float
+    fp_accuracy: float
+    t_eval: float
+    reps: int
+    timings: dict[str, float]
+    rounds: int = 0
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    metrics: pd.DataFrame | None = None
+    model: nn.Module | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("method", "analog_layers", "analog_mac_share", "accuracy_mean",
+                                           "accuracy_std", "fp_accuracy", "t_eval", "reps", "timings",
+                                           "rounds")}
+        d["history"] = self.history.to_dict(orient="records")
+        if self.metrics is not None:
+            d["metrics"] = self.metrics.to_dict(orient="records")
+        d.update(self.extra)
+        return d
+
+
+def _hessian_cfg(cfg: MappingConfig) -> Any:
+    """The ``HessianConfig`` HILAL ranks layers with: ``MAPPING_HESSIAN`` at ``t_eval`` and the mapping's seed,
+    under ``cfg.hessian``'s overrides (imported here: the curvature module loads on first use)."""
+    from hilal.hessian import HessianConfig
+
+    return HessianConfig(**{**MAPPING_HESSIAN, "t_inference": cfg.t_eval, "seed": cfg.seed, **cfg.hessian})
