@@ -434,7 +434,7 @@ def test_resume_skips_finished_rounds(resnet8_digits, digits, tmp_path, monkeypa
     assert resumed.accuracy_mean == pytest.approx(full.accuracy_mean)
     # another version of the package's code replays nothing, and leaves the old journal as it was
     before = sorted(p.name for p in tmp_path.iterdir())
-    monkeypatch.setattr(hm, "code_fingerprint", lambda root=None: "0+changed")
+    monkeypatch.setattr("hilal.mapping.journal.code_fingerprint", lambda root=None: "0+changed")
     other = run_mapping("lionheart", resnet8_digits, digits, cfg, progress=False)
     assert other.history["replayed"].sum() == 0
     assert len(list(tmp_path.iterdir())) == len(before) + 1 and set(before) <= {p.name for p in tmp_path.iterdir()}
