@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import hilal.mapping.run as hm_run  # where the scripted tests patch the evaluation and retraining
 from hilal.analog import analog_layers, count_macs, mappable_layers
 from hilal.mapping import (
     METHODS,
@@ -335,7 +336,7 @@ def test_confirm_accepts_on_a_fresh_evaluation_not_the_best_round(resnet8_digits
     every layer on its best rounds and none on the fresh evaluations."""
     import hilal.mapping as hm
 
-    monkeypatch.setattr(hm, "_in_loop_score", lambda m, s, c, seed, drift: float(seed < hm.CONFIRM_SEED))
+    monkeypatch.setattr(hm_run, "_in_loop_score", lambda m, s, c, seed, drift: float(seed < hm.CONFIRM_SEED))
     runs = {c: run_mapping("lionheart", resnet8_digits, digits, tiny_cfg(max_rounds=1, confirm=c), progress=False)
             for c in (False, True)}
     plain, confirmed = runs[False].history, runs[True].history
@@ -378,8 +379,6 @@ def script_rounds(monkeypatch, scores) -> None:
     and the evaluations return ``scores`` in turn; what stays under test is the stopping and keeping rule."""
     import torch
 
-    import hilal.mapping as hm
-
     script = iter(scores)
 
     def step(m, *a, **k):
@@ -388,8 +387,8 @@ def script_rounds(monkeypatch, scores) -> None:
                 p.add_(1.0)
         return 0.0
 
-    monkeypatch.setattr(hm, "finetune_round", step)
-    monkeypatch.setattr(hm, "_in_loop_score", lambda *a, **k: next(script))
+    monkeypatch.setattr(hm_run, "finetune_round", step)
+    monkeypatch.setattr(hm_run, "_in_loop_score", lambda *a, **k: next(script))
 
 
 @pytest.mark.parametrize("start, scores, rounds, best", [
@@ -423,10 +422,10 @@ def test_resume_skips_finished_rounds(resnet8_digits, digits, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(hm, "retrain", flaky)
+    monkeypatch.setattr(hm_run, "retrain", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_mapping("lionheart", resnet8_digits, digits, cfg, progress=False)
-    monkeypatch.setattr(hm, "retrain", real)
+    monkeypatch.setattr(hm_run, "retrain", real)
     resumed = run_mapping("lionheart", resnet8_digits, digits, cfg, progress=False)
     assert resumed.history["replayed"].sum() == 3
     assert resumed.analog_layers == full.analog_layers
@@ -649,7 +648,7 @@ def test_confirmed_trim_keeps_a_subset_only_on_a_fresh_evaluation(resnet8_digits
     without = trimmed(replace(cfg, confirm=False))[0].rows[-1]
     assert without["score"] == without["zero_shot"] == z
 
-    monkeypatch.setattr(hm, "_in_loop_score", lambda m, s, c, seed, drift: float(seed < hm.CONFIRM_SEED))
+    monkeypatch.setattr(hm_run, "_in_loop_score", lambda m, s, c, seed, drift: float(seed < hm.CONFIRM_SEED))
     cfg = replace(cfg, drop_threshold=0.5)  # the fresh evaluation (scripted: 0) fails the floor
     run, z, ok = trimmed(cfg)
     h = run.rows[-1]
