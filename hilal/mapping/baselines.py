@@ -1,0 +1,51 @@
+"""LionHeart and the plain baselines: IBM's greedy accept/reject loop over layers by descending MACs (and over a
+random order), nothing analog, and everything analog with and without one retraining stage."""
+
+from __future__ import annotations
+
+import random
+
+from tqdm.auto import tqdm
+
+from hilal.analog import mappable_layers, to_analog
+from hilal.mapping.config import MappingResult
+from hilal.mapping.run import _Run
+
+
+def _greedy(run: _Run, order: list[str]) -> MappingResult:
+    ok = lambda s: s >= run.floor()  # noqa: E731
+    for i, name in enumerate(tqdm(order, desc=run.method, disable=not run.progress, leave=False)):
+        run.stage(f"candidate-{i}", [name], ok)
+    return run.finish(order=order)
+
+
+def lionheart(run: _Run) -> MappingResult:
+    """IBM/lionheart's greedy loop: candidates by descending MACs; add one, retrain with patience, keep it if
+    the best score stays within ``drop_threshold`` of the digital baseline, else revert."""
+    order = run.timed_search(lambda: sorted(run.macs, key=lambda n: -run.macs[n]))
+    return _greedy(run, order)
+
+
+def random_order(run: _Run) -> MappingResult:
+    """LionHeart's accept/reject loop over a random (seeded) layer order."""
+    order = list(run.macs)
+    random.Random(run.cfg.seed).shuffle(order)
+    return _greedy(run, order)
+
+
+def all_digital(run: _Run) -> MappingResult:
+    """Nothing analog: the floating-point reference."""
+    return run.finish()
+
+
+def all_analog(run: _Run) -> MappingResult:
+    """Every mappable layer analog, no fine-tuning."""
+    run.model = to_analog(run.digital, mappable_layers(run.digital), run.cfg.preset)
+    run.layers = mappable_layers(run.digital)
+    return run.finish()
+
+
+def all_analog_ft(run: _Run) -> MappingResult:
+    """Every mappable layer analog, with one noise-injection retraining stage."""
+    run.stage("all", mappable_layers(run.digital))
+    return run.finish()

@@ -1,0 +1,38 @@
+"""The method registry and the entry point: :func:`run_mapping` validates the settings, sets up one run
+(:class:`hilal.mapping.run._Run`: the digital baseline, MACs, journal) and hands it to the method, a function of
+the run that returns a :class:`MappingResult`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from hilal.data import Splits
+from hilal.mapping.baselines import all_analog, all_analog_ft, all_digital, lionheart, random_order
+from hilal.mapping.config import COSTS, ORDERS, SEARCHES, MappingConfig, MappingResult
+from hilal.mapping.paper import hilal_paper
+from hilal.mapping.run import _Run
+from hilal.mapping.search import hilal
+from hilal.registry import Registry, check_choice
+
+METHODS: Registry[Callable[..., MappingResult]] = Registry("method")
+"""Method name -> the function that maps a run (``hilal map --method``, ``run_mapping``'s first argument)."""
+METHODS.add("hilal", hilal)
+METHODS.add("hilal-paper", hilal_paper)
+METHODS.add("lionheart", lionheart)
+METHODS.add("random", random_order)
+METHODS.add("all-digital", all_digital)
+METHODS.add("all-analog", all_analog)
+METHODS.add("all-analog-ft", all_analog_ft)
+
+
+def run_mapping(method: str, model: nn.Module, splits: Splits, cfg: MappingConfig | None = None,
+                progress: bool = True) -> MappingResult:
+    """Run one allocation method on a trained digital ``model`` (left unmodified)."""
+    fn = METHODS[method]
+    cfg = cfg or MappingConfig()
+    check_choice("search", cfg.search, SEARCHES)
+    check_choice("order", cfg.order, ORDERS)
+    check_choice("cost", cfg.cost, tuple(COSTS))
+    return fn(_Run(method, model, splits, cfg, progress))
