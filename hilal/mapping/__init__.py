@@ -7,12 +7,13 @@ the same and any speed-up comes from the method.
 
 Timings: ``search_s`` is the time spent deciding (curvature metrics, ordering, clustering, and retraining
 rounds whose result was rejected), ``mapping_s`` the retraining whose result was kept, ``eval_s`` the final
-evaluation, ``total_s`` everything including the floating-point baseline.
+evaluation, ``total_s`` everything including the floating-point baseline (``ledger``).
 
 One concern per module, each importing only from those listed before it:
 
 - ``config``: :class:`MappingConfig`, :class:`MappingResult`, the options' choices, HILAL's curvature budget
 - ``journal``: model snapshots and the resumable ``--workdir`` journal
+- ``ledger``: a run's history rows, retraining rounds and timings
 - ``run``: :func:`retrain` and the run object (``_Run``) whose steps every method is built from
 - ``recheck``: :func:`recheck` and :func:`fresh_pass_rate`, a final mapping on fresh programmings
 - ``search``: HILAL (:func:`hilal`): curvature order and the stage searches (:func:`pareto_sets`)

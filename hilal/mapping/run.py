@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from hilal.analog import (
     analog_layers,
@@ -30,6 +29,7 @@ from hilal.data import Splits
 from hilal.evaluate import noisy_metrics, noisy_scores
 from hilal.mapping.config import MappingConfig, MappingResult
 from hilal.mapping.journal import Journal, restore, snapshot
+from hilal.mapping.ledger import Ledger
 from hilal.registry import HilalError
 from hilal.train import evaluate, finetune_round, make_optimizer, score
 
@@ -101,10 +101,13 @@ far from the search's rounds and from :func:`recheck`'s."""
 
 
 class _Run:
-    """Book-keeping shared by the methods: baseline, MACs, timings, history, journal, final evaluation."""
+    """One mapping run, shared by the methods: the digital baseline, MACs and floor, the current model and its
+    analog layers, and the steps every method is built from (:meth:`stage`, :meth:`screen`, :meth:`adopt`),
+    each journaled (:class:`Journal`) and recorded (:class:`Ledger`), then the final evaluation
+    (:meth:`finish`)."""
 
     def __init__(self, method: str, model: nn.Module, splits: Splits, cfg: MappingConfig, progress: bool) -> None:
-        self.t0 = time.perf_counter()
+        self.ledger = Ledger(method, progress)
         self.method, self.digital, self.splits, self.cfg, self.progress = method, model, splits, cfg, progress
         if not mappable_layers(model):
             raise HilalError("the model has no mappable layer (no Conv1d/Conv2d/Linear module)")
@@ -115,13 +118,24 @@ class _Run:
         self.fp_metrics = evaluate(model, splits, "test")
         self.fp_test = float(self.fp_metrics["accuracy"])
         self.baseline = score(model, splits, "calib")
-        self.timings = {"search_s": 0.0, "mapping_s": 0.0, "eval_s": 0.0}
-        self.rows: list[dict[str, Any]] = []
         self.journal = Journal(cfg.workdir, method, cfg, f"{type(model).__name__}-{splits.name}")
-        self.rounds = 0
         self.model: nn.Module = model
         self.layers: list[str] = []
         self.rejected: tuple[list[str], nn.Module, float] | None = None
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The history so far, one row per step (the searches read the last one's ``zero_shot_se``)."""
+        return self.ledger.rows
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds so far by kind (:mod:`hilal.mapping.ledger`)."""
+        return self.ledger.timings
+
+    def timed_search(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, its time counted as search (:meth:`Ledger.timed_search`)."""
+        return self.ledger.timed_search(fn)
 
     def floor(self) -> float:
         """The lowest score accepted. Scores are means of per-sample counts, so one that equals the floor
@@ -215,9 +229,7 @@ class _Run:
         self._record(key, layers, done, done["kept"], replayed=replayed)
         if not done["kept"]:
             return False
-        seconds = self.rejected[2]
-        self.timings["search_s"] -= seconds
-        self.timings["mapping_s"] += seconds
+        self.ledger.credit_mapping(self.rejected[2])
         self.model, self.layers, self.rejected = candidate, self.layers + list(layers), None
         return True
 
@@ -243,20 +255,12 @@ class _Run:
         return float(done["score"])
 
     def _record(self, key: str, layers: list[str], done: dict[str, Any], kept: bool, replayed: bool = False) -> None:
-        self.rounds += done["rounds"]
-        self.timings["mapping_s" if kept else "search_s"] += done["seconds"]
-        self.rows.append({"step": key, "layers": ",".join(layers), "score": done["score"],
-                          "zero_shot": done.get("zero_shot"), "zero_shot_se": done.get("zero_shot_se"),
-                          "best_round": done.get("best_round"),
-                          "floor": self.floor(), "rounds": done["rounds"],
-                          "seconds": done["seconds"], "kept": kept, "replayed": replayed})
-        s, rounds, seconds = done["score"], done["rounds"], done["seconds"]
-        verdict = "kept" if kept else "zero-shot" if not rounds else "rejected"
-        if self.progress:
-            tqdm.write(f"[{self.method}] {key}: +{layers} score={s:.4f} floor={self.floor():.4f} "
-                       f"{verdict} ({rounds} rounds, {seconds:.1f}s)")
+        """Record a step against the current floor (:meth:`Ledger.record`)."""
+        self.ledger.record(key, layers, done, kept, self.floor(), replayed)
 
     def finish(self, metrics: pd.DataFrame | None = None, **extra: Any) -> MappingResult:
+        """The result: the current model evaluated on the test split (``final_reps`` programmings at ``t_eval``),
+        the history and timings, ``metrics`` and ``extra`` (into ``MappingResult.extra``)."""
         t = time.perf_counter()
         reps = self.cfg.final_reps or self.cfg.reps
         table = noisy_metrics(self.model, self.splits, self.cfg.t_eval, reps, self.cfg.seed + 1, split="test")
@@ -266,21 +270,14 @@ class _Run:
             if k in table:
                 extra |= {f"{k}_mean": float(table[k].mean()), f"{k}_std": float(table[k].std(ddof=1)) if reps > 1
                           else 0.0, f"fp_{k}": self.fp_metrics[k]}
-        self.timings["eval_s"] = time.perf_counter() - t
-        self.timings["total_s"] = time.perf_counter() - self.t0
+        timings = self.ledger.close(time.perf_counter() - t)
         layers = [n for n in mappable_layers(self.digital) if n in set(analog_layers(self.model))]
         return MappingResult(
             method=self.method, analog_layers=layers, analog_mac_share=analog_share(self.macs, layers),
             accuracy_mean=float(scores.mean()), accuracy_std=float(scores.std(ddof=1)) if reps > 1 else 0.0,
             fp_accuracy=self.fp_test, t_eval=self.cfg.t_eval, reps=reps,
-            timings={k: round(v, 3) for k, v in self.timings.items()}, rounds=self.rounds,
+            timings=timings, rounds=self.ledger.rounds,
             history=pd.DataFrame(self.rows), metrics=metrics, model=self.model,
             extra={"n_layers": len(self.macs), "baseline_calib": self.baseline, "floor": self.floor(),
                    "preset": self.cfg.preset,
                    **extra})
-
-    def timed_search(self, fn: Callable[[], Any]) -> Any:
-        t = time.perf_counter()
-        out = fn()
-        self.timings["search_s"] += time.perf_counter() - t
-        return out
