@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hilal.analog import ANALOG_TYPES
+from hilal.batches import epoch_generator
 from hilal.data import Splits, load_dataset, loader
 from hilal.models import model_for
 from hilal.paths import atomic_torch_save, data_dir
@@ -60,6 +61,22 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(b, device) for b in batch)
     return batch.to(device) if torch.is_tensor(batch) else batch
+
+
+def train_batches(splits: Splits, batch_size: int, seed: int, epoch: int, device: torch.device,
+                  shuffle_seed: int | None = None, drop_last: bool = True) -> Iterator[Any]:
+    """One epoch of training batches on ``device``, shuffled by ``shuffle_seed`` (default ``seed + epoch``)
+    and passed through the split's batch augmentation (:attr:`Splits.augment`) with the generator
+    :func:`~hilal.batches.epoch_generator` ``(seed, epoch)``: the same seeds give the same batches, so a
+    resumed run repeats the uninterrupted one."""
+    batches = loader(splits.train, batch_size, shuffle=True, seed=seed + epoch if shuffle_seed is None
+                     else shuffle_seed, drop_last=drop_last)
+    gen = epoch_generator(seed, epoch) if splits.augment is not None else None
+    for batch in batches:
+        batch = to_device(batch, device)
+        if gen is not None:
+            batch = [splits.augment(batch[0], gen), *batch[1:]]
+        yield batch
 
 
 def task_loss(model: nn.Module, batch: Any, teacher: nn.Module | None = None, distill: float = 0.0,
@@ -169,9 +186,9 @@ def train_digital(model: nn.Module, splits: Splits, cfg: TrainConfig | None = No
     bar = tqdm(range(start, cfg.epochs), desc="train", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
-        for batch in loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, drop_last=True):
+        for batch in train_batches(splits, cfg.batch_size, cfg.seed, epoch, device):
             opt.zero_grad(set_to_none=True)
-            loss = task_loss(model, to_device(batch, device))
+            loss = task_loss(model, batch)
             _check_finite(loss, f"digital training (epoch {epoch})")
             loss.backward()
             opt.step()
@@ -283,10 +300,10 @@ def finetune_round(model: nn.Module, splits: Splits, cfg: FinetuneConfig, optimi
     losses: list[float] = []
     epoch = 0
     while len(losses) < steps:
-        batches = loader(splits.train, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True)
+        batches = train_batches(splits, cfg.batch_size, seed, epoch, device, shuffle_seed=seed * 1000 + epoch)
         for batch in tqdm(batches, desc="finetune", disable=not progress, leave=False):
             optimizer.zero_grad(set_to_none=True)
-            loss = task_loss(model, to_device(batch, device), teacher, cfg.distill, cfg.temperature)
+            loss = task_loss(model, batch, teacher, cfg.distill, cfg.temperature)
             _check_finite(loss, "noise-injection fine-tuning")
             loss.backward()
             optimizer.step()
