@@ -16,6 +16,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from hilal import cifar
 from hilal.batches import BatchTransform, BatchView, ImageTensors, RandomCropFlip, batch_taker, first
 from hilal.paths import data_dir, offline
 from hilal.registry import HilalError, Registry, is_count
@@ -130,8 +131,6 @@ def _cifar(name: str, seed: int, root: Path, calib_size: int, download: bool | N
            augment: bool) -> Splits:
     """In-memory CIFAR (:mod:`hilal.cifar`); calibration = a stratified hold-out of train (the same indices
     for the same seed as torchvision's reader gave, so earlier checkpoints keep their splits)."""
-    from hilal import cifar
-
     if download is not None and not isinstance(download, bool):
         raise HilalError(f"download must be True, False or None (download unless HILAL_OFFLINE); got {download!r}")
     if not isinstance(augment, bool):
@@ -146,7 +145,8 @@ def _cifar(name: str, seed: int, root: Path, calib_size: int, download: bool | N
     test = ImageTensors(arrays.test_images, arrays.test_labels, mean, std)
     return Splits(name, Subset(full.with_raw(augment), tr.tolist()), Subset(full, ca.tolist()), test,
                   in_channels=3, image_size=32, num_classes=cifar.NUM_CLASSES[name],
-                  meta={"classes": arrays.classes}, augment=RandomCropFlip(mean, std, padding=4) if augment else None)
+                  meta={"classes": arrays.classes, "normalization": (mean, std)},
+                  augment=RandomCropFlip(mean, std, padding=4) if augment else None)
 
 
 @DATASETS.register("cifar10")

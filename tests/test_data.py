@@ -214,6 +214,12 @@ def test_imagenet_image_folder(tmp_path):
     assert sorted(labels) == [0, 0, 1, 1, 2, 2]
     x, y = s.train[0]
     assert x.shape == (3, 32, 32) and 0 <= y < 3
+    # decoding files: worker processes give the batches the main process does
+    main = list(loader(s.test, 4, num_workers=0))
+    workers = loader(s.test, 4, num_workers=1)
+    assert workers.num_workers == 1 and workers.persistent_workers
+    for (a, ya), (b, yb) in zip(main, workers, strict=True):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
 
 
 def test_imagenet_missing_folder(tmp_path):
@@ -290,6 +296,7 @@ def test_cifar_tensors_equal_the_pickled_arrays(tmp_path, name, bytes_keys):
     assert s.test.labels.tolist() == te_y.tolist()
     assert s.train.dataset.images is full.images  # one copy in memory
     assert s.meta["classes"] == [f"c{i}" for i in range(s.num_classes)]
+    assert s.meta["normalization"] == (full.mean, full.std) == (s.augment.mean, s.augment.std)
 
 
 @pytest.mark.parametrize("name,n_train", [("cifar10", 50), ("cifar100", 500)])
