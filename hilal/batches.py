@@ -67,16 +67,17 @@ class ImageTensors(Dataset):
 
 
 def batch_taker(ds: Dataset) -> Callable[[torch.Tensor], Any] | None:
-    """``index -> batch`` for datasets held as tensors (:class:`ImageTensors`, ``TensorDataset`` and
-    ``Subset`` s of them), equal to collating their items one by one; None for any other dataset."""
+    """``index -> batch`` for datasets held as tensors (a ``take(index)`` method as :class:`ImageTensors` has,
+    ``TensorDataset``, ``Subset`` s of them), equal to collating their items one by one; None for others."""
     if isinstance(ds, Subset):
         inner = batch_taker(ds.dataset)
         if inner is None:
             return None
         rows = torch.as_tensor(ds.indices, dtype=torch.int64)
         return lambda index: inner(rows[index])
-    if isinstance(ds, ImageTensors):
-        return ds.take
+    take = getattr(ds, "take", None)
+    if callable(take):  # ImageTensors, QAFeatures: their own batch cut
+        return take
     if type(ds) is TensorDataset:  # a subclass may override __getitem__
         return lambda index: [t[index] for t in ds.tensors]
     return None

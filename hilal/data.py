@@ -74,7 +74,8 @@ def loader(ds: Dataset, batch_size: int = 256, shuffle: bool = False, seed: int 
     are cut a batch at a time by one index (:func:`~hilal.batches.batch_taker`) in this process: the same
     batches, order and RNG draws as per-sample collation, without its per-sample cost. Datasets that decode
     files (ImageFolder) load in ``num_workers`` worker processes: by default one per CPU core but one, at most
-    8, none for fewer than 4 batches (starting workers costs more), with ``pin_memory`` when CUDA is present
+    8, none for fewer than 4 batches (starting workers costs more; other datasets: none), with ``pin_memory``
+    when CUDA is present
     and ``persistent_workers`` (a loader iterated again keeps its workers). Per-sample random transforms in
     workers draw from seeds the shuffling generator gives each worker, so they repeat for the same seed and
     worker count (in this process, with ``num_workers=0``, they draw from the global RNG)."""
@@ -89,11 +90,21 @@ def loader(ds: Dataset, batch_size: int = 256, shuffle: bool = False, seed: int 
         return DataLoader(BatchView(ds, take), batch_size=batch_size, shuffle=shuffle, generator=g,
                           drop_last=drop_last, collate_fn=first, num_workers=0)
     if num_workers is None:
-        num_workers = min(8, (os.cpu_count() or 1) - 1) if len(ds) >= 4 * batch_size else 0  # type: ignore[arg-type]
+        many = _decodes_files(ds) and len(ds) >= 4 * batch_size  # type: ignore[arg-type]
+        num_workers = min(8, (os.cpu_count() or 1) - 1) if many else 0
     workers = max(num_workers, 0)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
                       num_workers=workers, pin_memory=workers > 0 and torch.cuda.is_available(),
                       persistent_workers=workers > 0)
+
+
+def _decodes_files(ds: Dataset) -> bool:
+    """Whether ``ds`` (or the dataset a Subset draws from) reads and decodes a file per sample (ImageFolder)."""
+    from torchvision.datasets import DatasetFolder
+
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return isinstance(ds, DatasetFolder)
 
 
 def _three_way(labels: np.ndarray, calib: float | int, test: float | int | None, seed: int):

@@ -301,7 +301,8 @@ def finetune_round(model: nn.Module, splits: Splits, cfg: FinetuneConfig, optimi
     epoch = 0
     while len(losses) < steps:
         batches = train_batches(splits, cfg.batch_size, seed, epoch, device, shuffle_seed=seed * 1000 + epoch)
-        for batch in tqdm(batches, desc="finetune", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc="finetune", total=len(splits.train) // cfg.batch_size,  # type: ignore[arg-type]
+                          disable=not progress, leave=False):
             optimizer.zero_grad(set_to_none=True)
             loss = task_loss(model, batch, teacher, cfg.distill, cfg.temperature)
             _check_finite(loss, "noise-injection fine-tuning")

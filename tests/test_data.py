@@ -346,18 +346,24 @@ def _collated(ds, **kw):
     return DataLoader(ds, generator=g, num_workers=0, **kw)
 
 
-@pytest.mark.parametrize("kind", ["tensor", "subset", "images"])
+@pytest.mark.parametrize("kind", ["tensor", "subset", "images", "qa"])
 @pytest.mark.parametrize("shuffle,drop_last", [(False, False), (True, True), (True, False)])
 def test_loader_slices_exactly_what_collation_gives(kind, shuffle, drop_last):
     from torch.utils.data import Subset, TensorDataset
 
     from hilal.batches import ImageTensors
+    from hilal.qa import QAFeatures
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(103, 2, 4, 4, generator=gen), torch.randint(0, 5, (103,), generator=gen)
     imgs = torch.randint(0, 256, (103, 3, 8, 8), generator=gen, dtype=torch.uint8)
+    ids = torch.randint(0, 50, (103, 6), generator=gen)
+    qa = QAFeatures([{"id": "q", "context": "c"}], {"example_index": [0] * 103, "offsets": np.zeros((103, 6, 2)),
+                                                     "input_ids": ids, "attention_mask": (ids > 3).long(),
+                                                     "start_positions": y, "end_positions": y + 1})
     ds = {"tensor": TensorDataset(x, y), "subset": Subset(TensorDataset(x, y), list(range(100, 3, -2))),
-          "images": Subset(ImageTensors(imgs, y, (0.5, 0.4, 0.3), (0.2, 0.3, 0.25)), list(range(0, 103, 2)))}[kind]
+          "images": Subset(ImageTensors(imgs, y, (0.5, 0.4, 0.3), (0.2, 0.3, 0.25)), list(range(0, 103, 2))),
+          "qa": qa}[kind]
     torch.manual_seed(11)
     fast = list(loader(ds, 16, shuffle=shuffle, seed=5, drop_last=drop_last))
     rng_fast = torch.get_rng_state()
@@ -366,8 +372,11 @@ def test_loader_slices_exactly_what_collation_gives(kind, shuffle, drop_last):
     assert torch.equal(rng_fast, torch.get_rng_state())  # the same global RNG draws: seeded results unchanged
     assert len(fast) == len(ref) == (len(ds) // 16 if drop_last else -(-len(ds) // 16))
     for a, b in zip(fast, ref, strict=True):
-        assert isinstance(a, list) and len(a) == len(b) == 2
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        if kind == "qa":
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            assert isinstance(a, list) and len(a) == len(b) == 2
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_loader_validates_its_options(digits):
