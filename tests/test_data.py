@@ -491,3 +491,63 @@ def test_malformed_cifar_files_give_one_line_naming_the_file(tmp_path, name, edi
     msg = str(e.value)
     assert str(path) in msg and words in msg and "\n" not in msg
     assert e.value.__cause__ is None and (e.value.__context__ is None or e.value.__suppress_context__)  # no chain
+
+
+def _tiny_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 8 * 8, 10))
+
+
+def test_training_on_augmented_cifar_is_deterministic_and_resumes(tmp_path, monkeypatch):
+    import dataclasses
+
+    import hilal.train as train_mod
+    from hilal.batches import normalize
+    from hilal.train import TrainConfig, train_digital
+
+    _write_cifar(tmp_path / "data", "cifar10", 50, 20)
+    s = load_dataset("cifar10", seed=0, root=tmp_path / "data", download=False)
+    cfg = TrainConfig(epochs=3, lr=0.05, batch_size=8, seed=1)
+    whole = train_digital(_tiny_net(), s, cfg, progress=False).state_dict()
+    again = train_digital(_tiny_net(), s, cfg, progress=False).state_dict()
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+    unaugmented = dataclasses.replace(s, augment=lambda x, g: normalize(x, s.augment.mean, s.augment.std))
+    plain = train_digital(_tiny_net(), unaugmented, cfg, progress=False).state_dict()
+    assert not all(torch.equal(whole[k], plain[k]) for k in whole)  # the loop applies the augmentation
+
+    real_save = train_mod.atomic_torch_save
+
+    class Interrupted(Exception):
+        pass
+
+    def save_then_stop(obj, path):
+        real_save(obj, path)
+        if obj["epoch"] == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(train_mod, "atomic_torch_save", save_then_stop)
+    with pytest.raises(Interrupted):
+        train_digital(_tiny_net(), s, cfg, progress=False, checkpoint=tmp_path / "run.pt")
+    monkeypatch.setattr(train_mod, "atomic_torch_save", real_save)
+    resumed = train_digital(_tiny_net(), s, cfg, progress=False, checkpoint=tmp_path / "run.pt").state_dict()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # epoch 3's crops drawn as uninterrupted
+
+
+def test_finetune_round_augments_every_batch_on_the_device(tmp_path):
+    import dataclasses
+
+    from hilal.train import FinetuneConfig, finetune_round, make_optimizer
+
+    _write_cifar(tmp_path, "cifar10", 50, 20)
+    s = load_dataset("cifar10", seed=0, root=tmp_path, download=False)
+    seen = []
+
+    def recorded(x, g):
+        seen.append((x.dtype, x.shape))
+        return s.augment(x, g)
+
+    cfg = FinetuneConfig(steps=7, batch_size=8)
+    model = _tiny_net()
+    finetune_round(model, dataclasses.replace(s, augment=recorded), cfg, make_optimizer(model, cfg), seed=2)
+    assert seen == [(torch.uint8, (8, 3, 32, 32))] * 7  # 5 batches an epoch: two epochs, every batch augmented
