@@ -1,8 +1,9 @@
 """Is a CIFAR-10 training epoch waiting on data? ResNet-20 steps through the kit's training batches
-(:func:`hilal.train.train_batches`: in-memory uint8 CIFAR sliced per batch, cropped, flipped and normalized
-on the model's device), with wall time split into waiting for data (iterator next, move to the device,
-augmentation) and compute (forward, backward, optimizer step); side by side, in the same loop, the previous
-path's data time: torchvision's CIFAR10 reader with per-sample PIL transforms and a single-process DataLoader.
+(``hilal.data.loader`` and :func:`hilal.train.train_batch`, as ``train_digital`` calls them: in-memory
+uint8 CIFAR sliced per batch, cropped, flipped and normalized on the model's device), with wall time split
+into waiting for data (iterator next, move to the device, augmentation) and compute (forward, backward,
+optimizer step); side by side, in the same loop, the previous path's data time: torchvision's CIFAR10
+reader with per-sample PIL transforms and a single-process DataLoader.
 
 The data is a full-size CIFAR-10 folder (50,000 train + 10,000 test random uint8 images in the official
 "python version" pickle layout) written to a temporary directory and read through
@@ -85,10 +86,11 @@ def _timed_next(it: Any, device: torch.device) -> tuple[Any, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from hilal.data import load_dataset
+    from hilal.batches import epoch_generator
+    from hilal.data import load_dataset, loader
     from hilal.models import model_for
     from hilal.runtime import keep_freed_memory, machine_info, utc_now
-    from hilal.train import TrainConfig, task_loss, train_batches
+    from hilal.train import TrainConfig, task_loss, train_batch
 
     keep_freed_memory()
     torch.set_num_threads(args.threads)
@@ -113,7 +115,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model = model_for("resnet20", splits).to(device).train()
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                               weight_decay=cfg.weight_decay)
-        new = train_batches(splits, cfg.batch_size, cfg.seed, 0, device)  # what train_digital iterates
+        # what train_digital iterates, the move and augmentation moved inside the timed next()
+        gen = epoch_generator(cfg.seed, 0)
+        new = (train_batch(splits, b, device, gen)
+               for b in loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True))
         new_data, compute, old_data = [], [], []
         for i in range(n):
             while len(old_data) < -(-(i + 1) * n_old // n):  # spread over the steps: load hits both paths alike

@@ -39,11 +39,12 @@ from hilal.analog import (
     revert_to_digital,
     to_analog,
 )
-from hilal.data import Splits
+from hilal.batches import epoch_generator
+from hilal.data import Splits, loader
 from hilal.evaluate import ONE_DAY, noisy_metrics, noisy_scores
 from hilal.paths import atomic_json_dump, atomic_torch_save, code_fingerprint
 from hilal.registry import HilalError, Registry, check_choice
-from hilal.train import FinetuneConfig, evaluate, finetune_round, make_optimizer, model_device, score, train_batches
+from hilal.train import FinetuneConfig, evaluate, finetune_round, make_optimizer, model_device, score, train_batch
 
 SEARCHES = ("knapsack", "screen", "gallop", "bisect", "walk")
 ORDERS = ("eli", "eli_per_mac")
@@ -833,9 +834,9 @@ def paper_descriptors(run: _Run) -> pd.DataFrame:
     from hilal.hessian import layer_metrics
 
     cfg = run.cfg
-    it = train_batches(run.splits, run.cfg.finetune.batch_size, cfg.seed, 0, model_device(run.digital),
-                       shuffle_seed=cfg.seed, drop_last=False)  # augmented as training sees them
-    batches = [next(it) for _ in range(cfg.sensitivity_batches)]
+    it = iter(loader(run.splits.train, batch_size=run.cfg.finetune.batch_size, shuffle=True, seed=cfg.seed))
+    gen, device = epoch_generator(cfg.seed, 0), model_device(run.digital)
+    batches = [train_batch(run.splits, next(it), device, gen) for _ in range(cfg.sensitivity_batches)]  # augmented
     hcfg = _hessian_cfg(cfg)
     hcfg.eli_samples = hcfg.first_order_samples = 0  # the paper's ELI uses isotropic noise, below
     df = layer_metrics(run.digital, batches, cfg.preset, hcfg, progress=run.progress)

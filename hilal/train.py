@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,20 +63,15 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch.to(device) if torch.is_tensor(batch) else batch
 
 
-def train_batches(splits: Splits, batch_size: int, seed: int, epoch: int, device: torch.device,
-                  shuffle_seed: int | None = None, drop_last: bool = True) -> Iterator[Any]:
-    """One epoch of training batches on ``device``, shuffled by ``shuffle_seed`` (default ``seed + epoch``)
-    and passed through the split's batch augmentation (:attr:`Splits.augment`) with the generator
-    :func:`~hilal.batches.epoch_generator` ``(seed, epoch)``: the same seeds give the same batches, so a
-    resumed run repeats the uninterrupted one."""
-    batches = loader(splits.train, batch_size, shuffle=True, seed=seed + epoch if shuffle_seed is None
-                     else shuffle_seed, drop_last=drop_last)
-    gen = epoch_generator(seed, epoch) if splits.augment is not None else None
-    for batch in batches:
-        batch = to_device(batch, device)
-        if gen is not None:
-            batch = [splits.augment(batch[0], gen), *batch[1:]]
-        yield batch
+def train_batch(splits: Splits, batch: Any, device: torch.device, generator: torch.Generator) -> Any:
+    """A batch of the train split moved to ``device`` and, where the split has one, passed through its batch
+    augmentation (:attr:`Splits.augment`) drawing from ``generator``
+    (:func:`~hilal.batches.epoch_generator` of the run's seed and epoch: a resumed run repeats the
+    uninterrupted one)."""
+    batch = to_device(batch, device)
+    if splits.augment is None:
+        return batch
+    return [splits.augment(batch[0], generator), *batch[1:]]
 
 
 def task_loss(model: nn.Module, batch: Any, teacher: nn.Module | None = None, distill: float = 0.0,
@@ -186,9 +181,10 @@ def train_digital(model: nn.Module, splits: Splits, cfg: TrainConfig | None = No
     bar = tqdm(range(start, cfg.epochs), desc="train", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
-        for batch in train_batches(splits, cfg.batch_size, cfg.seed, epoch, device):
+        gen = epoch_generator(cfg.seed, epoch)
+        for batch in loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, drop_last=True):
             opt.zero_grad(set_to_none=True)
-            loss = task_loss(model, batch)
+            loss = task_loss(model, train_batch(splits, batch, device, gen))
             _check_finite(loss, f"digital training (epoch {epoch})")
             loss.backward()
             opt.step()
@@ -300,11 +296,11 @@ def finetune_round(model: nn.Module, splits: Splits, cfg: FinetuneConfig, optimi
     losses: list[float] = []
     epoch = 0
     while len(losses) < steps:
-        batches = train_batches(splits, cfg.batch_size, seed, epoch, device, shuffle_seed=seed * 1000 + epoch)
-        for batch in tqdm(batches, desc="finetune", total=len(splits.train) // cfg.batch_size,  # type: ignore[arg-type]
-                          disable=not progress, leave=False):
+        batches = loader(splits.train, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True)
+        gen = epoch_generator(seed, epoch)
+        for batch in tqdm(batches, desc="finetune", disable=not progress, leave=False):
             optimizer.zero_grad(set_to_none=True)
-            loss = task_loss(model, batch, teacher, cfg.distill, cfg.temperature)
+            loss = task_loss(model, train_batch(splits, batch, device, gen), teacher, cfg.distill, cfg.temperature)
             _check_finite(loss, "noise-injection fine-tuning")
             loss.backward()
             optimizer.step()
