@@ -47,7 +47,7 @@ class Splits:
     augment: BatchTransform | None = None
     """Transform of every training batch's inputs once on the model's device, ``(x, generator) -> x`` with a
     CPU generator seeded per epoch (:func:`hilal.batches.epoch_generator`); the training loops apply it
-    (:func:`hilal.train.train_batches`). Set, the train split yields its inputs before this transform (CIFAR:
+    (:func:`hilal.train.train_batch`). Set, the train split yields its inputs before this transform (CIFAR:
     uint8 images, cropped, flipped and normalized by :class:`hilal.batches.RandomCropFlip`); calibration and
     test batches are model inputs as they come."""
 
