@@ -6,7 +6,7 @@ final accuracies use the test split (curvature on fitted training data is uninfo
 
 from __future__ import annotations
 
-import pickle
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,10 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from hilal import cifar
+from hilal.batches import BatchTransform, BatchView, ImageTensors, RandomCropFlip, batch_taker, first
 from hilal.paths import data_dir, offline
-from hilal.registry import HilalError, Registry
+from hilal.registry import HilalError, Registry, is_count
 
 
 @dataclass
@@ -27,7 +29,7 @@ class Splits:
     name: str
     """Registry name of the dataset."""
     train: Dataset
-    """Training split (augmented where the dataset has augmentation)."""
+    """Training split (augmented per sample, or raw for :attr:`augment`, where the dataset augments)."""
     calib: Dataset
     """Held-out calibration split: curvature metrics and in-loop model selection."""
     test: Dataset
@@ -42,6 +44,12 @@ class Splits:
     """``classification`` or ``qa`` (extractive question answering)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Task extras, e.g. the tokenizer and raw examples for question answering."""
+    augment: BatchTransform | None = None
+    """Transform of every training batch's inputs once on the model's device, ``(x, generator) -> x`` with a
+    CPU generator seeded per epoch (:func:`hilal.batches.epoch_generator`); the training loops apply it
+    (:func:`hilal.train.train_batch`). Set, the train split yields its inputs before this transform (CIFAR:
+    uint8 images, cropped, flipped and normalized by :class:`hilal.batches.RandomCropFlip`); calibration and
+    test batches are model inputs as they come."""
 
     def example_input(self, n: int = 2) -> Any:
         """A real batch of ``n`` inputs from the calibration split (for shapes and MAC counting)."""
@@ -59,11 +67,44 @@ def load_dataset(name: str, seed: int = 0, root: str | Path | None = None, **kwa
 
 
 def loader(ds: Dataset, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
-           drop_last: bool = False) -> DataLoader:
-    """A single-process DataLoader (the datasets here are small or in memory); seeded shuffling."""
+           drop_last: bool = False, num_workers: int | None = None) -> DataLoader:
+    """Batches of ``ds``; shuffled by a generator seeded with ``seed``.
+
+    Datasets held as tensors (:class:`~hilal.batches.ImageTensors`, ``TensorDataset``, ``Subset`` s of them)
+    are cut a batch at a time by one index (:func:`~hilal.batches.batch_taker`) in this process: the same
+    batches, order and RNG draws as per-sample collation, without its per-sample cost. Datasets that decode
+    files (ImageFolder) load in ``num_workers`` worker processes: by default one per CPU core but one, at most
+    8, none for fewer than 4 batches (starting workers costs more; other datasets: none), with ``pin_memory``
+    when CUDA is present
+    and ``persistent_workers`` (a loader iterated again keeps its workers). Per-sample random transforms in
+    workers draw from seeds the shuffling generator gives each worker, so they repeat for the same seed and
+    worker count (in this process, with ``num_workers=0``, they draw from the global RNG)."""
+    if not is_count(batch_size):
+        raise HilalError(f"batch_size must be a whole number >= 1; got {batch_size!r}")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 0):
+        raise HilalError(f"num_workers must be None (automatic) or a whole number >= 0; got {num_workers!r}")
     g = torch.Generator().manual_seed(seed) if shuffle else None
+    take = batch_taker(ds)
+    if take is not None:
+        return DataLoader(BatchView(ds, take), batch_size=batch_size, shuffle=shuffle, generator=g,
+                          drop_last=drop_last, collate_fn=first, num_workers=0)
+    if num_workers is None:
+        many = _decodes_files(ds) and len(ds) >= 4 * batch_size  # type: ignore[arg-type]
+        num_workers = min(8, (os.cpu_count() or 1) - 1) if many else 0
+    workers = max(num_workers, 0)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
-                      num_workers=0)
+                      num_workers=workers, pin_memory=workers > 0 and torch.cuda.is_available(),
+                      persistent_workers=workers > 0)
+
+
+def _decodes_files(ds: Dataset) -> bool:
+    """Whether ``ds`` (or the dataset a Subset draws from) reads and decodes a file per sample (ImageFolder)."""
+    from torchvision.datasets import DatasetFolder
+
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return isinstance(ds, DatasetFolder)
 
 
 def _three_way(labels: np.ndarray, calib: float | int, test: float | int | None, seed: int):
@@ -97,84 +138,40 @@ def digits(seed: int = 0, root: Path | None = None, calib: float = 0.2, test: fl
     return Splits("digits", part(tr), part(ca), part(te), in_channels=1, image_size=8, num_classes=10)
 
 
-_CIFAR_FILES = {
-    "cifar10": ("cifar-10-batches-py", [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]),
-    "cifar100": ("cifar-100-python", ["train", "test", "meta"]),
-}
-_CIFAR_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-
-
-def _missing(name: str, root: Path, folder: str, files: list[str], how: str) -> HilalError:
-    return HilalError(
-        f"dataset {name!r} not found: expected {', '.join(files)} in {root / folder}. {how} "
-        f"(downloads are {'disabled by HILAL_OFFLINE' if offline() else 'attempted when online'})")
-
-
-def _cifar_class(name: str) -> type:
-    """torchvision's CIFAR reader, except that files already on disk are read without comparing their md5 to
-    the official archive's (downloads are still verified through the archive's md5)."""
-    import torchvision
-
-    base = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-
-    class LocalCIFAR(base):  # type: ignore[misc, valid-type]
-        def _path(self, filename: str) -> Path:
-            return Path(self.root) / self.base_folder / filename
-
-        def _check_integrity(self) -> bool:
-            names = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-            return all(self._path(f).is_file() for f in names)
-
-        def _load_meta(self) -> None:
-            path = self._path(self.meta["filename"])
-            if not path.is_file():
-                raise RuntimeError(f"CIFAR metadata file {path} not found")
-            with open(path, "rb") as f:
-                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
-    LocalCIFAR.__name__ = base.__name__
-    return LocalCIFAR
-
-
 def _cifar(name: str, seed: int, root: Path, calib_size: int, download: bool | None,
            augment: bool) -> Splits:
-    from torchvision import transforms as T
-
-    cls = _cifar_class(name)
-    folder, files = _CIFAR_FILES[name]
-    want = not offline() if download is None else download
-    mean, std = _CIFAR_STATS[name]
-    plain = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-    aug = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), plain]) if augment else plain
-    try:
-        train_aug = cls(str(root), train=True, transform=aug, download=want)
-        train_plain = cls(str(root), train=True, transform=plain, download=False)
-        test = cls(str(root), train=False, transform=plain, download=False)
-    except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:  # missing / truncated / URLError
-        raise _missing(name, root, folder, files,
-                       f"Download the 'python version' archive from the CIFAR page and extract it "
-                       f"into {root} ({type(e).__name__}: {e})") from None
-    labels = np.asarray(train_plain.targets)
+    """In-memory CIFAR (:mod:`hilal.cifar`); calibration = a stratified hold-out of train (the same indices
+    for the same seed as torchvision's reader gave, so earlier checkpoints keep their splits)."""
+    if download is not None and not isinstance(download, bool):
+        raise HilalError(f"download must be True, False or None (download unless HILAL_OFFLINE); got {download!r}")
+    if not isinstance(augment, bool):
+        raise HilalError(f"augment must be True or False; got {augment!r}")
+    if not is_count(calib_size):
+        raise HilalError(f"calib_size must be a whole number >= 1; got {calib_size!r}")
+    arrays = cifar.load_cifar(name, root, not offline() if download is None else download)
+    mean, std = cifar.STATS[name]
+    full = ImageTensors(arrays.train_images, arrays.train_labels, mean, std)
+    labels = arrays.train_labels.numpy()
     tr, ca, _ = _three_way(labels, min(calib_size, len(labels) // 5), None, seed)
-    return Splits(name, Subset(train_aug, tr.tolist()), Subset(train_plain, ca.tolist()), test,
-                  in_channels=3, image_size=32, num_classes=100 if name == "cifar100" else 10)
+    test = ImageTensors(arrays.test_images, arrays.test_labels, mean, std)
+    return Splits(name, Subset(full.with_raw(augment), tr.tolist()), Subset(full, ca.tolist()), test,
+                  in_channels=3, image_size=32, num_classes=cifar.NUM_CLASSES[name],
+                  meta={"classes": arrays.classes, "normalization": (mean, std)},
+                  augment=RandomCropFlip(mean, std, padding=4) if augment else None)
 
 
 @DATASETS.register("cifar10")
 def cifar10(seed: int = 0, root: Path | None = None, calib_size: int = 5000, download: bool | None = None,
             augment: bool = True, **_: Any) -> Splits:
-    """CIFAR-10 through torchvision (root ``data/``); calibration = a stratified hold-out of train."""
+    """CIFAR-10 from the "python version" batches under ``root`` (``data/``), held in memory; training batches
+    are cropped and flipped on the model's device (``augment``); calibration = a stratified hold-out of train."""
     return _cifar("cifar10", seed, root or data_dir(), calib_size, download, augment)
 
 
 @DATASETS.register("cifar100")
 def cifar100(seed: int = 0, root: Path | None = None, calib_size: int = 5000, download: bool | None = None,
              augment: bool = True, **_: Any) -> Splits:
-    """CIFAR-100 through torchvision (root ``data/``); calibration = a stratified hold-out of train."""
+    """CIFAR-100 as :func:`cifar10` (fine labels); calibration = a stratified hold-out of train."""
     return _cifar("cifar100", seed, root or data_dir(), calib_size, download, augment)
 
 

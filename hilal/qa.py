@@ -288,6 +288,10 @@ class QAFeatures(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.tensors.items()}
 
+    def take(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch of the windows in ``index`` (:func:`hilal.data.loader` cuts batches with it)."""
+        return {k: v[index] for k, v in self.tensors.items()}
+
 
 def postprocess(dataset: QAFeatures, start_logits: np.ndarray, end_logits: np.ndarray, n_best: int = 20,
                 max_answer_length: int = 30) -> dict[str, str]:

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hilal.analog import ANALOG_TYPES
+from hilal.batches import epoch_generator
 from hilal.data import Splits, load_dataset, loader
 from hilal.models import model_for
 from hilal.paths import atomic_torch_save, data_dir
@@ -60,6 +61,17 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(b, device) for b in batch)
     return batch.to(device) if torch.is_tensor(batch) else batch
+
+
+def train_batch(splits: Splits, batch: Any, device: torch.device, generator: torch.Generator) -> Any:
+    """A batch of the train split moved to ``device`` and, where the split has one, passed through its batch
+    augmentation (:attr:`Splits.augment`) drawing from ``generator``
+    (:func:`~hilal.batches.epoch_generator` of the run's seed and epoch: a resumed run repeats the
+    uninterrupted one)."""
+    batch = to_device(batch, device)
+    if splits.augment is None:
+        return batch
+    return [splits.augment(batch[0], generator), *batch[1:]]
 
 
 def task_loss(model: nn.Module, batch: Any, teacher: nn.Module | None = None, distill: float = 0.0,
@@ -169,9 +181,10 @@ def train_digital(model: nn.Module, splits: Splits, cfg: TrainConfig | None = No
     bar = tqdm(range(start, cfg.epochs), desc="train", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
+        gen = epoch_generator(cfg.seed, epoch)
         for batch in loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, drop_last=True):
             opt.zero_grad(set_to_none=True)
-            loss = task_loss(model, to_device(batch, device))
+            loss = task_loss(model, train_batch(splits, batch, device, gen))
             _check_finite(loss, f"digital training (epoch {epoch})")
             loss.backward()
             opt.step()
@@ -284,9 +297,10 @@ def finetune_round(model: nn.Module, splits: Splits, cfg: FinetuneConfig, optimi
     epoch = 0
     while len(losses) < steps:
         batches = loader(splits.train, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True)
+        gen = epoch_generator(seed, epoch)
         for batch in tqdm(batches, desc="finetune", disable=not progress, leave=False):
             optimizer.zero_grad(set_to_none=True)
-            loss = task_loss(model, to_device(batch, device), teacher, cfg.distill, cfg.temperature)
+            loss = task_loss(model, train_batch(splits, batch, device, gen), teacher, cfg.distill, cfg.temperature)
             _check_finite(loss, "noise-injection fine-tuning")
             loss.backward()
             optimizer.step()

@@ -8,11 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from hilal.batches import epoch_generator
 from hilal.data import loader
 from hilal.evaluate import noisy_scores
 from hilal.mapping.config import MappingResult, _hessian_cfg
 from hilal.mapping.run import _Run
 from hilal.registry import check_choice
+from hilal.train import model_device, train_batch
 
 ABLATIONS = {
     "eli-r": ("eli_norm", "r"),
@@ -31,7 +33,8 @@ def paper_descriptors(run: _Run) -> pd.DataFrame:
 
     cfg = run.cfg
     it = iter(loader(run.splits.train, batch_size=run.cfg.finetune.batch_size, shuffle=True, seed=cfg.seed))
-    batches = [next(it) for _ in range(cfg.sensitivity_batches)]
+    gen, device = epoch_generator(cfg.seed, 0), model_device(run.digital)
+    batches = [train_batch(run.splits, next(it), device, gen) for _ in range(cfg.sensitivity_batches)]  # augmented
     hcfg = _hessian_cfg(cfg)
     hcfg.eli_samples = hcfg.first_order_samples = 0  # the paper's ELI uses isotropic noise, below
     df = layer_metrics(run.digital, batches, cfg.preset, hcfg, progress=run.progress)
