@@ -20,6 +20,8 @@ One concern per module, each importing only from those listed before it:
 - ``analog``: the aihwkit simulation overhead (:func:`bench_analog`)
 - ``tables``: summary tables (:func:`table`, :func:`search_criteria`), result files, markdown
 - ``cli``: :func:`run_bench` and the argparse entry shared by ``hilal bench`` and ``bench/*.py``
+- ``report``: the benchmark tables in README.md and docs/benchmarks.md, generated from ``bench/results``
+  (``python -m hilal.bench.report [--check]``; not imported here, so that ``-m`` runs it once)
 
 Import from ``hilal.bench``; to replace a function in a test, patch it in the module that calls it (e.g.
 ``hilal.bench.cli.run_bench``, which :func:`run_args` calls), not here.
