@@ -71,6 +71,16 @@ def atomic_json_dump(obj: Any, path: str | os.PathLike) -> Path:
     return _atomic(Path(path), write)
 
 
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` as UTF-8 atomically (temporary file + rename), newlines as given."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    return _atomic(Path(path), write)
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()

@@ -246,11 +246,11 @@ def test_analog_bench_json(tmp_path, resnet8_digits):
 def test_train_seed_reaches_the_benchmark_config(tmp_path, monkeypatch):
     """``--train-seed`` (both entry points) sets BenchConfig.seed, the data split and training of the
     checkpoint; left out, the default stays."""
-    import hilal.bench
+    import hilal.bench.cli
     from hilal.cli import main as cli_main
 
     seen: list[dict] = []
-    monkeypatch.setattr(hilal.bench, "run_bench", lambda kind, **kw: seen.append({"kind": kind, **kw}))
+    monkeypatch.setattr(hilal.bench.cli, "run_bench", lambda kind, **kw: seen.append({"kind": kind, **kw}))
     out = str(tmp_path / "s.json")
     assert main(["search", "--train-seed", "3", "--seeds", "0,2", "--out", out]) == 0
     assert cli_main(["bench", "search", "--train-seed", "1", "--out", out]) == 0
@@ -263,11 +263,11 @@ def test_retraining_options_reach_the_search_benchmark(tmp_path, monkeypatch, ca
     """``--confirm``, ``--distill`` and ``--temperature`` (both entry points) become the benchmark's mapping
     overrides, the same for both methods; left at their defaults they add nothing, so the JSON config is as
     before. Bad values, or these options on another benchmark, stop before any work with exit code 2."""
-    import hilal.bench
+    import hilal.bench.cli
     from hilal.cli import main as cli_main
 
     seen: list[dict] = []
-    monkeypatch.setattr(hilal.bench, "run_bench", lambda kind, **kw: seen.append({"kind": kind, **kw}))
+    monkeypatch.setattr(hilal.bench.cli, "run_bench", lambda kind, **kw: seen.append({"kind": kind, **kw}))
     out = str(tmp_path / "s.json")
     assert main(["search", "--confirm", "--out", out]) == 0
     assert cli_main(["bench", "search", "--distill", "0.5", "--temperature", "2", "--confirm", "--out", out]) == 0
@@ -398,3 +398,29 @@ def test_warm_up_model_leaves_model_and_random_state_as_they_were():
     assert [p.requires_grad for p in model.parameters()] == flags
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bench_modules_import_one_way():
+    """The modules of ``hilal/bench/`` import each other without a cycle and never through the package itself
+    (a module importing ``hilal.bench`` would see it half-initialized)."""
+    import ast
+    from graphlib import CycleError, TopologicalSorter
+
+    import hilal.bench
+
+    folder = Path(hilal.bench.__file__).parent
+    graph = {}
+    for f in folder.glob("*.py"):
+        if f.name == "__init__.py":
+            continue
+        tree = ast.parse(f.read_text())
+        names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert "hilal.bench" not in names, f.name
+        graph[f.stem] = {n.split(".")[2] for n in names if n and n.startswith("hilal.bench.")}
+    assert set().union(*graph.values()) <= set(graph)
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as e:
+        pytest.fail(f"import cycle: {e.args[1]}")
+    assert set(order) == set(graph)

@@ -285,3 +285,50 @@ def test_share_labels_rename_the_legend():
     fig, _ = plots.drift_curves(table[table.network == "a"], hue="method", labels=labels)
     texts = [t.get_text() for t in fig.legends[0].get_texts()]
     assert texts == ["hilal (40% MACs analog)", "all-analog (100% MACs analog)"]
+
+
+def test_plots_modules_import_one_way():
+    """The modules of ``hilal/plots/`` import each other without a cycle and never through the package itself
+    (a module importing ``hilal.plots`` would see it half-initialized)."""
+    import ast
+    from graphlib import CycleError, TopologicalSorter
+    from pathlib import Path
+
+    folder = Path(plots.__file__).parent
+    graph = {}
+    for f in folder.glob("*.py"):
+        if f.name == "__init__.py":
+            continue
+        tree = ast.parse(f.read_text())
+        names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert "hilal.plots" not in names, f.name
+        graph[f.stem] = {n.split(".")[2] for n in names if n and n.startswith("hilal.plots.")}
+    assert set().union(*graph.values()) <= set(graph)
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as e:
+        pytest.fail(f"import cycle: {e.args[1]}")
+    assert set(order) == set(graph)
+
+
+def test_every_plots_name_the_notebooks_use_exists():
+    """Each ``plots.X`` and ``from hilal.plots import X`` in a notebook's code cells names something
+    ``hilal.plots`` exports (the notebooks themselves run only in the slow suite)."""
+    import re
+    from pathlib import Path
+
+    import nbformat
+
+    folder = Path(__file__).resolve().parents[1] / "notebooks"
+    used: dict[str, set[str]] = {}
+    for path in sorted(folder.glob("*.ipynb")):
+        src = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        names = set(re.findall(r"\bplots\.(\w+)", src))
+        for m in re.finditer(r"from hilal\.plots import (?:\(([^)]*)\)|([^\n#(]+))", src):
+            names |= {n.split(" as ")[0].strip() for n in (m[1] or m[2]).split(",") if n.strip()}
+        for n in names:
+            used.setdefault(n, set()).add(path.name)
+    assert len(used) >= 10  # the notebooks were found and read
+    missing = {n: sorted(nb) for n, nb in used.items() if n not in plots.__all__ or not hasattr(plots, n)}
+    assert not missing

@@ -1,0 +1,104 @@
+"""The benchmarks' settings (:class:`BenchConfig`) and the helpers every benchmark shares: timing with a device
+sync, medians, and the trained models they time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+KINDS = ("hessian", "search", "analog")
+
+
+@dataclass
+class BenchConfig:
+    """Sizes of the benchmarks (``quick`` shrinks them)."""
+
+    models: tuple[str, ...] = ("resnet8", "resnet20", "vit_tiny")
+    """Models (``hilal.models.MODELS``); names not registered are skipped with a note."""
+    dataset: str = "digits"
+    """Dataset (``hilal.data.DATASETS``)."""
+    preset: str = "pcm_harsh"
+    """aihwkit preset for noise samples, mappings and analog models."""
+    repeats: int = 3
+    """Timed repeats per side; medians are reported."""
+    seed: int = 0
+    """Seed of the dataset split, training, probes and noise."""
+    probes: int = 32
+    """hessian: Hutchinson probes per layer (both sides)."""
+    eli_samples: int = 16
+    """hessian: noise samples for the ELI (both sides)."""
+    max_samples: int = 512
+    """hessian: calibration samples (one batch, both sides)."""
+    t_inference: float = 86400.0
+    """hessian/analog: inference time (s) of the noise samples and of the drift evaluation."""
+    search_models: tuple[str, ...] = ("resnet8", "resnet20")
+    """search: models to map."""
+    mapping: dict[str, Any] = field(default_factory=dict)
+    """search: overrides of :class:`hilal.mapping.MappingConfig` (the same for both methods)."""
+    mapping_seeds: tuple[int, ...] = (0,)
+    """search: mapping seeds (noise, shuffling, evaluation programmings; same trained model), one record
+    each; the table adds the median over seeds per model and method."""
+    recheck_reps: int = 50
+    """search: programmings of each method's final mapping on the calibration split, with seeds its search
+    never drew (:func:`hilal.mapping.recheck`, untimed, first repeat): whether the mapping holds the floor
+    it was accepted at. 0 turns it off."""
+    forward_iters: int = 20
+    """analog: forward passes per timed repeat."""
+    batch_size: int = 256
+    """analog: batch of test inputs for the forward timing."""
+    device: str = "cpu"
+    """Device of the models and data (``cpu`` or ``cuda``); PyHessian's side runs there too."""
+    threads: int | None = None
+    """torch intra-op threads (None: torch's default). On a shared, loaded CPU, 1 avoids the large slow-down
+    of oversubscribed OpenMP threads."""
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchConfig:
+        """Smaller sizes for a quick look (minutes on a laptop CPU)."""
+        base = cls(repeats=1, probes=16, eli_samples=8, max_samples=256, forward_iters=5,
+                   recheck_reps=10, mapping={"reps": 5, "max_rounds": 4})
+        if "mapping" in overrides:  # settings of the mapping go on top of the quick sizes
+            overrides = {**overrides, "mapping": {**base.mapping, **overrides["mapping"]}}
+        return replace(base, **overrides)
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(np.median(np.asarray(xs, float)))
+
+
+def _clock(fn: Callable[[], Any]) -> tuple[float, Any]:
+    _sync()
+    t = time.perf_counter()
+    out = fn()
+    _sync()
+    return time.perf_counter() - t, out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _registered(names: Sequence[str], notes: list[str]) -> list[str]:
+    from hilal.models import MODELS
+
+    known = set(MODELS.names()) if hasattr(MODELS, "names") else set(MODELS)
+    out = []
+    for n in names:
+        if n in known:
+            out.append(n)
+        else:
+            notes.append(f"model {n!r} is not in the MODELS registry; skipped")
+    return out
+
+
+def _trained(name: str, splits: Any, seed: int, device: str = "cpu") -> nn.Module:
+    from hilal.train import trained_model
+
+    return trained_model(name, splits, seed=seed, progress=False).to(device).eval()
