@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from hilal.registry import HilalError
@@ -41,20 +42,19 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from hilal.cluster import cluster_layers
-    from hilal.hessian import HessianConfig, layer_metrics
+    from hilal.api import analyze
     from hilal.paths import atomic_json_dump
 
+    overrides = {k: v for k, v in (("probes", args.probes), ("eli_samples", args.samples)) if v is not None}
     model, splits = _model(args)
-    cfg = HessianConfig(t_inference=args.t_eval, seed=args.seed, probes=args.probes, eli_samples=args.samples)
-    df = cluster_layers(layer_metrics(model, splits, args.preset, cfg, progress=not args.quiet),
-                        method=args.cluster, seed=args.seed)
+    df = analyze(model, splits, args.preset, cluster=args.cluster, seed=args.seed, progress=not args.quiet,
+                 t_inference=args.t_eval, noise=args.noise, **overrides)
     cols = ["layer", "params", "macs", "trace", "lambda_max", "concentration", "eli", "cluster"]
     extra = [c for c in df.columns if c.endswith("_se")]
     print(df[cols].to_string(index=False))
     layers = df[cols + extra].rename(columns={"layer": "name"}).to_dict(orient="records")
     atomic_json_dump({"model": args.model, "dataset": args.dataset, "preset": args.preset, "t_inference": args.t_eval,
-                      "hvps": df.attrs.get("hvps"), "layers": layers}, args.out)
+                      "noise": args.noise, "hvps": df.attrs.get("hvps"), "layers": layers}, args.out)
 
 
 def add_retraining_options(p: argparse.ArgumentParser) -> None:
@@ -89,7 +89,8 @@ def mapping_config(args: argparse.Namespace) -> MappingConfig:
 
 
 def cmd_map(args: argparse.Namespace) -> None:
-    from hilal.mapping import METHODS, recheck, run_mapping
+    from hilal.api import allocate
+    from hilal.mapping import METHODS
     from hilal.paths import atomic_json_dump
     from hilal.registry import HilalError
 
@@ -98,11 +99,10 @@ def cmd_map(args: argparse.Namespace) -> None:
         raise HilalError(f"--recheck needs at least 2 programmings (or 0 for none); got {args.recheck}")
     cfg = mapping_config(args)  # settings are checked before a model is trained
     model, splits = _model(args)
-    res = run_mapping(args.method, model, splits, cfg, progress=not args.quiet)
+    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    res = allocate(model, splits, args.method, recheck_reps=args.recheck, progress=not args.quiet, **settings)
     d = res.to_dict()
     d.update(model=args.model, dataset=args.dataset)
-    if args.recheck:
-        d["recheck"] = recheck(res, splits, args.recheck, args.seed)
     atomic_json_dump(d, args.out)
     t, x = res.timings, res.extra
     quality = (f"accuracy {res.accuracy_mean:.4f} ± {res.accuracy_std:.4f} (FP {res.fp_accuracy:.4f})"
@@ -161,8 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="per-layer curvature metrics and robust/sensitive clusters")
     _common(a)
-    a.add_argument("--probes", type=int, default=32, help="Hutchinson probes")
-    a.add_argument("--samples", type=int, default=16, help="Monte-Carlo noise samples for ELI")
+    a.add_argument("--probes", type=int, default=None, help="Hutchinson probes (default: the mapping's, 16)")
+    a.add_argument("--samples", type=int, default=None,
+                   help="Monte-Carlo noise samples for ELI's second-order term (default: the mapping's, 16)")
+    a.add_argument("--noise", default="output", choices=("output", "weight"),
+                   help="ELI's noise space: output (the mapping's: each layer's whole analog output error, "
+                        "converters included) or weight (the effective-weight change only)")
     a.add_argument("--cluster", default="kmeans", help="kmeans, gmm or agglomerative")
     a.set_defaults(fn=cmd_analyze)
 

@@ -7,6 +7,7 @@ final accuracies use the test split (curvature on fitted training data is uninfo
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from hilal import cifar
 from hilal.batches import BatchTransform, BatchView, ImageTensors, RandomCropFlip, batch_taker, first
 from hilal.paths import data_dir, offline
 from hilal.registry import HilalError, Registry, is_count
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+"""A task loss: ``loss_fn(model, batch)`` -> a scalar tensor."""
 
 
 @dataclass
@@ -44,6 +49,11 @@ class Splits:
     """``classification`` or ``qa`` (extractive question answering)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Task extras, e.g. the tokenizer and raw examples for question answering."""
+    loss_fn: LossFn | None = None
+    """The task loss of one batch, ``loss_fn(model, batch) -> scalar tensor`` (the batch on the model's device),
+    for tasks beyond classification and extractive QA; None: cross-entropy on ``(inputs, labels)`` batches,
+    start/end cross-entropy on QA batches (:func:`hilal.train.task_loss`). Training, fine-tuning, evaluation
+    losses and curvature all use it."""
     augment: BatchTransform | None = None
     """Transform of every training batch's inputs once on the model's device, ``(x, generator) -> x`` with a
     CPU generator seeded per epoch (:func:`hilal.batches.epoch_generator`); the training loops apply it
@@ -52,9 +62,11 @@ class Splits:
     test batches are model inputs as they come."""
 
     def example_input(self, n: int = 2) -> Any:
-        """A real batch of ``n`` inputs from the calibration split (for shapes and MAC counting)."""
+        """A real batch of (at most) ``n`` inputs from the calibration split (for shapes and MAC counting)."""
         batch = next(iter(loader(self.calib, batch_size=n)))
-        return batch[0] if isinstance(batch, (list, tuple)) else {k: v for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return batch[0][:n]
+        return {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 DATASETS: Registry = Registry("dataset")
@@ -68,7 +80,8 @@ def load_dataset(name: str, seed: int = 0, root: str | Path | None = None, **kwa
 
 def loader(ds: Dataset, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
            drop_last: bool = False, num_workers: int | None = None) -> DataLoader:
-    """Batches of ``ds``; shuffled by a generator seeded with ``seed``.
+    """Batches of ``ds``; shuffled by a generator seeded with ``seed``. A ``DataLoader`` (a user's own) is
+    returned as it is: its batch size, sampler, collate function and workers are the user's choice.
 
     Datasets held as tensors (:class:`~hilal.batches.ImageTensors`, ``TensorDataset``, ``Subset`` s of them)
     are cut a batch at a time by one index (:func:`~hilal.batches.batch_taker`) in this process: the same
@@ -79,6 +92,8 @@ def loader(ds: Dataset, batch_size: int = 256, shuffle: bool = False, seed: int 
     and ``persistent_workers`` (a loader iterated again keeps its workers). Per-sample random transforms in
     workers draw from seeds the shuffling generator gives each worker, so they repeat for the same seed and
     worker count (in this process, with ``num_workers=0``, they draw from the global RNG)."""
+    if isinstance(ds, DataLoader):
+        return ds
     if not is_count(batch_size):
         raise HilalError(f"batch_size must be a whole number >= 1; got {batch_size!r}")
     if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)

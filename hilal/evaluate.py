@@ -117,7 +117,7 @@ def _loss_and_accuracy(model: nn.Module, splits: Splits, split: str, batch_size:
 
     model.eval()
     device = model_device(model)
-    custom = "evaluator" in splits.meta
+    custom = "evaluator" in splits.meta or splits.loss_fn is not None
     loss_sum, correct, total = 0.0, 0, 0
     with torch.no_grad():
         for batch in loader(split_of(splits, split), batch_size=batch_size):
@@ -125,7 +125,7 @@ def _loss_and_accuracy(model: nn.Module, splits: Splits, split: str, batch_size:
             if custom or isinstance(batch, dict):
                 n = int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0]) \
                     if isinstance(batch, dict) else int(batch[0].shape[0])
-                loss_sum += float(task_loss(model, batch)) * n
+                loss_sum += float(task_loss(model, batch, loss_fn=splits.loss_fn)) * n
             else:
                 x, y = batch[0], batch[1]
                 n = int(y.shape[0])

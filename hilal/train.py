@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from hilal.analog import ANALOG_TYPES
 from hilal.batches import epoch_generator
-from hilal.data import Splits, load_dataset, loader
+from hilal.data import LossFn, Splits, load_dataset, loader
 from hilal.models import model_for
 from hilal.paths import atomic_torch_save, data_dir
 from hilal.registry import HilalError, check_choice
@@ -75,14 +75,19 @@ def train_batch(splits: Splits, batch: Any, device: torch.device, generator: tor
 
 
 def task_loss(model: nn.Module, batch: Any, teacher: nn.Module | None = None, distill: float = 0.0,
-              temperature: float = 4.0) -> torch.Tensor:
-    """The task loss of one batch already on the model's device.
-
+              temperature: float = 4.0, loss_fn: LossFn | None = None) -> torch.Tensor:
+    """The task loss of one batch already on the model's device: ``loss_fn(model, batch)`` when given (a
+    user's task, :attr:`hilal.data.Splits.loss_fn`; distillation needs logits, so not with it), otherwise
     ``(inputs, labels)`` -> cross-entropy; a dict with ``start_positions``/``end_positions`` ->
     the mean of start and end cross-entropy (extractive QA). With a ``teacher`` and ``distill`` > 0,
     ``(1 - distill) * task + distill * T^2 * KL(teacher || student)`` on the logits softened by
     ``temperature`` T (knowledge distillation; for QA the mean over start and end).
     """
+    if loss_fn is not None:
+        if distill > 0:
+            raise HilalError("FinetuneConfig.distill > 0 needs classification or QA logits; it does not apply "
+                             "with a custom loss_fn (set distill=0)")
+        return loss_fn(model, batch)
     if distill > 0 and teacher is None:
         raise HilalError("FinetuneConfig.distill > 0 needs the digital model as teacher")
     logits, targets = _task_outputs(model, batch)
@@ -184,7 +189,7 @@ def train_digital(model: nn.Module, splits: Splits, cfg: TrainConfig | None = No
         gen = epoch_generator(cfg.seed, epoch)
         for batch in loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, drop_last=True):
             opt.zero_grad(set_to_none=True)
-            loss = task_loss(model, train_batch(splits, batch, device, gen))
+            loss = task_loss(model, train_batch(splits, batch, device, gen), loss_fn=splits.loss_fn)
             _check_finite(loss, f"digital training (epoch {epoch})")
             loss.backward()
             opt.step()
@@ -300,7 +305,8 @@ def finetune_round(model: nn.Module, splits: Splits, cfg: FinetuneConfig, optimi
         gen = epoch_generator(seed, epoch)
         for batch in tqdm(batches, desc="finetune", disable=not progress, leave=False):
             optimizer.zero_grad(set_to_none=True)
-            loss = task_loss(model, train_batch(splits, batch, device, gen), teacher, cfg.distill, cfg.temperature)
+            loss = task_loss(model, train_batch(splits, batch, device, gen), teacher, cfg.distill, cfg.temperature,
+                             splits.loss_fn)
             _check_finite(loss, "noise-injection fine-tuning")
             loss.backward()
             optimizer.step()
