@@ -17,7 +17,7 @@ from hilal.paths import read_provenance
 
 NOTEBOOKS = rp.list_notebooks()
 REQUIRED = ["00_quickstart", "01_digital_baselines", "02_analog_drift", "03_layer_sensitivity", "04_clustering",
-            "05_mapping", "06_runtime", "07_drift_per_method", "08_transformers"]
+            "05_mapping", "06_runtime", "07_drift_per_method", "08_transformers", "09_your_own_model"]
 FIGURES = {
     "00": ["00_quickstart_drift"],
     "01": ["01_digital_baselines"],
@@ -28,8 +28,12 @@ FIGURES = {
     "06": ["06_runtime"],
     "07": ["07_drift_per_method"],
     "08": ["08_layer_metrics", "08_mapping"],
+    "09": ["09_layer_profile", "09_mapping_overview", "09_mapping_layers"],
 }
 MAX_LINES = 30
+OWN_MODEL = {"09"}
+"""Notebooks that show the API on a user's own network: they build it and its data with torch and scikit-learn."""
+OWN_MODEL_IMPORTS = {"torch", "sklearn"}
 
 
 def code_cells(nb):
@@ -77,9 +81,10 @@ def test_notebook_is_stripped_and_follows_the_conventions(key):
         defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
                                                               ast.Lambda))]
         assert not defs, f"{path.name}: function definitions belong in the package"
+    allowed = {"hilal", "pandas", "sys"} | (OWN_MODEL_IMPORTS if key in OWN_MODEL else set())
     for s in imports:
         mod = s.module if isinstance(s, ast.ImportFrom) else s.names[0].name
-        assert mod.split(".")[0] in {"hilal", "pandas", "sys"}, f"{path.name}: imports {mod}"
+        assert mod.split(".")[0] in allowed, f"{path.name}: imports {mod}"
 
 
 @pytest.mark.parametrize("key", list(NOTEBOOKS))
@@ -275,3 +280,20 @@ def test_08_transformers_numbers(smoke):
         assert lionheart["rounds"] == len(m["layers"])  # one retraining per candidate layer
         assert hilal["rounds"] < lionheart["rounds"]
         assert hilal["analog_mac_share"] > 0 and lionheart["analog_mac_share"] > 0
+
+
+@pytest.mark.slow
+def test_09_your_own_model_numbers(smoke):
+    """The public API on an nn.Sequential and plain DataLoaders: its layers are the Sequential's module names,
+    every method maps a subset of them, and the all-digital mapping scores what the trained network does."""
+    s = summary(smoke, "09")
+    assert s["layers"] == ["0", "2", "5", "8", "10"]  # the Conv2d and Linear modules of the notebook's network
+    assert s["fp_accuracy"] > 0.85 and 1 <= len(s["robust"]) < len(s["layers"])
+    methods = s["methods"]
+    assert methods["all-digital"]["analog_mac_share"] == 0
+    assert methods["all-digital"]["accuracy_mean"] == pytest.approx(s["fp_accuracy"])
+    assert methods["all-analog"]["analog_layers"] == s["layers"] and methods["all-analog"]["analog_mac_share"] == 1
+    for name in ("hilal", "lionheart"):
+        assert set(methods[name]["analog_layers"]) <= set(s["layers"])
+        assert 0 < methods[name]["analog_mac_share"] < 1
+    assert -1 <= s["spearman"]["eli"] <= 1
