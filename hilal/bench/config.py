@@ -12,6 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from hilal.models import MODELS
+from hilal.train import trained_model
+
 KINDS = ("hessian", "search", "analog")
 
 
@@ -86,8 +89,6 @@ def _sync() -> None:
 
 
 def _registered(names: Sequence[str], notes: list[str]) -> list[str]:
-    from hilal.models import MODELS
-
     known = set(MODELS.names()) if hasattr(MODELS, "names") else set(MODELS)
     out = []
     for n in names:
@@ -99,6 +100,4 @@ def _registered(names: Sequence[str], notes: list[str]) -> list[str]:
 
 
 def _trained(name: str, splits: Any, seed: int, device: str = "cpu") -> nn.Module:
-    from hilal.train import trained_model
-
     return trained_model(name, splits, seed=seed, progress=False).to(device).eval()
