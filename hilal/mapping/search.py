@@ -21,8 +21,7 @@ from hilal.registry import HilalError
 
 
 def _metrics(run: _Run) -> pd.DataFrame:
-    """The digital model's per-layer curvature metrics and clusters (journaled; the curvature and clustering
-    modules load on first use)."""
+    """The digital model's per-layer curvature metrics and clusters (journaled)."""
     cached = run.journal.get("metrics")
     if cached is not None:
         return pd.DataFrame(cached)
