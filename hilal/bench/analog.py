@@ -9,17 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from hilal.analog import mappable_layers, to_analog
 from hilal.bench.config import BenchConfig, _clock, _median, _registered, _trained
-from hilal.data import load_dataset, loader
-from hilal.evaluate import noisy_scores
-from hilal.train import score
 
 
 def bench_analog(cfg: BenchConfig, notes: list[str], progress: bool = True) -> Iterator[dict[str, Any]]:
     """One record per model: median time of ``forward_iters`` forward passes of the digital model and of the
     all-analog model (eval mode, unprogrammed), and of one drift evaluation (``noisy_scores`` with
     ``reps=1`` on the test split) next to one digital evaluation."""
+    from hilal.data import load_dataset, loader  # local: the report loads hilal.bench without the kit
+
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     x = next(iter(loader(splits.test, batch_size=cfg.batch_size)))[0]
     for name in _registered(cfg.models, notes):
@@ -27,6 +25,10 @@ def bench_analog(cfg: BenchConfig, notes: list[str], progress: bool = True) -> I
 
 
 def _analog_one(name: str, splits: Any, x: torch.Tensor, cfg: BenchConfig, progress: bool) -> dict[str, Any]:
+    from hilal.analog import mappable_layers, to_analog  # local: the report loads hilal.bench without the kit
+    from hilal.evaluate import noisy_scores
+    from hilal.train import score
+
     model = _trained(name, splits, cfg.seed, cfg.device)
     x = x.to(cfg.device)
     analog = to_analog(model, mappable_layers(model), cfg.preset).eval()

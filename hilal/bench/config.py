@@ -12,9 +12,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from hilal.models import MODELS
-from hilal.train import trained_model
-
 KINDS = ("hessian", "search", "analog")
 
 
@@ -89,6 +86,8 @@ def _sync() -> None:
 
 
 def _registered(names: Sequence[str], notes: list[str]) -> list[str]:
+    from hilal.models import MODELS  # local: the report loads hilal.bench without the kit
+
     known = set(MODELS.names()) if hasattr(MODELS, "names") else set(MODELS)
     out = []
     for n in names:
@@ -100,4 +99,6 @@ def _registered(names: Sequence[str], notes: list[str]) -> list[str]:
 
 
 def _trained(name: str, splits: Any, seed: int, device: str = "cpu") -> nn.Module:
+    from hilal.train import trained_model  # local: the report loads hilal.bench without the kit
+
     return trained_model(name, splits, seed=seed, progress=False).to(device).eval()

@@ -10,25 +10,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from hilal.analog import mappable_layers, to_analog
 from hilal.bench.config import BenchConfig, _median, _registered, _trained
-from hilal.data import load_dataset
-from hilal.evaluate import noisy_scores
-from hilal.hessian import layer_metrics
-from hilal.mapping import MappingConfig, _hessian_cfg, recheck, run_mapping
-from hilal.train import finetune_round, make_optimizer
 
 
 def warm_up() -> None:
     """Import what the mapping methods import on first use, so that the method timed first in a process does
     not pay for the process's one-time imports: torch's optimizers load ``torch._dynamo`` when the first one
-    is built (about 2 s of a 32 s HILAL mapping of ResNet-8 on a 2-core EPYC VM), and HILAL's clustering loads
-    scikit-learn (the curvature and clustering modules themselves come with :mod:`hilal.mapping`, imported
-    with this module)."""
-    # imported here on purpose, not at the top: loading them is this function's whole job
+    is built (about 2 s of a 32 s HILAL mapping of ResNet-8 on a 2-core EPYC VM), and HILAL loads the
+    curvature and clustering modules (PyHessian, scikit-learn)."""
+    # imported here, not at the top: loading them is this function's job
     import sklearn.cluster  # noqa: F401
     import sklearn.mixture  # noqa: F401
     import torch._dynamo  # noqa: F401
+
+    import hilal.cluster  # noqa: F401
+    import hilal.hessian  # noqa: F401
 
 
 def warm_up_model(model: nn.Module, splits: Any, cfg: Any) -> None:
@@ -38,6 +34,12 @@ def warm_up_model(model: nn.Module, splits: Any, cfg: Any) -> None:
     shape pays one-time costs (allocations, oneDNN primitives: about 0.8 s of ResNet-8's first curvature
     pass in a process on a 2-core Xeon), which the method timed first would otherwise pay. ``cfg`` is the
     :class:`hilal.mapping.MappingConfig` the methods will run with; torch's random state is left as it was."""
+    from hilal.analog import mappable_layers, to_analog  # local: the report loads hilal.bench without the kit
+    from hilal.evaluate import noisy_scores
+    from hilal.hessian import layer_metrics
+    from hilal.mapping import _hessian_cfg
+    from hilal.train import finetune_round, make_optimizer
+
     hcfg = replace(_hessian_cfg(cfg), power_iters=1, eli_samples=1, first_order_samples=1)
     with torch.random.fork_rng():
         layer_metrics(model, splits, cfg.preset, hcfg, progress=False)
@@ -57,6 +59,9 @@ def bench_search(cfg: BenchConfig, notes: list[str], progress: bool = True) -> I
     """One record per model: both methods' result records (timings are medians over repeats, the rest from
     the first repeat; ``recheck``: the first repeat's final mapping re-scored on fresh programmings) and the
     speed-up of the total time."""
+    from hilal.data import load_dataset  # local: the report loads hilal.bench without the kit
+    from hilal.mapping import MappingConfig, recheck, run_mapping
+
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     warm_up()
     warmed: set[str] = set()
