@@ -20,12 +20,14 @@ install: $(STAMP)
 reproduce: $(STAMP)  ## main job: execute every notebook (smoke profile) and regenerate figures/
 	$(VENV)/bin/hilal reproduce --profile $(PROFILE)
 
-test: $(STAMP)  ## lint, stripped-notebook check, unit tests, every notebook at the smoke profile
+test: $(STAMP)  ## lint, layer contracts, stripped-notebook check, unit tests, every notebook at the smoke profile
 	$(VENV)/bin/ruff check hilal tests bench
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadfile
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, and the one-way layer order of docs/design.md ([tool.importlinter] in pyproject.toml)
 	$(VENV)/bin/ruff check hilal tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: $(STAMP)
 	$(VENV)/bin/hilal bench hessian --out bench/results/hessian.json

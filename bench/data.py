@@ -77,7 +77,7 @@ def _sync(device: torch.device) -> None:
 
 def _timed_next(it: Any, device: torch.device) -> tuple[Any, float]:
     """The next batch on ``device`` and the seconds it took (next, move, and for the kit's path augmentation)."""
-    from hilal.train import to_device
+    from hilal.device import to_device
 
     t0 = time.perf_counter()
     batch = to_device(next(it), device)

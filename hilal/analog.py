@@ -24,6 +24,7 @@ from aihwkit.simulator.parameters import (
 )
 from torch import nn
 
+from hilal.device import model_device, to_device
 from hilal.registry import HilalError, Registry
 
 DIGITAL_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -144,8 +145,6 @@ def count_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
 
     Conv: output elements x (in_channels / groups) x kernel size; Linear: output elements x in_features.
     """
-    from hilal.train import model_device, to_device
-
     macs: dict[str, int] = {}
     hooks = []
     example_input = to_device(example_input, model_device(model))

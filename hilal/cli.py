@@ -7,7 +7,9 @@ import sys
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
+from hilal.options import add_bench_options, add_retraining_options, retraining_overrides
 from hilal.registry import HilalError
+from hilal.runtime import keep_freed_memory
 
 if TYPE_CHECKING:  # the command imports torch and aihwkit only when a subcommand needs them
     from hilal.mapping import MappingConfig
@@ -26,10 +28,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from hilal.analog import PRESETS
+    from hilal.analog import PRESETS  # local: no torch or aihwkit until a subcommand runs
     from hilal.data import load_dataset
+    from hilal.device import default_device
     from hilal.models import MODELS, model_for
-    from hilal.train import default_device, default_train_config, trained_model
+    from hilal.train import default_train_config, trained_model
 
     MODELS[args.model], PRESETS[args.preset]  # noqa: B018  (validate names before any work)
     splits = load_dataset(args.dataset, seed=args.seed)
@@ -42,7 +45,7 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from hilal.api import analyze
+    from hilal.api import analyze  # local: no torch or aihwkit until a subcommand runs
     from hilal.paths import atomic_json_dump
 
     overrides = {k: v for k, v in (("probes", args.probes), ("eli_samples", args.samples)) if v is not None}
@@ -57,30 +60,9 @@ def cmd_analyze(args: argparse.Namespace) -> None:
                       "noise": args.noise, "hvps": df.attrs.get("hvps"), "layers": layers}, args.out)
 
 
-def add_retraining_options(p: argparse.ArgumentParser) -> None:
-    """How every method retrains and accepts a stage: the options of ``hilal map`` and ``hilal bench search``."""
-    p.add_argument("--distill", type=float, default=0.0,
-                   help="weight in [0, 1] of distilling the digital model's outputs while retraining (0: off)")
-    p.add_argument("--temperature", type=float, default=4.0, help="softening temperature of --distill")
-    p.add_argument("--confirm", action="store_true",
-                   help="accept each retraining stage on a fresh evaluation, not on its best round's score")
-
-
-def retraining_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`hilal.mapping.MappingConfig` fields that :func:`add_retraining_options` set away from their
-    defaults (checked here, before any model is trained)."""
-    from hilal.train import FinetuneConfig
-
-    out: dict[str, Any] = {"confirm": True} if args.confirm else {}
-    finetune = FinetuneConfig(distill=args.distill, temperature=args.temperature)
-    if finetune != FinetuneConfig():
-        out["finetune"] = finetune
-    return out
-
-
 def mapping_config(args: argparse.Namespace) -> MappingConfig:
     """The :class:`hilal.mapping.MappingConfig` that ``hilal map``'s options describe."""
-    from hilal.mapping import MappingConfig
+    from hilal.mapping import MappingConfig  # local: no torch or aihwkit until a subcommand runs
 
     return MappingConfig(preset=args.preset, t_eval=args.t_eval, reps=args.reps, drop_threshold=args.drop_threshold,
                          patience=args.patience, max_rounds=args.max_rounds, stages=args.stages, search=args.search,
@@ -89,10 +71,9 @@ def mapping_config(args: argparse.Namespace) -> MappingConfig:
 
 
 def cmd_map(args: argparse.Namespace) -> None:
-    from hilal.api import allocate
+    from hilal.api import allocate  # local: no torch or aihwkit until a subcommand runs
     from hilal.mapping import METHODS
     from hilal.paths import atomic_json_dump
-    from hilal.registry import HilalError
 
     METHODS[args.method]  # noqa: B018
     if args.recheck and args.recheck < 2:
@@ -120,39 +101,18 @@ def cmd_map(args: argparse.Namespace) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from hilal.reproduce import headlines, reproduce
+    from hilal.reproduce import headlines, reproduce  # local: no torch or aihwkit until a subcommand runs
 
     table = reproduce(args.profile, only=args.only, threads=args.threads)
     print(headlines(table["notebook"].tolist()))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from hilal.bench import run_args
+    from hilal.bench import run_args  # local: no torch or aihwkit until a subcommand runs
 
     if not args.criteria and args.out is None:
         raise HilalError("hilal bench needs --out F (where the JSON goes), or --criteria F [F ...] to summarize")
     run_args(args)
-
-
-def add_bench_options(p: argparse.ArgumentParser) -> None:
-    """The options of ``hilal bench`` and of ``python bench/*.py``, defined once for both entry points."""
-    p.add_argument("--out", default=None, help="JSON output (bench/*.py: default bench/results/KIND.json)")
-    p.add_argument("--quick", action="store_true", help="smaller sizes (for a quick look)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per side (medians are reported)")
-    p.add_argument("--models", default=None, help="comma-separated model names")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's choice; 1 on a shared machine)")
-    p.add_argument("--probes", type=int, default=None, help="hessian: Hutchinson probes")
-    p.add_argument("--samples", type=int, default=None, help="hessian: ELI noise samples")
-    p.add_argument("--seeds", default=None, help="search: comma-separated mapping seeds, e.g. 0,1,2 (default 0)")
-    p.add_argument("--train-seed", type=int, default=None,
-                   help="seed of the data split, the digital model's training (another checkpoint) and, for "
-                        "hessian, its probes and noise (default 0)")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    add_retraining_options(p)  # search: the same for both methods
-    p.add_argument("--criteria", nargs="+", default=None, metavar="JSON",
-                   help="search: print the per-model criteria table (HILAL against LionHeart over mapping seeds) "
-                        "of these finished result files instead of running")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,8 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from hilal.runtime import keep_freed_memory
-
     keep_freed_memory()
     try:
         args.fn(args)

@@ -2,72 +2,30 @@
 
 The calibration split is held out from training: Hessian metrics and in-loop model selection use it,
 final accuracies use the test split (curvature on fitted training data is uninformative).
+
+:data:`DATASETS` is filled here, in one place: the image datasets defined below and the question-answering
+ones of :mod:`hilal.qa` (which imports nothing from this module), so :func:`load_dataset` finds every dataset
+whatever was imported first. :class:`Splits`, :data:`LossFn` and :func:`loader` live in :mod:`hilal.splits`
+and are importable from here.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
-from hilal import cifar
-from hilal.batches import BatchTransform, BatchView, ImageTensors, RandomCropFlip, batch_taker, first
+from hilal import cifar, qa
+from hilal.batches import ImageTensors, RandomCropFlip
 from hilal.paths import data_dir, offline
 from hilal.registry import HilalError, Registry, is_count
-
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
-"""A task loss: ``loss_fn(model, batch)`` -> a scalar tensor."""
-
-
-@dataclass
-class Splits:
-    """A dataset split three ways, with the shape facts models need."""
-
-    name: str
-    """Registry name of the dataset."""
-    train: Dataset
-    """Training split (augmented per sample, or raw for :attr:`augment`, where the dataset augments)."""
-    calib: Dataset
-    """Held-out calibration split: curvature metrics and in-loop model selection."""
-    test: Dataset
-    """Test split: final accuracies."""
-    in_channels: int = 3
-    """Input channels (images)."""
-    image_size: int = 32
-    """Input height = width (images)."""
-    num_classes: int = 10
-    """Number of classes (classification)."""
-    task: str = "classification"
-    """``classification`` or ``qa`` (extractive question answering)."""
-    meta: dict[str, Any] = field(default_factory=dict)
-    """Task extras, e.g. the tokenizer and raw examples for question answering."""
-    loss_fn: LossFn | None = None
-    """The task loss of one batch, ``loss_fn(model, batch) -> scalar tensor`` (the batch on the model's device),
-    for tasks beyond classification and extractive QA; None: cross-entropy on ``(inputs, labels)`` batches,
-    start/end cross-entropy on QA batches (:func:`hilal.train.task_loss`). Training, fine-tuning, evaluation
-    losses and curvature all use it."""
-    augment: BatchTransform | None = None
-    """Transform of every training batch's inputs once on the model's device, ``(x, generator) -> x`` with a
-    CPU generator seeded per epoch (:func:`hilal.batches.epoch_generator`); the training loops apply it
-    (:func:`hilal.train.train_batch`). Set, the train split yields its inputs before this transform (CIFAR:
-    uint8 images, cropped, flipped and normalized by :class:`hilal.batches.RandomCropFlip`); calibration and
-    test batches are model inputs as they come."""
-
-    def example_input(self, n: int = 2) -> Any:
-        """A real batch of (at most) ``n`` inputs from the calibration split (for shapes and MAC counting)."""
-        batch = next(iter(loader(self.calib, batch_size=n)))
-        if isinstance(batch, (list, tuple)):
-            return batch[0][:n]
-        return {k: v[:n] if torch.is_tensor(v) else v for k, v in batch.items()}
-
+from hilal.splits import LossFn as LossFn  # re-exported: the kit and users import them from here
+from hilal.splits import Splits
+from hilal.splits import loader as loader
 
 DATASETS: Registry = Registry("dataset")
 
@@ -76,50 +34,6 @@ def load_dataset(name: str, seed: int = 0, root: str | Path | None = None, **kwa
     """Build the named dataset's splits. ``root`` defaults to ``data/`` (HILAL_DATA_DIR)."""
     builder = DATASETS[name]
     return builder(seed=seed, root=Path(root) if root else data_dir(), **kwargs)
-
-
-def loader(ds: Dataset, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
-           drop_last: bool = False, num_workers: int | None = None) -> DataLoader:
-    """Batches of ``ds``; shuffled by a generator seeded with ``seed``. A ``DataLoader`` (a user's own) is
-    returned as it is: its batch size, sampler, collate function and workers are the user's choice.
-
-    Datasets held as tensors (:class:`~hilal.batches.ImageTensors`, ``TensorDataset``, ``Subset`` s of them)
-    are cut a batch at a time by one index (:func:`~hilal.batches.batch_taker`) in this process: the same
-    batches, order and RNG draws as per-sample collation, without its per-sample cost. Datasets that decode
-    files (ImageFolder) load in ``num_workers`` worker processes: by default one per CPU core but one, at most
-    8, none for fewer than 4 batches (starting workers costs more; other datasets: none), with ``pin_memory``
-    when CUDA is present
-    and ``persistent_workers`` (a loader iterated again keeps its workers). Per-sample random transforms in
-    workers draw from seeds the shuffling generator gives each worker, so they repeat for the same seed and
-    worker count (in this process, with ``num_workers=0``, they draw from the global RNG)."""
-    if isinstance(ds, DataLoader):
-        return ds
-    if not is_count(batch_size):
-        raise HilalError(f"batch_size must be a whole number >= 1; got {batch_size!r}")
-    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
-                                    or num_workers < 0):
-        raise HilalError(f"num_workers must be None (automatic) or a whole number >= 0; got {num_workers!r}")
-    g = torch.Generator().manual_seed(seed) if shuffle else None
-    take = batch_taker(ds)
-    if take is not None:
-        return DataLoader(BatchView(ds, take), batch_size=batch_size, shuffle=shuffle, generator=g,
-                          drop_last=drop_last, collate_fn=first, num_workers=0)
-    if num_workers is None:
-        many = _decodes_files(ds) and len(ds) >= 4 * batch_size  # type: ignore[arg-type]
-        num_workers = min(8, (os.cpu_count() or 1) - 1) if many else 0
-    workers = max(num_workers, 0)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
-                      num_workers=workers, pin_memory=workers > 0 and torch.cuda.is_available(),
-                      persistent_workers=workers > 0)
-
-
-def _decodes_files(ds: Dataset) -> bool:
-    """Whether ``ds`` (or the dataset a Subset draws from) reads and decodes a file per sample (ImageFolder)."""
-    from torchvision.datasets import DatasetFolder
-
-    while isinstance(ds, Subset):
-        ds = ds.dataset
-    return isinstance(ds, DatasetFolder)
 
 
 def _three_way(labels: np.ndarray, calib: float | int, test: float | int | None, seed: int):
@@ -218,4 +132,6 @@ def imagenet(seed: int = 0, root: Path | None = None, calib_size: int = 10000, i
                   meta={"normalization": (IMAGENET_MEAN, IMAGENET_STD)})
 
 
-from hilal import qa as _qa  # noqa: E402,F401  (registers the question-answering datasets)
+# the question-answering datasets, defined in hilal.qa and registered here with the others
+DATASETS.add("squad", qa.squad)
+DATASETS.add("squad_sample", qa.squad_sample)

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hilal.analog import analog_tiles
-from hilal.data import Splits
-from hilal.train import evaluate, score
+from hilal.analog import analog_tiles, check_layers, mappable_layers, to_analog
+from hilal.data import Splits, loader
+from hilal.device import model_device, to_device
+from hilal.train import evaluate, score, split_of, task_loss
 
 ONE_DAY = 86400.0
 ONE_YEAR = 365 * ONE_DAY
@@ -112,9 +113,6 @@ def time_label(t: float) -> str:
 
 def _loss_and_accuracy(model: nn.Module, splits: Splits, split: str, batch_size: int = 512) -> tuple[float, float]:
     """Sample-weighted mean task loss and accuracy (or F1) of ``model`` on a split, in eval mode."""
-    from hilal.data import loader
-    from hilal.train import model_device, split_of, task_loss, to_device
-
     model.eval()
     device = model_device(model)
     custom = "evaluator" in splits.meta or splits.loss_fn is not None
@@ -146,8 +144,6 @@ def single_layer_sensitivity(model: nn.Module, splits: Splits, preset: str | obj
 
     This is what the expected loss increase (ELI) predicts; it also contains converter and output noise,
     which ELI does not model."""
-    from hilal.analog import check_layers, mappable_layers, to_analog
-
     layers = check_layers(model, layers if layers is not None else mappable_layers(model))
     base_loss, base_acc = _loss_and_accuracy(model, splits, split)
     rows = []

@@ -39,9 +39,10 @@ from tqdm.auto import tqdm
 
 from hilal.analog import ANALOG_TYPES, check_layers, count_macs, mappable_layers, to_analog
 from hilal.data import Splits, loader
+from hilal.device import model_device, to_device
 from hilal.registry import HilalError, check_choice, is_count
 from hilal.second_order import SecondOrderRules
-from hilal.train import model_device, task_loss, to_device
+from hilal.train import task_loss
 
 MODES = ("joint", "per_layer")
 GAUSS_NEWTON = ("auto", "off")

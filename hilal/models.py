@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hilal.paths import data_dir, offline
+from hilal.qa import SAMPLE_VOCAB
 from hilal.registry import HilalError, Registry
 
 MODELS: Registry = Registry("model")
@@ -213,8 +215,6 @@ def pretrained_source(name: str) -> tuple[str, bool]:
     """Where Hugging Face weights or a tokenizer called ``name`` are read from: a folder ``name``, else
     ``data/models/<last part of name>``, else the hub id (its cache only, when offline). Returns the source
     and whether it is a local folder."""
-    from hilal.paths import data_dir
-
     local = data_dir() / "models" / name.split("/")[-1]
     if Path(name).is_dir():
         return name, True
@@ -224,8 +224,6 @@ def pretrained_source(name: str) -> tuple[str, bool]:
 
 
 def _missing_weights(model: str, name: str, e: Exception, offline_alt: str) -> HilalError:
-    from hilal.paths import data_dir
-
     local = data_dir() / "models" / name.split("/")[-1]
     return HilalError(
         f"{model} weights {name!r} are not available ({type(e).__name__}). Download them once with "
@@ -259,8 +257,6 @@ def vit_b16(in_channels: int = 3, num_classes: int = 10, pretrained: str = VIT_B
     (mean, std), when given) to the weights' own. Without the weights: a HilalError, or a random init with a
     warning when ``allow_random=True``."""
     from transformers import ViTConfig, ViTForImageClassification
-
-    from hilal.paths import offline
 
     src, local = pretrained_source(pretrained)
     try:
@@ -366,8 +362,6 @@ def mobilebert(vocab_size: int | None = None, pretrained: str = "google/mobilebe
     ``allow_random=True``."""
     from transformers import MobileBertConfig, MobileBertForQuestionAnswering
 
-    from hilal.paths import offline
-
     src, local = pretrained_source(pretrained)
     try:
         model = MobileBertForQuestionAnswering.from_pretrained(
@@ -392,8 +386,6 @@ def mobilebert_tiny(vocab_size: int | None = None, max_length: int = 512, hidden
     Mappable layers: embedding transformation, per layer the input/attention bottlenecks, q/k/v,
     attention output, the FFN stack, intermediate, output and output bottleneck; qa_outputs."""
     from transformers import MobileBertConfig, MobileBertForQuestionAnswering
-
-    from hilal.qa import SAMPLE_VOCAB
 
     if vocab_size is None:
         vocab_size = sum(1 for _ in open(SAMPLE_VOCAB, encoding="utf-8"))

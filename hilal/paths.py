@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+import hilal
+from hilal.runtime import machine_info
+
 _PKG = Path(__file__).resolve().parent
 
 
@@ -96,8 +99,6 @@ def code_fingerprint(root: Path | None = None) -> str:
     """The package version plus a hash of its source files (``root``: the package folder, subpackages such as
     ``mapping/`` included), part of every cache key: a stored mapping, metrics table or mapping journal is never
     reused across a change of the code."""
-    import hilal
-
     root = Path(root or _PKG)
     h = hashlib.sha1()
     for rel in sorted(f.relative_to(root).as_posix() for f in root.rglob("*.py")):
@@ -136,8 +137,6 @@ def provenance_source(threads: int | None = None) -> dict[str, Any]:
     """The code (:func:`code_fingerprint`, :func:`source_revision`) and machine (:func:`hilal.runtime.machine_info`
     with ``threads`` in place of this process's torch threads when given, and the GPU where there is one, since
     the kit then runs on it) that results are written from."""
-    from hilal.runtime import machine_info
-
     machine = machine_info("cuda" if torch.cuda.is_available() else "cpu")
     if threads is not None:
         machine["threads"] = threads

@@ -1,6 +1,7 @@
 """Extractive question answering: SQuAD v1.1 data, tokenization into windows, and EM / F1 scoring.
 
-Two datasets are registered in :data:`hilal.data.DATASETS`:
+Two dataset builders, which :mod:`hilal.data` registers in :data:`hilal.data.DATASETS` (this module imports
+nothing from it):
 
 - ``squad``: SQuAD v1.1 (``data/squad/train-v1.1.json`` and ``dev-v1.1.json``, fetched when online),
   tokenized with MobileBERT's tokenizer; test = the official dev set.
@@ -28,9 +29,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from hilal.data import DATASETS, Splits, loader
+from hilal.device import model_device, to_device
 from hilal.paths import data_dir, offline
 from hilal.registry import HilalError
+from hilal.splits import Splits, loader
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 SAMPLE_JSON = RESOURCES / "squad_sample.json"
@@ -317,17 +319,23 @@ def postprocess(dataset: QAFeatures, start_logits: np.ndarray, end_logits: np.nd
     return {ex["id"]: best[e][1] if e in best else "" for e, ex in enumerate(dataset.examples)}
 
 
+def qa_logits(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The start and end logits of a QA model's output: a transformers output object or a ``(start, end)`` pair
+    (the kit's own models and traced ones return either)."""
+    if hasattr(out, "start_logits"):
+        return out.start_logits, out.end_logits
+    return out[0], out[1]
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, dataset: QAFeatures, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Start and end logits of every window, in dataset order (model in eval mode)."""
-    from hilal.train import _qa_logits, model_device, to_device
-
     model.eval()
     device = model_device(model)
     starts, ends = [], []
     for batch in loader(dataset, batch_size=batch_size):
         inputs = {k: v for k, v in to_device(batch, device).items() if k not in ("start_positions", "end_positions")}
-        s, e = _qa_logits(model(**inputs))
+        s, e = qa_logits(model(**inputs))
         starts.append(s.float().cpu().numpy())
         ends.append(e.float().cpu().numpy())
     return np.concatenate(starts), np.concatenate(ends)
@@ -390,7 +398,6 @@ def _subsample(examples: list, n: int | None, seed: int) -> list:
     return [examples[i] for i in idx]
 
 
-@DATASETS.register("squad")
 def squad(seed: int = 0, root: Path | None = None, tokenizer: str = MOBILEBERT, max_length: int = 384,
           doc_stride: int = 128, calib: float = 0.02, max_train: int | None = None, max_test: int | None = None,
           download: bool | None = None, **_: Any) -> Splits:
@@ -404,7 +411,6 @@ def squad(seed: int = 0, root: Path | None = None, tokenizer: str = MOBILEBERT, 
     return qa_splits("squad", train, cal, test, load_tokenizer(tokenizer), tokenizer, max_length, doc_stride)
 
 
-@DATASETS.register("squad_sample")
 def squad_sample(seed: int = 0, root: Path | None = None, tokenizer: str = "sample", max_length: int = 96,
                  doc_stride: int = 48, calib: float = 0.15, test: float = 0.2, **_: Any) -> Splits:
     """The shipped SQuAD-format sample, split by paragraph into train / calib / test and tokenized with the

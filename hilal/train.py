@@ -18,8 +18,10 @@ from tqdm.auto import tqdm
 from hilal.analog import ANALOG_TYPES
 from hilal.batches import epoch_generator
 from hilal.data import LossFn, Splits, load_dataset, loader
+from hilal.device import default_device, model_device, to_device  # also importable from here, as before
 from hilal.models import model_for
 from hilal.paths import atomic_torch_save, data_dir
+from hilal.qa import qa_logits
 from hilal.registry import HilalError, check_choice
 
 
@@ -44,23 +46,6 @@ class TrainConfig:
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Mapping):
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
-    return batch.to(device) if torch.is_tensor(batch) else batch
 
 
 def train_batch(splits: Splits, batch: Any, device: torch.device, generator: torch.Generator) -> Any:
@@ -115,17 +100,11 @@ def _task_outputs(model: nn.Module, batch: Any) -> tuple[list[torch.Tensor], lis
             raise HilalError("a question-answering batch needs 'start_positions' and 'end_positions'")
         inputs = {k: v for k, v in batch.items() if k not in ("start_positions", "end_positions",
                                                                "example_id", "offset_mapping")}
-        start, end = _qa_logits(model(**inputs))
+        start, end = qa_logits(model(**inputs))
         return [start, end], [batch["start_positions"], batch["end_positions"]]
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise HilalError("a classification batch must be (inputs, labels); got a batch without labels")
     return [model(batch[0])], [batch[1]]
-
-
-def _qa_logits(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(out, "start_logits"):
-        return out.start_logits, out.end_logits
-    return out[0], out[1]
 
 
 def split_of(splits: Splits, split: str) -> Any:

@@ -23,6 +23,9 @@ One concern per module, each importing only from those listed before it:
 - ``report``: the benchmark tables in README.md and docs/benchmarks.md, generated from ``bench/results``
   (``python -m hilal.bench.report [--check]``; not imported here, so that ``-m`` runs it once)
 
+The modules import the rest of the kit inside the functions that use it, so that the report, which loads this
+package, reads and writes its tables without loading aihwkit and the models.
+
 Import from ``hilal.bench``; to replace a function in a test, patch it in the module that calls it (e.g.
 ``hilal.bench.cli.run_bench``, which :func:`run_args` calls), not here.
 """

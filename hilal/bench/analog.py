@@ -16,7 +16,7 @@ def bench_analog(cfg: BenchConfig, notes: list[str], progress: bool = True) -> I
     """One record per model: median time of ``forward_iters`` forward passes of the digital model and of the
     all-analog model (eval mode, unprogrammed), and of one drift evaluation (``noisy_scores`` with
     ``reps=1`` on the test split) next to one digital evaluation."""
-    from hilal.data import load_dataset, loader
+    from hilal.data import load_dataset, loader  # local: the report loads hilal.bench without the kit
 
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     x = next(iter(loader(splits.test, batch_size=cfg.batch_size)))[0]
@@ -25,7 +25,7 @@ def bench_analog(cfg: BenchConfig, notes: list[str], progress: bool = True) -> I
 
 
 def _analog_one(name: str, splits: Any, x: torch.Tensor, cfg: BenchConfig, progress: bool) -> dict[str, Any]:
-    from hilal.analog import mappable_layers, to_analog
+    from hilal.analog import mappable_layers, to_analog  # local: the report loads hilal.bench without the kit
     from hilal.evaluate import noisy_scores
     from hilal.train import score
 

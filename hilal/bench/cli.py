@@ -22,9 +22,10 @@ from hilal.bench.config import KINDS, BenchConfig
 from hilal.bench.hessian import bench_hessian
 from hilal.bench.search import bench_search
 from hilal.bench.tables import markdown, search_criteria, search_records, table
-from hilal.paths import atomic_json_dump
+from hilal.options import add_bench_options, retraining_overrides
+from hilal.paths import atomic_json_dump, project_root
 from hilal.registry import HilalError, check_choice
-from hilal.runtime import machine_info, utc_now
+from hilal.runtime import keep_freed_memory, machine_info, utc_now
 
 BENCHES: dict[str, Callable[[BenchConfig, list[str], bool], Iterator[dict[str, Any]]]] = {
     "hessian": bench_hessian, "search": bench_search, "analog": bench_analog}
@@ -77,11 +78,9 @@ def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, pro
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``bench/*.py`` scripts: ``KIND`` and the options of :func:`hilal.cli.add_bench_options`;
+    """Entry point of the ``bench/*.py`` scripts: ``KIND`` and the options of :func:`hilal.options.add_bench_options`;
     the output defaults to ``bench/results/KIND.json``. ``search --criteria F [F ...]`` prints
     :func:`search_criteria` of finished result files instead of running."""
-    from hilal.cli import add_bench_options
-
     p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     p.add_argument("kind", choices=KINDS)
     add_bench_options(p)
@@ -89,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_args(a: argparse.Namespace) -> int:
-    """Run the benchmark that parsed options ``a`` (of :func:`hilal.cli.add_bench_options`, plus ``kind``)
+    """Run the benchmark that parsed options ``a`` (of :func:`hilal.options.add_bench_options`, plus ``kind``)
     describe, or with ``criteria`` print the criteria table of those files."""
     if a.criteria:
         if a.kind != "search":
@@ -99,10 +98,6 @@ def run_args(a: argparse.Namespace) -> int:
         for n in notes:
             print("note:", n)
         return 0
-    from hilal.cli import retraining_overrides
-    from hilal.paths import project_root
-    from hilal.runtime import keep_freed_memory
-
     mapping = retraining_overrides(a)
     if mapping and a.kind != "search":
         raise HilalError(f"--confirm, --distill and --temperature set how the search benchmark retrains; got kind "

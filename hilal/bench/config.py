@@ -86,7 +86,7 @@ def _sync() -> None:
 
 
 def _registered(names: Sequence[str], notes: list[str]) -> list[str]:
-    from hilal.models import MODELS
+    from hilal.models import MODELS  # local: the report loads hilal.bench without the kit
 
     known = set(MODELS.names()) if hasattr(MODELS, "names") else set(MODELS)
     out = []
@@ -99,6 +99,6 @@ def _registered(names: Sequence[str], notes: list[str]) -> list[str]:
 
 
 def _trained(name: str, splits: Any, seed: int, device: str = "cpu") -> nn.Module:
-    from hilal.train import trained_model
+    from hilal.train import trained_model  # local: the report loads hilal.bench without the kit
 
     return trained_model(name, splits, seed=seed, progress=False).to(device).eval()

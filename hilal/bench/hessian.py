@@ -29,7 +29,7 @@ def joint_estimates(model: nn.Module, batch: Any, layers: Sequence[str], noise: 
     exact Gauss-Newton blocks where they are the Hessian blocks (checked with one block HVP per layer), else
     output-space HVPs for all layers, probes and signs drawn per sample: the trace probes shared out over the
     default gradient strata (``hvps`` counts products over all samples), one product per noise sample."""
-    from hilal.hessian import (
+    from hilal.hessian import (  # local: the report loads hilal.bench without the kit
         HessianConfig,
         OutputOperator,
         gauss_newton,
@@ -113,7 +113,7 @@ def hvp_costs(model: nn.Module, batch: Any, layers: Sequence[str], repeats: int 
     ``output_hvp_cost_ratio`` (blocks over one output-space HVP) bounds what the joint pass can gain over a
     per-layer loop at equal probe counts, graph builds aside: a late layer's block HVP stops early in the
     double backward, so it costs far less than a full one."""
-    from hilal.hessian import HessianOperator, OutputOperator
+    from hilal.hessian import HessianOperator, OutputOperator  # local: the report loads hilal.bench without the kit
 
     op = HessianOperator(model, [batch], layers)
     out = OutputOperator(model, [batch], layers)
@@ -134,7 +134,7 @@ def bench_hessian(cfg: BenchConfig, notes: list[str], progress: bool = True) -> 
     """One record per model: times (median over repeats) and HVP counts of both sides, the speed-up, and the
     agreement of the estimates (relative difference, and difference in units of the combined Monte-Carlo
     standard error)."""
-    from hilal.data import load_dataset
+    from hilal.data import load_dataset  # local: the report loads hilal.bench without the kit
 
     splits = load_dataset(cfg.dataset, seed=cfg.seed)
     for name in _registered(cfg.models, notes):
@@ -142,9 +142,9 @@ def bench_hessian(cfg: BenchConfig, notes: list[str], progress: bool = True) -> 
 
 
 def _hessian_one(name: str, splits: Any, cfg: BenchConfig, progress: bool) -> dict[str, Any]:
-    from hilal.analog import mappable_layers
+    from hilal.analog import mappable_layers  # local: the report loads hilal.bench without the kit
+    from hilal.device import to_device
     from hilal.hessian import HessianConfig, calibration_batches, sample_weight_noise
-    from hilal.train import to_device
 
     model = _trained(name, splits, cfg.seed, cfg.device)
     layers = mappable_layers(model)

@@ -18,6 +18,7 @@ def warm_up() -> None:
     not pay for the process's one-time imports: torch's optimizers load ``torch._dynamo`` when the first one
     is built (about 2 s of a 32 s HILAL mapping of ResNet-8 on a 2-core EPYC VM), and HILAL loads the
     curvature and clustering modules (PyHessian, scikit-learn)."""
+    # imported here, not at the top: loading them is this function's job
     import sklearn.cluster  # noqa: F401
     import sklearn.mixture  # noqa: F401
     import torch._dynamo  # noqa: F401
@@ -33,7 +34,7 @@ def warm_up_model(model: nn.Module, splits: Any, cfg: Any) -> None:
     shape pays one-time costs (allocations, oneDNN primitives: about 0.8 s of ResNet-8's first curvature
     pass in a process on a 2-core Xeon), which the method timed first would otherwise pay. ``cfg`` is the
     :class:`hilal.mapping.MappingConfig` the methods will run with; torch's random state is left as it was."""
-    from hilal.analog import mappable_layers, to_analog
+    from hilal.analog import mappable_layers, to_analog  # local: the report loads hilal.bench without the kit
     from hilal.evaluate import noisy_scores
     from hilal.hessian import layer_metrics
     from hilal.mapping import _hessian_cfg
@@ -58,7 +59,7 @@ def bench_search(cfg: BenchConfig, notes: list[str], progress: bool = True) -> I
     """One record per model: both methods' result records (timings are medians over repeats, the rest from
     the first repeat; ``recheck``: the first repeat's final mapping re-scored on fresh programmings) and the
     speed-up of the total time."""
-    from hilal.data import load_dataset
+    from hilal.data import load_dataset  # local: the report loads hilal.bench without the kit
     from hilal.mapping import MappingConfig, recheck, run_mapping
 
     splits = load_dataset(cfg.dataset, seed=cfg.seed)

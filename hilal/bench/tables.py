@@ -61,7 +61,7 @@ def search_criteria(records: Sequence[dict[str, Any]], target: float = TARGET_SP
     (fractions) and ``pass_*`` the median chance that one more run of the search's acceptance test, on
     fresh programmings, passes the final mapping (:func:`hilal.mapping.fresh_pass_rate`; the last three NaN
     without a recheck); ``all_seeds`` the seeds that meet the first three at once."""
-    from hilal.mapping import fresh_pass_rate
+    from hilal.mapping import fresh_pass_rate  # local: the report loads hilal.bench without the kit
 
     if not records:
         raise HilalError("no search records to summarize")

@@ -12,6 +12,7 @@ import pandas as pd
 from torch import nn
 
 from hilal.evaluate import ONE_DAY
+from hilal.hessian import HessianConfig
 from hilal.train import FinetuneConfig
 
 SEARCHES = ("knapsack", "screen", "gallop", "bisect", "walk")
@@ -157,7 +158,5 @@ class MappingResult:
 
 def _hessian_cfg(cfg: MappingConfig) -> Any:
     """The ``HessianConfig`` HILAL ranks layers with: ``MAPPING_HESSIAN`` at ``t_eval`` and the mapping's seed,
-    under ``cfg.hessian``'s overrides (imported here: the curvature module loads on first use)."""
-    from hilal.hessian import HessianConfig
-
+    under ``cfg.hessian``'s overrides."""
     return HessianConfig(**{**MAPPING_HESSIAN, "t_inference": cfg.t_eval, "seed": cfg.seed, **cfg.hessian})

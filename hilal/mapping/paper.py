@@ -10,11 +10,13 @@ import pandas as pd
 
 from hilal.batches import epoch_generator
 from hilal.data import loader
+from hilal.device import model_device
 from hilal.evaluate import noisy_scores
+from hilal.hessian import layer_metrics
 from hilal.mapping.config import MappingResult, _hessian_cfg
 from hilal.mapping.run import _Run
 from hilal.registry import check_choice
-from hilal.train import model_device, train_batch
+from hilal.train import train_batch
 
 ABLATIONS = {
     "eli-r": ("eli_norm", "r"),
@@ -29,8 +31,6 @@ ABLATIONS = {
 def paper_descriptors(run: _Run) -> pd.DataFrame:
     """The paper's descriptors on ``sensitivity_batches`` training mini-batches: ELI_norm =
     ½ (gamma max|W|)² tr(H_ll) / n_params, r = lambda_max / trace, and the ablation features."""
-    from hilal.hessian import layer_metrics
-
     cfg = run.cfg
     it = iter(loader(run.splits.train, batch_size=run.cfg.finetune.batch_size, shuffle=True, seed=cfg.seed))
     gen, device = epoch_generator(cfg.seed, 0), model_device(run.digital)

@@ -13,17 +13,15 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from hilal.cluster import cluster_layers
+from hilal.hessian import layer_metrics
 from hilal.mapping.config import COSTS, MappingResult, _hessian_cfg
 from hilal.mapping.run import _Run
 from hilal.registry import HilalError
 
 
 def _metrics(run: _Run) -> pd.DataFrame:
-    """The digital model's per-layer curvature metrics and clusters (journaled; the curvature and clustering
-    modules load on first use)."""
-    from hilal.cluster import cluster_layers
-    from hilal.hessian import layer_metrics
-
+    """The digital model's per-layer curvature metrics and clusters (journaled)."""
     cached = run.journal.get("metrics")
     if cached is not None:
         return pd.DataFrame(cached)

@@ -13,6 +13,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from hilal.mapping import fresh_pass_rate
 from hilal.plots.base import METHOD_ORDER, PALETTE, _order, _percent_axis, _short, style
 from hilal.registry import HilalError
 
@@ -125,8 +126,6 @@ def recheck_table(checks: Mapping[str, Mapping[str, Any]], test_reps: int | None
     programmings clears the floor (:func:`hilal.mapping.fresh_pass_rate`)."""
     if not checks:
         raise HilalError("recheck_table needs at least one method's recheck")
-    if test_reps is not None:
-        from hilal.mapping import fresh_pass_rate
     rows = []
     for method in _order(checks, METHOD_ORDER):
         c = checks[method]

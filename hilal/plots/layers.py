@@ -13,6 +13,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 
+from hilal.cluster import log_eli
 from hilal.plots.base import CLUSTER_COLORS, PALETTE, _order, _short, style
 from hilal.registry import HilalError
 
@@ -119,8 +120,6 @@ def cluster_plane(clustered: pd.DataFrame, title: str = "Layers in the (log ELI,
     point size proportional to the layer's MACs (where given) and every point labelled. A non-positive ELI
     estimate is placed where the clustering puts it (``hilal.cluster.log_eli``: a tenth of the smallest
     positive one)."""
-    from hilal.cluster import log_eli
-
     data = pd.DataFrame({"layer": clustered["layer"], "eli": clustered["eli"], "log10_eli": log_eli(clustered["eli"]),
                          "concentration": clustered["concentration"], "cluster": clustered["cluster"]})
     if "macs" in clustered:
