@@ -90,39 +90,73 @@ def tensor_bytes(kept: Any, model: nn.Module | None = None) -> int:
     return sum(seen.values())
 
 
+_SAVED_NAMES: dict[type, list[str]] = {}
+
+
+def _saved(node: Any) -> Iterator[Any]:
+    """What an autograd node keeps for backward: its ``_saved_*`` values (torch's own nodes) or, for a custom
+    Function's node, its saved tensors and the attributes its ``forward``/``backward`` set on it."""
+    names = _SAVED_NAMES.get(type(node))
+    if names is None:
+        names = _SAVED_NAMES[type(node)] = [n for n in dir(node) if n.startswith("_saved_")]
+    for name in names:
+        try:
+            yield getattr(node, name)
+        except RuntimeError:  # already freed
+            continue
+    if hasattr(node, "saved_tensors"):  # a custom Function (the node is its ctx)
+        try:
+            yield node.saved_tensors
+        except RuntimeError:
+            pass
+        yield from getattr(node, "__dict__", {}).values()
+
+
+def graph_bytes(roots: Any, model: nn.Module | None = None) -> int:
+    """Bytes a graph holds for backward: the storages saved by every node reachable from the tensors in
+    ``roots`` (each once; ``model``'s parameters and buffers not at all), plus those of ``roots``. Walks the
+    graph instead of hooking the saves: a saved-tensor hook that keeps the tensor would tie each node to its
+    saved outputs in a cycle the garbage collector cannot see."""
+    skip = set() if model is None else {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
+    sizes: dict[tuple[str, int], int] = {}
+
+    def add(obj: Any) -> None:
+        for t in tensors_in(obj):
+            key = _storage_key(t)
+            if key not in skip:
+                sizes[key] = t.untyped_storage().nbytes()
+
+    add(roots)
+    stack = [t.grad_fn for t in tensors_in(roots) if t.grad_fn is not None]
+    visited: dict[int, Any] = {}  # holds the nodes walked, so their ids stay theirs
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited[id(node)] = node
+        for value in _saved(node):
+            add(value)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return sum(sizes.values())
+
+
 class StateMeter:
     """Bytes a batch's state holds once built: on CUDA the growth of allocated memory over the ``with``
-    block; elsewhere the storages autograd saves for backward inside the block (saved-tensor hooks: the
-    graph's own size) plus those of the tensors passed to :meth:`total`, each storage once and the model's
-    parameters and buffers not at all. Tensors a custom autograd Function keeps as attributes are not seen
-    on a CPU."""
+    block; elsewhere :func:`graph_bytes` of the tensors passed to :meth:`total` (the graph behind them and
+    themselves)."""
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+        self.model = model
         self.device = device
-        self.skip = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
-        self.seen: dict[tuple[str, int], int] = {}
-        self._hooks: Any = None
-        self._start = 0
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        if key not in self.skip and key not in self.seen:
-            self.seen[key] = t.untyped_storage().nbytes()
-        return t
+        self.cuda = device.type == "cuda"
+        self._start = self._end = 0
 
     def __enter__(self) -> StateMeter:
         if self.cuda:
             self._start = torch.cuda.memory_allocated(self.device)
-        else:
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-            self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._hooks is not None:
-            self._hooks.__exit__(*exc)
-            self._hooks = None
         if self.cuda:
             self._end = torch.cuda.memory_allocated(self.device)
 
@@ -130,17 +164,17 @@ class StateMeter:
         """Bytes of the block's state, ``kept`` being the tensors the caller keeps from it."""
         if self.cuda:
             return max(0, self._end - self._start)
-        for t in tensors_in(kept):
-            self._pack(t)
-        return sum(self.seen.values())
+        return graph_bytes(kept, self.model)
 
 
 class BatchCache(Generic[T]):
-    """The states of numbered batches: ``build(i)`` makes batch i's state and returns it with its size in
-    bytes; states are kept, first come first kept, while ``budget`` allows, and built again whenever asked
-    for beyond it. ``builds`` counts calls of ``build``."""
+    """The states of numbered batches: ``build(i, measure)`` makes batch i's state and returns it with its size
+    in bytes (measured only where ``measure``: while the budget has room); states are kept, first come first
+    kept, while ``budget`` allows, and built again whenever asked for beyond it. ``builds`` counts calls of
+    ``build``."""
 
-    def __init__(self, build: Callable[[int], tuple[T, int]], budget: GraphBudget | float = math.inf) -> None:
+    def __init__(self, build: Callable[[int, bool], tuple[T, int]],
+                 budget: GraphBudget | float = math.inf) -> None:
         self._build = build
         self.budget = as_budget(budget)
         self.kept: dict[int, tuple[T, int]] = {}
@@ -150,9 +184,10 @@ class BatchCache(Generic[T]):
         """Batch i's state, kept or built now."""
         if i in self.kept:
             return self.kept[i][0]
-        state, nbytes = self._build(i)
+        room = self.budget.used < self.budget.total
+        state, nbytes = self._build(i, room)
         self.builds += 1
-        if self.budget.take(nbytes):
+        if room and self.budget.take(nbytes):
             self.kept[i] = (state, nbytes)
         return state
 

@@ -224,12 +224,12 @@ class HessianOperator:
         self.calls = 0
         self._batched_ok: bool | None = None
 
-    def _build(self, b: int) -> tuple[tuple[torch.Tensor, ...], int]:
+    def _build(self, b: int, measure: bool) -> tuple[tuple[torch.Tensor, ...], int]:
         with StateMeter(self.model, self.device) as meter, _hvp_graph(self.model, self.params):
             loss = task_loss(self.model, to_device(self.batches[b], self.device))
             _check_finite(loss)
             grads = torch.autograd.grad(loss, self.params, create_graph=True)
-        return grads, meter.total(grads)
+        return grads, meter.total(grads) if measure else 0
 
     def graph(self, b: int) -> tuple[torch.Tensor, ...]:
         """Batch ``b``'s loss gradient with its graph (kept, or built now)."""
@@ -306,6 +306,7 @@ class HessianOperator:
                 (hv,) = hessian_vector_product([g[i]], [self.params[i]], [v])
                 o.add_(hv, alpha=w)
                 self.calls += 1
+            g = hv = None  # the next batch's graph is built without this one
         self.hvps += len(idx)
         self._check(idx, out)
         return out
@@ -326,6 +327,7 @@ class HessianOperator:
             for j in range(k):
                 out[j].add_(res[j][j], alpha=w)
             self.calls += 1
+            g = res = None
         self.hvps += k
         self._check(idx, out)
         return out
@@ -375,6 +377,7 @@ def hutchinson_traces(op: HessianOperator, probes: int = 32, mode: str = "joint"
                 est[p] += w * np.array([_dot(a, h) for a, h in zip(v, hv, strict=True)])
             else:
                 est[p] += w * np.array([_dot(v[i], op.batch_block_hvp(g, i, v[i])) for i in range(len(v))])
+        g = hv = None  # the next batch's graph is built without this one
     op.hvps += probes * (1 if mode == "joint" else len(op.params))
     if return_samples:
         return est
@@ -503,6 +506,7 @@ def expected_loss_increase(op: HessianOperator, noise: Iterable[Sequence[torch.T
                     q[j] += w * np.array([_dot(a, h) for a, h in zip(v, hv, strict=True)])
                 else:
                     q[j] += w * np.array([_dot(d, op.batch_block_hvp(g, i, d)) for i, d in enumerate(dw)])
+            g = hv = None
         op.hvps += len(todo) * (1 if mode == "joint" else n)
         quad.extend(q)
         start += len(group)
@@ -635,14 +639,14 @@ class OutputOperator(_Pieces):
         self.full_hvps = 0.0
         self._record()
 
-    def _build(self, c: int) -> tuple[OutputState, int]:
+    def _build(self, c: int, measure: bool) -> tuple[OutputState, int]:
         b, a, e = self.chunks[c]
         with StateMeter(self.model, self.device) as meter, _hvp_graph(self.model):
             loss, z, x = _hooked(self.model, self.layers, rows(self.batches[b], a, e), task_loss)
             _check_finite(loss)
             grads = torch.autograd.grad(loss, z, create_graph=True)
         st = OutputState(z, grads, x)
-        return st, meter.total([z, grads, x])
+        return st, meter.total([z, grads, x]) if measure else 0
 
     def chunk_hvp(self, c: int, st: OutputState, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """H_c v for piece ``c`` (its own mean loss; batch b's product on these samples is ``frac[c]`` times
@@ -835,6 +839,7 @@ def output_traces(op: OutputOperator | GaussNewton, probes: int = 32, seed: int 
                       for m, x in zip(op.modules, st.inputs, strict=True)]
             hv = op.chunk_hvp(c, st, ev)
             est[b][p] += op.frac[c] * np.array([_dot(u, h) for u, h in zip(ev, hv, strict=True)])
+        st = ev = hv = None  # the next piece is built without this one
     w = op.batch_weights
     if return_samples:
         return sum(wb * e for wb, e in zip(w, est, strict=True))
@@ -940,7 +945,7 @@ class GaussNewton(_Pieces):
         self.cache: BatchCache[OutputState] = BatchCache(self._build, graph_bytes)
         self._record()
 
-    def _build(self, c: int) -> tuple[OutputState, int]:
+    def _build(self, c: int, measure: bool) -> tuple[OutputState, int]:
         b, a, e = self.chunks[c]
         batch = rows(self.batches[b], a, e)
         logits, z, x = _hooked(self.model, self.layers, batch, lambda m, bt: m(bt[0]))
@@ -959,7 +964,7 @@ class GaussNewton(_Pieces):
                              f"{self.max_bytes / 2**30:.1f} GiB; lower the batch size")
         root = p.sqrt().T[:, :, None] * (torch.eye(k, dtype=p.dtype, device=p.device)[:, None, :] - p)
         st = OutputState([], grads, x, self._backward(logits, z, root))
-        return st, tensor_bytes([st.grads, st.inputs, st.signals], self.model)
+        return st, tensor_bytes([st.grads, st.inputs, st.signals], self.model) if measure else 0
 
     @property
     def signals(self) -> PerBatch[list[torch.Tensor]]:
@@ -970,8 +975,11 @@ class GaussNewton(_Pieces):
     def _backward(logits: torch.Tensor, z: list[torch.Tensor], root: torch.Tensor) -> list[torch.Tensor]:
         """d_ncl for every class c (leading dimension): one backward pass per class (on a CPU a loop is faster
         than a vmapped ``is_grads_batched`` backward)."""
-        per_class = [torch.autograd.grad(logits, z, grad_outputs=r, retain_graph=True) for r in root]
-        return [torch.stack(d) for d in zip(*per_class, strict=True)]
+        out = [zi.new_empty((root.shape[0], *zi.shape)) for zi in z]  # filled class by class: no stacking copy
+        for c, r in enumerate(root):
+            for o, d in zip(out, torch.autograd.grad(logits, z, grad_outputs=r, retain_graph=True), strict=True):
+                o[c] = d
+        return out
 
     def _scale(self, b: int) -> float:
         return self.batch_weights[b] / self.sizes[b]
@@ -983,6 +991,7 @@ class GaussNewton(_Pieces):
             st = self.state(c)
             for i, (m, x, d) in enumerate(zip(self.modules, st.inputs, st.signals, strict=True)):
                 out[i] += self._scale(b) * _per_sample_sq_norms(m, x, d)
+            st = x = d = None
         return out
 
     def output_quadratic(self, b: int, e: Sequence[torch.Tensor], state: OutputState | None = None) -> np.ndarray:
@@ -1000,6 +1009,7 @@ class GaussNewton(_Pieces):
             with torch.no_grad():
                 e = [_apply(m, x, ui.to(x)) for m, x, ui in zip(self.modules, st.inputs, u, strict=True)]
             out = out + self.output_quadratic(b, e, st)
+            st = e = None
         return out
 
     def block_hvps(self, idx: Sequence[int], vs: Sequence[torch.Tensor], batched: bool = False
@@ -1018,6 +1028,7 @@ class GaussNewton(_Pieces):
                 t = _class_dots(ds[i], y.detach())
                 (g,) = torch.autograd.grad(y, w, grad_outputs=torch.einsum("cn,cn...->n...", t, ds[i]))
                 o.add_(g.to(o), alpha=self._scale(b))
+            st = xs = ds = y = t = g = None
         return out
 
     def mismatch(self, op: HessianOperator, seed: int = 0) -> float:
@@ -1286,6 +1297,7 @@ def output_loss_increase(op: OutputOperator | GaussNewton,
                     for i in range(n):
                         v = [ei if j == i else torch.zeros_like(ei) for j, ei in enumerate(err)]
                         q[s][i] += w * (fr * _dot(err[i], op.chunk_hvp(c, st, v)[i]))
+            st = err = v = hv = None  # the next piece is built without this one
         first.extend(f[s] for s in group)
         quad.extend(q[s] for s in todo)
     if not quad:

@@ -165,3 +165,25 @@ def test_analog_errors_piece_by_piece_are_the_draws_of_one_pass():
     whole = output_loss_increase(op, one_pass, seed=1)
     for k in piecewise:
         np.testing.assert_array_equal(piecewise[k], whole[k])
+
+
+def test_graphs_beyond_the_budget_are_freed_after_use():
+    """A graph that is not kept dies once used (nothing, such as a saved-tensor hook, ties it in a cycle):
+    the activations it saved are gone, while a kept graph keeps them."""
+    import weakref
+
+    from hilal.hessian import HessianOperator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(20, 6, generator=g), torch.randint(0, 3, (20,), generator=g)) for _ in range(2)]
+    for budget, alive in ((0.0, 0), (math.inf, 2)):
+        saved = []  # the ReLU outputs: saved by the ReLU and by the second layer for backward
+        hook = model[1].register_forward_hook(lambda m, i, o, saved=saved: saved.append(weakref.ref(o)))
+        op = HessianOperator(model, data, ["0", "2"], graph_bytes=budget)
+        op.hvp([torch.ones(8, 6), torch.ones(3, 8)])
+        hook.remove()
+        assert len(saved) == 4 - 2 * (alive > 0)  # rebuilt for the product, or kept
+        assert sum(r() is not None for r in saved) == alive, budget
+        assert op.cache.builds == len(saved) and len(op.cache.kept) == alive
