@@ -6,7 +6,7 @@ samples; rebuilding every graph for every product costs a forward and backward p
 :class:`BatchCache` keeps the state of the batches it builds while a shared :class:`GraphBudget` allows and
 rebuilds the others whenever they are asked for, so memory stays bounded by the budget plus one batch, and
 the estimators (which loop batches outermost wherever they can) pay one rebuild per pass over the data
-(docs/design.md, "curvature in bounded memory"). A rebuilt batch computes exactly what the kept one did, so
+(see docs/design.md for the estimators). A rebuilt batch computes exactly what the kept one did, so
 the estimates do not depend on the budget.
 """
 

@@ -18,6 +18,11 @@ be drawn per sample as well as per layer (:func:`output_traces`, :func:`output_l
 probes go mostly to the samples that carry the curvature (:func:`gradient_strata`, :func:`probe_counts`).
 Where the network is piecewise linear in every layer's weight, ``joint`` mode replaces the Monte-Carlo traces
 and ELI quadratic terms by exact ones from :class:`GaussNewton` blocks (one backward pass per class).
+
+Memory stays bounded whatever the number of calibration samples: every operator keeps its per-batch state
+(graphs, layer inputs, Gauss-Newton signals) only within ``HessianConfig.graph_bytes`` and rebuilds the rest
+for each pass over the data (:mod:`hilal.graphs`); the estimators loop batches outermost and redraw their
+probes and signs from recorded generator states, so the estimates are the same whatever the budget.
 """
 
 from __future__ import annotations
