@@ -15,7 +15,7 @@ embeddings to the loss, but the power iteration does 16 block HVPs per sample in
 
 Usage: python bench/hessian_memory.py [--out bench/results/hessian_memory.json] [--samples 256,2048]
   [--batch-size 64] [--graph-bytes 536870912] [--bert-samples 2,4] [--bert-tokens 384] [--bert-layers block0|all]
-  [--skip-bert] [--threads 1]
+  [--skip-bert] [--skip-resnet] [--threads 1]
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bert-tokens", type=int, default=384)
     p.add_argument("--bert-layers", choices=["block0", "all"], default="block0")
     p.add_argument("--skip-bert", action="store_true")
+    p.add_argument("--skip-resnet", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(json.loads(args.case))))
         return 0
     cases = [{"model": "resnet20", "samples": int(n), "batch_size": args.batch_size, "graph_bytes": args.graph_bytes,
-              "threads": args.threads} for n in args.samples.split(",")]
+              "threads": args.threads} for n in args.samples.split(",") if not args.skip_resnet]
     if not args.skip_bert:
         cases += [{"model": "mobilebert", "samples": int(n), "batch_size": args.bert_batch_size,
                    "graph_bytes": args.bert_graph_bytes, "tokens": args.bert_tokens, "layers": args.bert_layers,

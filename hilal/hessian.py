@@ -924,7 +924,8 @@ class GaussNewton(_Pieces):
     returns one where they agree. Exposes ``layers``, ``batch_weights``, ``inputs``, ``grads`` (loss gradient
     at the layer outputs), ``signals`` and the pieces' :meth:`state` like :class:`OutputOperator`, so the
     output-space ELI runs on either; :meth:`traces`, :meth:`block_hvps` and :meth:`weight_quadratic` are one
-    pass each."""
+    pass each (:meth:`traces` only over the batches not built yet: each batch's share is noted when it is
+    first built)."""
 
     def __init__(self, model: nn.Module, batches: Sequence[Any], layers: Sequence[str],
                  max_bytes: float = 2**31, graph_bytes: GraphBudget | float = math.inf) -> None:
@@ -947,6 +948,7 @@ class GaussNewton(_Pieces):
         self.hvps = 0
         self.check = float("nan")
         """Relative mismatch with PyHessian's block HVPs measured by :func:`gauss_newton` (NaN: not checked)."""
+        self._trace_parts: dict[int, np.ndarray] = {}
         self.cache: BatchCache[OutputState] = BatchCache(self._build, graph_bytes)
         self._record()
 
@@ -969,6 +971,9 @@ class GaussNewton(_Pieces):
                              f"{self.max_bytes / 2**30:.1f} GiB; lower the batch size")
         root = p.sqrt().T[:, :, None] * (torch.eye(k, dtype=p.dtype, device=p.device)[:, None, :] - p)
         st = OutputState([], grads, x, self._backward(logits, z, root))
+        if c not in self._trace_parts:  # the traces come with the first build of each batch: no pass of their own
+            self._trace_parts[c] = np.array([self._scale(b) * _per_sample_sq_norms(m, xi, d)
+                                             for m, xi, d in zip(self.modules, x, st.signals, strict=True)])
         return st, tensor_bytes([st.grads, st.inputs, st.signals], self.model) if measure else 0
 
     @property
@@ -990,13 +995,13 @@ class GaussNewton(_Pieces):
         return self.batch_weights[b] / self.sizes[b]
 
     def traces(self) -> np.ndarray:
-        """tr(H_ll) of every layer, exactly."""
+        """tr(H_ll) of every layer, exactly: from the parts noted at each batch's first build (a pass only
+        over batches not built yet)."""
         out = np.zeros(len(self.layers))
-        for c, (b, _, _) in enumerate(self.chunks):
-            st = self.state(c)
-            for i, (m, x, d) in enumerate(zip(self.modules, st.inputs, st.signals, strict=True)):
-                out[i] += self._scale(b) * _per_sample_sq_norms(m, x, d)
-            st = x = d = None
+        for c in range(len(self.chunks)):
+            if c not in self._trace_parts:
+                self.state(c)
+            out += self._trace_parts[c]
         return out
 
     def output_quadratic(self, b: int, e: Sequence[torch.Tensor], state: OutputState | None = None) -> np.ndarray:
@@ -1334,8 +1339,9 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
     the Gauss-Newton check (1 pass), power iteration without Gauss-Newton blocks (1 per iteration),
     ``per_layer`` traces (1) and ``per_layer`` weight-noise ELI (1 per group of draws held). The output-space
     state (graphs, or Gauss-Newton signals) is built once at construction, then P times per pass of: the
-    Gauss-Newton check (1), traces (1), power iteration on Gauss-Newton blocks (1 per iteration) and ELI
-    (1; weight noise: 1 per 1 GiB of weight draws). With a budget that holds everything each is built once."""
+    Gauss-Newton check (1), traces (1; none on Gauss-Newton blocks, whose traces come with the check's
+    pass), power iteration on Gauss-Newton blocks (1 per iteration) and ELI (1; weight noise: 1 per 1 GiB of
+    weight draws). With a budget that holds everything each is built once."""
     cfg = cfg or HessianConfig()
     check_choice("mode", cfg.mode, MODES)
     check_choice("noise", cfg.noise, NOISE_SPACES)
