@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/hessian_memory.json")
     p.add_argument("--samples", default="256,2048", help="ResNet-20 calibration sizes")
     p.add_argument("--batch-size", type=int, default=64, help="ResNet-20 calibration batch size")
-    p.add_argument("--graph-bytes", type=float, default=2**29, help="HessianConfig.graph_bytes for ResNet-20")
+    p.add_argument("--graph-bytes", default=str(2**29),
+                   help="HessianConfig.graph_bytes for ResNet-20 (several, comma-separated: each with each size)")
     p.add_argument("--bert-samples", default="2,4", help="MobileBERT calibration sizes")
     p.add_argument("--bert-batch-size", type=int, default=1)
     p.add_argument("--bert-graph-bytes", type=float, default=0.0, help="0: every graph rebuilt")
@@ -146,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return 0
-    cases = [{"model": "resnet20", "samples": int(n), "batch_size": args.batch_size, "graph_bytes": args.graph_bytes,
-              "threads": args.threads} for n in args.samples.split(",") if not args.skip_resnet]
+    cases = [{"model": "resnet20", "samples": int(n), "batch_size": args.batch_size, "graph_bytes": float(b),
+              "threads": args.threads} for b in args.graph_bytes.split(",") for n in args.samples.split(",")
+             if not args.skip_resnet]
     if not args.skip_bert:
         cases += [{"model": "mobilebert", "samples": int(n), "batch_size": args.bert_batch_size,
                    "graph_bytes": args.bert_graph_bytes, "tokens": args.bert_tokens, "layers": args.bert_layers,
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {}
     for model in ("resnet20", "mobilebert"):
         rs = sorted((r for r in results if r["model"] == model), key=lambda r: r["samples"])
-        if len(rs) >= 2:
+        if len(rs) >= 2 and rs[0]["samples"] != rs[-1]["samples"]:
             key = f"{model}_added_ratio_{rs[-1]['samples']}_over_{rs[0]['samples']}"
             summary[key] = rs[-1]["added_bytes"] / rs[0]["added_bytes"]
             print(f"{model}: peak added at {rs[-1]['samples']} / at {rs[0]['samples']} samples = {summary[key]:.3f}")

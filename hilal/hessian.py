@@ -97,7 +97,9 @@ class HessianConfig:
     """Memory budget in bytes for the state kept per calibration batch (autograd graphs, layer inputs,
     Gauss-Newton signals): batches are kept while it allows and rebuilt for each pass over the data beyond
     it (:func:`layer_metrics` lists the passes). The estimates are the same whatever the budget; 0 rebuilds
-    every batch every time, ``math.inf`` keeps them all (memory then grows with ``max_samples``)."""
+    every batch every time, ``math.inf`` keeps them all (memory then grows with ``max_samples``). It bounds
+    the bytes the kept state holds (the tensors the graphs save, on CUDA the allocated memory); the process
+    needs one batch's transient memory besides, and on a CPU the allocator's freed pages."""
     mode: str = "joint"
     """``joint``: one HVP per probe/noise sample for all layers; ``per_layer``: one block HVP per layer."""
     noise: str = "weight"
