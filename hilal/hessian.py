@@ -18,12 +18,18 @@ be drawn per sample as well as per layer (:func:`output_traces`, :func:`output_l
 probes go mostly to the samples that carry the curvature (:func:`gradient_strata`, :func:`probe_counts`).
 Where the network is piecewise linear in every layer's weight, ``joint`` mode replaces the Monte-Carlo traces
 and ELI quadratic terms by exact ones from :class:`GaussNewton` blocks (one backward pass per class).
+
+Memory stays bounded whatever the number of calibration samples: every operator keeps its per-batch state
+(graphs, layer inputs, Gauss-Newton signals) only within ``HessianConfig.graph_bytes`` and rebuilds the rest
+for each pass over the data (:mod:`hilal.graphs`); the estimators loop batches outermost and redraw their
+probes and signs from recorded generator states, so the estimates are the same whatever the budget.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +46,19 @@ from tqdm.auto import tqdm
 from hilal.analog import ANALOG_TYPES, check_layers, count_macs, mappable_layers, to_analog
 from hilal.data import Splits, loader
 from hilal.device import model_device, to_device
+from hilal.graphs import (
+    DEFAULT_GRAPH_BYTES,
+    BatchCache,
+    GraphBudget,
+    PerBatch,
+    StateMeter,
+    chunk_bounds,
+    held_groups,
+    rng_state,
+    rows,
+    set_rng_state,
+    tensor_bytes,
+)
 from hilal.registry import HilalError, check_choice, is_count
 from hilal.second_order import SecondOrderRules
 from hilal.train import task_loss
@@ -73,7 +92,15 @@ class HessianConfig:
     max_samples: int = 512
     """Calibration samples the loss is averaged over (the first ones of the split)."""
     batch_size: int = 256
-    """Mini-batch size of the calibration loss (each batch's graph is kept for all HVPs)."""
+    """Mini-batch size of the calibration loss: the unit whose graph is built, kept or rebuilt (the gradient
+    strata are cut into pieces of this size too), so the memory floor of one batch's graph."""
+    graph_bytes: float = DEFAULT_GRAPH_BYTES
+    """Memory budget in bytes for the state kept per calibration batch (autograd graphs, layer inputs,
+    Gauss-Newton signals): batches are kept while it allows and rebuilt for each pass over the data beyond
+    it (:func:`layer_metrics` lists the passes). The estimates are the same whatever the budget; 0 rebuilds
+    every batch every time, ``math.inf`` keeps them all (memory then grows with ``max_samples``). It bounds
+    the bytes the kept state holds (the tensors the graphs save, on CUDA the allocated memory); the process
+    needs one batch's transient memory besides, and on a CPU the allocator's freed pages."""
     mode: str = "joint"
     """``joint``: one HVP per probe/noise sample for all layers; ``per_layer``: one block HVP per layer."""
     noise: str = "weight"
@@ -178,28 +205,52 @@ def _hvp_graph(model: nn.Module, params: Sequence[torch.Tensor] = ()) -> Iterato
 
 class HessianOperator:
     """Gradient and Hessian-vector products of the calibration loss with respect to the weights of the named
-    layers. The loss is the sample-weighted mean of the batch losses; each batch's gradient graph is built
-    once and kept for every product. ``hvps`` counts Hessian-vector products (one per vector, over all
-    batches); ``calls`` counts backward calls."""
+    layers. The loss is the sample-weighted mean of the batch losses. Each batch's gradient graph is built
+    when first needed (all of them at construction, for the gradient) and kept while ``graph_bytes`` (a
+    byte count or a :class:`~hilal.graphs.GraphBudget` shared with other operators) allows, rebuilt for
+    every pass over the batches beyond it: :meth:`hvp`, :meth:`block_hvp` and :meth:`block_hvps` are one
+    pass each. ``hvps`` counts Hessian-vector products (one per vector, over all batches); ``calls`` counts
+    backward calls; ``cache.builds`` counts graph builds."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[Any], layers: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, batches: Sequence[Any], layers: Sequence[str],
+                 graph_bytes: GraphBudget | float = math.inf) -> None:
         mods = dict(model.named_modules())
+        self.model = model
+        self.batches = list(batches)
         self.layers = list(layers)
         self.params = [mods[n].weight for n in self.layers]
         self.device = model_device(model)
-        sizes = [_batch_size_of(b) for b in batches]
+        sizes = [_batch_size_of(b) for b in self.batches]
         self.batch_weights = [s / sum(sizes) for s in sizes]
-        self.grads: list[tuple[torch.Tensor, ...]] = []
-        for batch in batches:
-            with _hvp_graph(model, self.params):
-                loss = task_loss(model, to_device(batch, self.device))
-                _check_finite(loss)
-                self.grads.append(torch.autograd.grad(loss, self.params, create_graph=True))
-        self.gradient = [sum(w * g[i].detach() for w, g in zip(self.batch_weights, self.grads, strict=True))
-                         for i in range(len(self.params))]
+        self.cache: BatchCache[tuple[torch.Tensor, ...]] = BatchCache(self._build, graph_bytes)
+        gradient = None
+        for b, w in enumerate(self.batch_weights):
+            term = [w * g.detach() for g in self.graph(b)]
+            gradient = term if gradient is None else [a + t for a, t in zip(gradient, term, strict=True)]
+        self.gradient: list[torch.Tensor] = gradient
         self.hvps = 0
         self.calls = 0
         self._batched_ok: bool | None = None
+
+    def _build(self, b: int, measure: bool) -> tuple[tuple[torch.Tensor, ...], int]:
+        with StateMeter(self.model, self.device) as meter, _hvp_graph(self.model, self.params):
+            loss = task_loss(self.model, to_device(self.batches[b], self.device))
+            _check_finite(loss)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True)
+        return grads, meter.total(grads) if measure else 0
+
+    def graph(self, b: int) -> tuple[torch.Tensor, ...]:
+        """Batch ``b``'s loss gradient with its graph (kept, or built now)."""
+        return self.cache.get(b)
+
+    @property
+    def grads(self) -> PerBatch[tuple[torch.Tensor, ...]]:
+        """Every batch's loss gradient with its graph (:meth:`graph`, built when asked for beyond the budget)."""
+        return PerBatch(len(self.batches), self.graph)
+
+    def release(self) -> None:
+        """Drops the kept graphs (later products rebuild them)."""
+        self.cache.release()
 
     def _check(self, idx: Sequence[int], out: Sequence[torch.Tensor]) -> None:
         bad = _nonfinite([self.layers[i] for i in idx], out)
@@ -207,11 +258,25 @@ class HessianOperator:
             raise HilalError(f"non-finite Hessian-vector product in layer(s) {', '.join(map(repr, bad))}; "
                              "the loss is not twice differentiable there (check the model and weights)")
 
+    def batch_hvp(self, g: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """H_b v on one batch's gradient graph ``g`` (from :meth:`graph`), checked; not counted in ``hvps``."""
+        out = hessian_vector_product(list(g), self.params, list(v))
+        self.calls += 1
+        self._check(range(len(out)), out)
+        return out
+
+    def batch_block_hvp(self, g: Sequence[torch.Tensor], i: int, v: torch.Tensor) -> torch.Tensor:
+        """(H_b)_ii v on one batch's gradient graph ``g``, checked; not counted in ``hvps``."""
+        (out,) = hessian_vector_product([g[i]], [self.params[i]], [v])
+        self.calls += 1
+        self._check([i], [out])
+        return out
+
     def hvp(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """H v for a vector over all layers (one tensor per layer)."""
         out = [torch.zeros_like(p) for p in self.params]
-        for w, g in zip(self.batch_weights, self.grads, strict=True):
-            hv = hessian_vector_product(g, self.params, list(v))
+        for b, w in enumerate(self.batch_weights):
+            hv = hessian_vector_product(list(self.graph(b)), self.params, list(v))
             for o, h in zip(out, hv, strict=True):
                 o.add_(h, alpha=w)
             self.calls += 1
@@ -222,8 +287,8 @@ class HessianOperator:
     def block_hvp(self, i: int, v: torch.Tensor) -> torch.Tensor:
         """H_ii v for layer i only (block-restricted product)."""
         out = torch.zeros_like(self.params[i])
-        for w, g in zip(self.batch_weights, self.grads, strict=True):
-            (hv,) = hessian_vector_product([g[i]], [self.params[i]], [v])
+        for b, w in enumerate(self.batch_weights):
+            (hv,) = hessian_vector_product([self.graph(b)[i]], [self.params[i]], [v])
             out.add_(hv, alpha=w)
             self.calls += 1
         self.hvps += 1
@@ -231,8 +296,10 @@ class HessianOperator:
         return out
 
     def block_hvps(self, idx: Sequence[int], vs: Sequence[torch.Tensor], batched: bool = True) -> list[torch.Tensor]:
-        """H_ii v_i for several layers. With ``batched``, one vmapped backward per batch serves all of them
-        (``is_grads_batched``); it falls back to a loop where the model does not support that."""
+        """H_ii v_i for several layers, in one pass over the batches. With ``batched``, one vmapped backward
+        per batch serves all of them (``is_grads_batched``); it falls back to a loop where the model does not
+        support that."""
+        idx = list(idx)
         if batched and len(idx) > 1 and self._batched_ok is not False:
             try:
                 out = self._batched_block_hvps(idx, vs)
@@ -240,7 +307,17 @@ class HessianOperator:
                 return out
             except (RuntimeError, NotImplementedError):
                 self._batched_ok = False
-        return [self.block_hvp(i, v) for i, v in zip(idx, vs, strict=True)]
+        out = [torch.zeros_like(self.params[i]) for i in idx]
+        for b, w in enumerate(self.batch_weights):
+            g = self.graph(b)
+            for o, i, v in zip(out, idx, vs, strict=True):
+                (hv,) = hessian_vector_product([g[i]], [self.params[i]], [v])
+                o.add_(hv, alpha=w)
+                self.calls += 1
+            g = hv = None  # the next batch's graph is built without this one
+        self.hvps += len(idx)
+        self._check(idx, out)
+        return out
 
     def _batched_block_hvps(self, idx: Sequence[int], vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         k = len(idx)
@@ -251,12 +328,14 @@ class HessianOperator:
             z[j] = v
             gouts.append(z)
         out = [torch.zeros_like(p) for p in params]
-        for w, g in zip(self.batch_weights, self.grads, strict=True):
+        for b, w in enumerate(self.batch_weights):
+            g = self.graph(b)
             res = torch.autograd.grad([g[i] for i in idx], params, grad_outputs=gouts, retain_graph=True,
                                       is_grads_batched=True)
             for j in range(k):
                 out[j].add_(res[j][j], alpha=w)
             self.calls += 1
+            g = res = None
         self.hvps += k
         self._check(idx, out)
         return out
@@ -291,17 +370,23 @@ def hutchinson_traces(op: HessianOperator, probes: int = 32, mode: str = "joint"
                       return_samples: bool = False) -> tuple[np.ndarray, np.ndarray] | np.ndarray:
     """Per-layer tr(H_ll) and its Monte-Carlo standard error (std / sqrt(probes)), Rademacher probes.
     ``joint``: one full HVP per probe for all layers; ``per_layer``: one block HVP per layer and probe.
-    With ``return_samples`` the raw (probes x layers) estimates are returned instead."""
+    With ``return_samples`` the raw (probes x layers) estimates are returned instead. Batches outermost:
+    one pass over the batches (each graph built at most once), the probes drawn again for every batch
+    from the same seed, a probe's estimate the weighted sum of its per-batch products."""
     check_choice("mode", mode, MODES)
-    gen = torch.Generator().manual_seed(seed)
-    est = np.empty((probes, len(op.params)))
-    for p in range(probes):
-        v = [_rademacher(w.shape, gen, w) for w in op.params]
-        if mode == "joint":
-            hv = op.hvp(v)
-            est[p] = [_dot(a, b) for a, b in zip(v, hv, strict=True)]
-        else:
-            est[p] = [_dot(v[i], op.block_hvp(i, v[i])) for i in range(len(v))]
+    est = np.zeros((probes, len(op.params)))
+    for b, w in enumerate(op.batch_weights):
+        g = op.graph(b)
+        gen = torch.Generator().manual_seed(seed)
+        for p in range(probes):
+            v = [_rademacher(x.shape, gen, x) for x in op.params]
+            if mode == "joint":
+                hv = op.batch_hvp(g, v)
+                est[p] += w * np.array([_dot(a, h) for a, h in zip(v, hv, strict=True)])
+            else:
+                est[p] += w * np.array([_dot(v[i], op.batch_block_hvp(g, i, v[i])) for i in range(len(v))])
+        g = hv = None  # the next batch's graph is built without this one
+    op.hvps += probes * (1 if mode == "joint" else len(op.params))
     if return_samples:
         return est
     return est.mean(0), _se(est)
@@ -390,31 +475,49 @@ def sample_weight_noise(model: nn.Module, layers: Sequence[str], preset: Any = "
     return list(weight_noise_stream(model, layers, preset, t_inference, samples, seed))
 
 
+def _draw_bytes(draw: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in draw)
+
+
 def expected_loss_increase(op: HessianOperator, noise: Iterable[Sequence[torch.Tensor]], mode: str = "joint",
-                           seed: int = 0, quadratic_samples: int | None = None) -> dict[str, np.ndarray]:
+                           seed: int = 0, quadratic_samples: int | None = None,
+                           hold_bytes: float = 2**30) -> dict[str, np.ndarray]:
     """Monte-Carlo ELI_l = E[g_l . dw_l] + 1/2 E[dw_l^T H_ll dw_l] over the noise samples given (any iterable).
 
     The first-order term is exact per sample and uses every sample (it needs no HVP); the quadratic term uses
     the first ``quadratic_samples`` (default: all) with one HVP per sample for all layers (``joint``, random
     signs) or one block HVP per layer and sample (``per_layer``). Returns arrays ``eli``, ``eli_first``,
     ``eli_second`` and ``eli_se`` (standard error of ``eli``: the two parts' errors combined as if
-    independent). :func:`layer_metrics` takes the same terms in output space (:func:`weight_output_errors`),
-    where the joint pass can draw its signs per sample."""
+    independent). The draws are held in groups of at most ``hold_bytes`` (at least one draw), and each group
+    with quadratic samples is one pass over the batches, batches outermost. :func:`layer_metrics` takes the
+    same terms in output space (:func:`weight_output_errors`), where the joint pass can draw its signs per
+    sample."""
     check_choice("mode", mode, MODES)
     gen = torch.Generator().manual_seed(seed + 2)
     n = len(op.params)
     first, quad = [], []
-    for s, dw in enumerate(noise):
-        first.append([_dot(g, d) for g, d in zip(op.gradient, dw, strict=True)])
-        if quadratic_samples is not None and s >= quadratic_samples:
-            continue
-        if mode == "joint":
-            signs = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).tolist()
-            v = [sg * d for sg, d in zip(signs, dw, strict=True)]
-            hv = op.hvp(v)
-            quad.append([_dot(a, b) for a, b in zip(v, hv, strict=True)])
-        else:
-            quad.append([_dot(d, op.block_hvp(i, d)) for i, d in enumerate(dw)])
+    start = 0
+    for group in held_groups(noise, _draw_bytes, hold_bytes):
+        for dw in group:
+            first.append([_dot(g, d) for g, d in zip(op.gradient, dw, strict=True)])
+        todo = [k for k in range(len(group)) if quadratic_samples is None or start + k < quadratic_samples]
+        signs = {k: (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).tolist() for k in todo} \
+            if mode == "joint" else {}
+        q = np.zeros((len(todo), n))
+        for b, w in enumerate(op.batch_weights if todo else []):
+            g = op.graph(b)
+            for j, k in enumerate(todo):
+                dw = group[k]
+                if mode == "joint":
+                    v = [sg * d for sg, d in zip(signs[k], dw, strict=True)]
+                    hv = op.batch_hvp(g, v)
+                    q[j] += w * np.array([_dot(a, h) for a, h in zip(v, hv, strict=True)])
+                else:
+                    q[j] += w * np.array([_dot(d, op.batch_block_hvp(g, i, d)) for i, d in enumerate(dw)])
+            g = hv = None
+        op.hvps += len(todo) * (1 if mode == "joint" else n)
+        quad.extend(q)
+        start += len(group)
     if not quad:
         raise HilalError("the expected loss increase needs at least one noise sample")
     f, q = np.asarray(first), 0.5 * np.asarray(quad)
@@ -453,48 +556,126 @@ def _hooked(model: nn.Module, layers: Sequence[str], batch: Any, fn: Any
     return out, [zs[i] for i in range(len(layers))], [xs[i] for i in range(len(layers))]
 
 
-class OutputOperator:
+@dataclass
+class OutputState:
+    """One piece of calibration samples in output space: the zero perturbations z_l, the loss gradient at
+    them (with its graph for :class:`OutputOperator`, detached for :class:`GaussNewton`), the layers' inputs
+    and, for :class:`GaussNewton`, the backward signals."""
+
+    zs: list[torch.Tensor]
+    grads: tuple[torch.Tensor, ...]
+    inputs: list[torch.Tensor]
+    signals: list[torch.Tensor] | None = None
+
+
+class _Pieces:
+    """The calibration batches of an output-space operator cut into pieces of at most ``chunk`` samples,
+    each piece's state (:class:`OutputState`) kept in a :class:`~hilal.graphs.BatchCache`. Samples do not
+    interact in the loss (eval mode), so batch b's quantities are the sums over its pieces, a piece of n_c
+    of the batch's n_b samples weighing n_c / n_b (``frac``) of its own mean loss."""
+
+    def _cut(self, batches: Sequence[Any], chunk: int) -> None:
+        self.batches = list(batches)
+        self.sizes = [_batch_size_of(b) for b in self.batches]
+        self.batch_weights = [s / sum(self.sizes) for s in self.sizes]
+        self.chunks = [(b, a, e) for b, n in enumerate(self.sizes) for a, e in chunk_bounds(n, chunk)]
+        self.frac = [(e - a) / self.sizes[b] for b, a, e in self.chunks]
+
+    def _record(self) -> None:
+        """Builds the first piece (kept if the budget allows) and notes the layer inputs' dimensions and dtypes,
+        which the probes' random draws depend on."""
+        first = self.state(0)
+        self.input_dims = [x.dim() for x in first.inputs]
+        self.input_like = [torch.empty(0, dtype=x.dtype) for x in first.inputs]
+
+    def state(self, c: int) -> OutputState:
+        """Piece ``c``'s state (kept, or built now)."""
+        return self.cache.get(c)
+
+    def release(self) -> None:
+        """Drops the kept states (later passes rebuild them)."""
+        self.cache.release()
+
+    def _batch(self, b: int, part: Callable[[int, OutputState], Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        parts = [part(c, self.state(c)) for c, (bc, _, _) in enumerate(self.chunks) if bc == b]
+        return list(parts[0]) if len(parts) == 1 else [torch.cat(t) for t in zip(*parts, strict=True)]
+
+    @property
+    def inputs(self) -> PerBatch[list[torch.Tensor]]:
+        """Every batch's layer inputs (one list per batch, assembled from its pieces when asked for)."""
+        return PerBatch(len(self.sizes), lambda b: self._batch(b, lambda c, s: s.inputs))
+
+    @property
+    def zs(self) -> PerBatch[list[torch.Tensor]]:
+        """Every batch's zero perturbations of the layer outputs (assembled when asked for)."""
+        return PerBatch(len(self.sizes), lambda b: self._batch(b, lambda c, s: s.zs))
+
+    @property
+    def grads(self) -> PerBatch[list[torch.Tensor]]:
+        """Every batch's (detached) loss gradient at the layer outputs (assembled when asked for)."""
+        return PerBatch(len(self.sizes), lambda b: self._batch(
+            b, lambda c, s: [g.detach() if self.frac[c] == 1.0 else g.detach() * self.frac[c] for g in s.grads]))
+
+
+class OutputOperator(_Pieces):
     """Gradient and Hessian-vector products of the calibration loss with respect to the outputs of the named
     layers: a zero perturbation z_l is added to every layer's output by a forward hook and the loss is
     differentiated twice with respect to the z_l. Keeps each batch's layer inputs, so the analog layers can
     be run on exactly the inputs the digital network gave them. With ``strata`` > 1 the samples are first
     regrouped into that many batches by :func:`gradient_strata` (``scales`` holds each batch's per-sample
-    scales; None without strata). ``hvps`` counts products per batch; ``full_hvps`` counts them in units of
-    one product over all samples."""
+    scales; None without strata). Graphs are built per piece of at most ``chunk`` samples (default: the
+    largest batch given, so pieces are the batches unless strata merged them) and kept while
+    ``graph_bytes`` allows (see :class:`HessianOperator`); the first is built at construction.
+    ``hvps`` counts products per batch; ``full_hvps`` counts them in units of one product over all
+    samples."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[Any], layers: Sequence[str], strata: int = 1) -> None:
+    def __init__(self, model: nn.Module, batches: Sequence[Any], layers: Sequence[str], strata: int = 1,
+                 graph_bytes: GraphBudget | float = math.inf, chunk: int | None = None) -> None:
+        self.model = model
         self.layers = list(layers)
         mods = dict(model.named_modules())
         self.modules = [mods[n] for n in self.layers]
         self.device = model_device(model)
         self.scales: list[np.ndarray] | None = None
         _check_strata(strata)
+        chunk = chunk or max(_batch_size_of(b) for b in batches)
         if strata > 1:
             batches, self.scales = gradient_strata(model, batches, self.layers, strata)
-        self.sizes = [_batch_size_of(b) for b in batches]
-        self.batch_weights = [s / sum(self.sizes) for s in self.sizes]
-        self.inputs: list[list[torch.Tensor]] = []
-        self.zs: list[list[torch.Tensor]] = []
-        self.grads: list[tuple[torch.Tensor, ...]] = []
+        self._cut(batches, chunk)
+        self.cache: BatchCache[OutputState] = BatchCache(self._build, graph_bytes)
         self.hvps = 0
         self.full_hvps = 0.0
-        for batch in batches:
-            with _hvp_graph(model):
-                loss, z, x = _hooked(model, self.layers, batch, task_loss)
-                _check_finite(loss)
-                self.grads.append(torch.autograd.grad(loss, z, create_graph=True))
-            self.zs.append(z)
-            self.inputs.append(x)
+        self._record()
 
-    def hvp(self, b: int, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """H_b v for batch ``b`` (the output perturbations of different batches do not interact)."""
-        out = hessian_vector_product(list(self.grads[b]), self.zs[b], list(v))
-        self.hvps += 1
-        self.full_hvps += self.batch_weights[b]
+    def _build(self, c: int, measure: bool) -> tuple[OutputState, int]:
+        b, a, e = self.chunks[c]
+        with StateMeter(self.model, self.device) as meter, _hvp_graph(self.model):
+            loss, z, x = _hooked(self.model, self.layers, rows(self.batches[b], a, e), task_loss)
+            _check_finite(loss)
+            grads = torch.autograd.grad(loss, z, create_graph=True)
+        st = OutputState(z, grads, x)
+        return st, meter.total([z, grads, x]) if measure else 0
+
+    def chunk_hvp(self, c: int, st: OutputState, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """H_c v for piece ``c`` (its own mean loss; batch b's product on these samples is ``frac[c]`` times
+        it), checked. Counts one product per batch at its first piece."""
+        b, a, _ = self.chunks[c]
+        out = hessian_vector_product(list(st.grads), st.zs, list(v))
+        self.hvps += a == 0
+        self.full_hvps += self.batch_weights[b] * self.frac[c]
         bad = _nonfinite(self.layers, out)
         if bad:
             raise HilalError(f"non-finite Hessian-vector product at the output of layer(s) {bad}")
         return out
+
+    def hvp(self, b: int, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """H_b v for batch ``b`` (the output perturbations of different batches do not interact)."""
+        parts = []
+        for c, (bc, a, e) in enumerate(self.chunks):
+            if bc == b:
+                out = self.chunk_hvp(c, self.state(c), [vi[a:e] for vi in v])
+                parts.append(out if self.frac[c] == 1.0 else [o * self.frac[c] for o in out])
+        return list(parts[0]) if len(parts) == 1 else [torch.cat(t) for t in zip(*parts, strict=True)]
 
 
 def _check_strata(strata: int) -> None:
@@ -587,25 +768,42 @@ def _rank_one_probe(mod: nn.Module, x: torch.Tensor, gen: torch.Generator) -> to
     per sample n, V_n = xi_n r_n^T with Rademacher xi_n (fan-out) and r_n (fan-in). Its entries are +-1 with
     E[vec(V) vec(V)^T] = I, so E[e^T H_z e] = tr(X^T H_z X) = tr(H_ll): a Hutchinson probe of the weight block
     that costs one fan-in dot product per position instead of a weight-sized product."""
-    n = x.shape[0]
+    return _probe_apply(mod, x, *_probe_signs(mod, x.shape[0], x.dim(), x, gen))
+
+
+def _probe_signs(mod: nn.Module, n: int, ndim: int, like: torch.Tensor, gen: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signs (r, xi) of :func:`_rank_one_probe` for ``n`` samples of an ``ndim``-dimensional input."""
     if isinstance(mod, nn.Linear):
-        ones = (1,) * (x.dim() - 2)
-        r = _rademacher(torch.Size((n, *ones, x.shape[-1])), gen, x)
-        xi = _rademacher(torch.Size((n, *ones, mod.out_features)), gen, x)
-        return (x * r).sum(-1, keepdim=True) * xi
+        ones = (1,) * (ndim - 2)
+        r = _rademacher(torch.Size((n, *ones, mod.in_features)), gen, like)
+        return r, _rademacher(torch.Size((n, *ones, mod.out_features)), gen, like)
     if not isinstance(mod, (nn.Conv1d, nn.Conv2d)):
         raise HilalError(f"weight probes support Linear, Conv1d and Conv2d layers, not {type(mod).__name__}")
+    r = _rademacher(torch.Size((n * mod.groups, *mod.weight.shape[1:])), gen, like)
+    return r, _rademacher(torch.Size((n, mod.out_channels) + (1,) * (ndim - 2)), gen, like)
+
+
+def _probe_rows(mod: nn.Module, signs: tuple[torch.Tensor, torch.Tensor], a: int, e: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signs of samples ``a:e`` (a conv's r holds one row per sample and group)."""
+    r, xi = signs
+    g = mod.groups if isinstance(mod, (nn.Conv1d, nn.Conv2d)) else 1
+    return r[a * g:e * g], xi[a:e]
+
+
+def _probe_apply(mod: nn.Module, x: torch.Tensor, r: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+    if isinstance(mod, nn.Linear):
+        return (x * r).sum(-1, keepdim=True) * xi
     conv = nn.functional.conv1d if isinstance(mod, nn.Conv1d) else nn.functional.conv2d
     padding = mod.padding
     if mod.padding_mode != "zeros":
         x = nn.functional.pad(x, mod._reversed_padding_repeated_twice, mode=mod.padding_mode)
         padding = 0
-    g = mod.groups
-    r = _rademacher(torch.Size((n * g, *mod.weight.shape[1:])), gen, x)
+    n, g = x.shape[0], mod.groups
     # one output channel per sample and group: u[n, j] = conv(x_n's group j, r_nj)
     u = conv(x.reshape(1, -1, *x.shape[2:]), r, None, mod.stride, padding, mod.dilation, n * g)
     u = u.reshape(n, g, *u.shape[2:]).repeat_interleave(mod.out_channels // g, dim=1)
-    xi = _rademacher(torch.Size((n, mod.out_channels) + (1,) * (u.dim() - 2)), gen, x)
     return u * xi
 
 
@@ -621,22 +819,35 @@ def output_traces(op: OutputOperator | GaussNewton, probes: int = 32, seed: int 
     the trace is the sample-weighted sum of the batches' means, with the stratified standard error
     sqrt(sum_b w_b^2 var_b / n_b). With ``return_samples`` the raw (probes x layers) estimates are returned
     instead (equal probe counts only). With :class:`GaussNewton` blocks as ``op``: their exact traces and a
-    zero error (no probe)."""
+    zero error (no probe).
+
+    One pass over the data, pieces of batches outermost: the probes are drawn in the order probes, then
+    batches, then layers (one generator), and each piece redraws its batch's probes from the generator
+    state recorded for them, so the numbers do not depend on how many graphs are kept."""
     if isinstance(op, GaussNewton) and not return_samples:
         return op.traces(), np.zeros(len(op.layers))
     counts = probe_counts(op, probes)
     if return_samples and len(set(counts)) > 1:
         raise HilalError("return_samples needs equal probe counts per batch: build the operator with strata=1")
     gen = torch.Generator().manual_seed(seed)
-    est = [np.zeros((n, len(op.layers))) for n in counts]
+    starts: dict[tuple[int, int], torch.Tensor] = {}
     for p in range(max(counts)):
-        for b, xs in enumerate(op.inputs):
-            if p >= counts[b]:
-                continue
+        for b, n in enumerate(op.sizes):
+            if p < counts[b]:
+                starts[p, b] = gen.get_state()
+                for m, nd, like in zip(op.modules, op.input_dims, op.input_like, strict=True):
+                    _probe_signs(m, n, nd, like, gen)
+    est = [np.zeros((n, len(op.layers))) for n in counts]
+    for c, (b, a, e) in enumerate(op.chunks):
+        st = op.state(c)
+        for p in range(counts[b]):
+            gen.set_state(starts[p, b])
             with torch.no_grad():
-                e = [_rank_one_probe(m, x, gen) for m, x in zip(op.modules, xs, strict=True)]
-            hv = op.hvp(b, e)
-            est[b][p] = [_dot(a, h) for a, h in zip(e, hv, strict=True)]
+                ev = [_probe_apply(m, x, *_probe_rows(m, _probe_signs(m, op.sizes[b], x.dim(), x, gen), a, e))
+                      for m, x in zip(op.modules, st.inputs, strict=True)]
+            hv = op.chunk_hvp(c, st, ev)
+            est[b][p] += op.frac[c] * np.array([_dot(u, h) for u, h in zip(ev, hv, strict=True)])
+        st = ev = hv = None  # the next piece is built without this one
     w = op.batch_weights
     if return_samples:
         return sum(wb * e for wb, e in zip(w, est, strict=True))
@@ -646,15 +857,47 @@ def output_traces(op: OutputOperator | GaussNewton, probes: int = 32, seed: int 
     return trace, np.sqrt(var)
 
 
-def weight_output_errors(op: OutputOperator | GaussNewton, noise: Iterable[Sequence[torch.Tensor]]
-                         ) -> Iterator[list[list[torch.Tensor]]]:
-    """The output change dW_l x_l of every layer and batch (batches x layers) for each weight-noise draw
-    (one tensor per layer, weight-shaped): the weight-space ELI through :func:`output_loss_increase`, whose
-    joint pass draws its signs per sample (the quadratic terms are equal: H_ll = X_l^T H_{z_l} X_l)."""
-    for dw in noise:
+class WeightOutputErrors:
+    """The output change dW_l x_l of every layer for each weight-noise draw (one tensor per layer,
+    weight-shaped), a source of errors for :func:`output_loss_increase`: the weight-space ELI in output space,
+    whose joint pass draws its signs per sample (the quadratic terms are equal: H_ll = X_l^T H_{z_l} X_l).
+    The draws are read once, held in groups of at most ``hold_bytes``, and applied to each piece of
+    calibration samples in turn. Iterating it instead yields every draw's errors as (batches x layers)."""
+
+    def __init__(self, op: OutputOperator | GaussNewton, noise: Iterable[Sequence[torch.Tensor]],
+                 hold_bytes: float = 2**30) -> None:
+        self.op, self.noise, self.hold_bytes = op, noise, hold_bytes
+        self.held: dict[int, Sequence[torch.Tensor]] = {}
+
+    def groups(self) -> Iterator[list[int]]:
+        """The draws' numbers, a group at a time (the group's draws held meanwhile)."""
+        start = 0
+        for group in held_groups(self.noise, _draw_bytes, self.hold_bytes):
+            self.held = dict(enumerate(group, start))
+            yield list(self.held)
+            start += len(group)
+        self.held = {}
+
+    def chunk_errors(self, c: int, st: OutputState, group: Sequence[int]
+                     ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """(draw, errors of piece ``c``'s samples per layer) for every draw of ``group``."""
         with torch.no_grad():
-            yield [[_apply(m, x, d.to(x)) for m, x, d in zip(op.modules, xs, dw, strict=True)]
-                   for xs in op.inputs]
+            for s in group:
+                yield s, [_apply(m, x, d.to(x)) for m, x, d in zip(self.op.modules, st.inputs, self.held[s],
+                                                                     strict=True)]
+
+    def __iter__(self) -> Iterator[list[list[torch.Tensor]]]:
+        for dw in self.noise:
+            with torch.no_grad():
+                yield [[_apply(m, x, d.to(x)) for m, x, d in zip(self.op.modules, xs, dw, strict=True)]
+                       for xs in self.op.inputs]
+
+
+def weight_output_errors(op: OutputOperator | GaussNewton, noise: Iterable[Sequence[torch.Tensor]],
+                         hold_bytes: float = 2**30) -> WeightOutputErrors:
+    """The output change dW_l x_l of every layer and batch for each weight-noise draw: a
+    :class:`WeightOutputErrors` (iterable as draws x batches x layers)."""
+    return WeightOutputErrors(op, noise, hold_bytes)
 
 
 _PER_SAMPLE_CHUNK = 1 << 24  # elements of per-sample gradients held at once
@@ -664,7 +907,7 @@ _CURVED = (nn.LayerNorm, nn.GroupNorm, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Softmax,
 check); functional nonlinearities are caught by the check itself."""
 
 
-class GaussNewton:
+class GaussNewton(_Pieces):
     """Exact Hessian blocks of a classification loss for networks that are piecewise linear in every layer's
     weight (ReLU, max-pooling, eval-mode batch norm, residual sums: no curvature between a layer and the
     logits). There the block H_ll equals the Gauss-Newton block (1/N) sum_n J_nl^T A_n J_nl, with
@@ -677,15 +920,20 @@ class GaussNewton:
     - e^T H_{z_l} e = (1/N) sum_{n,c} (d_ncl . e_nl)^2 for a change e of the layer's output.
 
     No Hessian-vector product and no Monte-Carlo error: the random-sign cross terms of the joint pass are
-    gone. The signals (classes x every layer's output) are kept; beyond ``max_bytes`` construction fails.
-    :meth:`mismatch` measures how far this is from the true blocks (PyHessian's block-restricted HVPs on a
-    random probe); :func:`gauss_newton` only returns one where they agree. Exposes ``layers``,
-    ``batch_weights``, ``inputs`` and ``grads`` (loss gradient at the layer outputs) like
-    :class:`OutputOperator`, so the output-space ELI runs on either."""
+    gone. The signals (classes x every layer's output) are computed per batch and kept while ``graph_bytes``
+    allows (see :class:`HessianOperator`), recomputed for each pass beyond it; construction fails where one
+    batch's signals would exceed ``max_bytes`` (lower the batch size). :meth:`mismatch` measures how far this
+    is from the true blocks (PyHessian's block-restricted HVPs on a random probe); :func:`gauss_newton` only
+    returns one where they agree. Exposes ``layers``, ``batch_weights``, ``inputs``, ``grads`` (loss gradient
+    at the layer outputs), ``signals`` and the pieces' :meth:`state` like :class:`OutputOperator`, so the
+    output-space ELI runs on either; :meth:`traces`, :meth:`block_hvps` and :meth:`weight_quadratic` are one
+    pass each (:meth:`traces` only over the batches not built yet: each batch's share is noted when it is
+    first built)."""
 
     def __init__(self, model: nn.Module, batches: Sequence[Any], layers: Sequence[str],
-                 max_bytes: float = 2**31) -> None:
+                 max_bytes: float = 2**31, graph_bytes: GraphBudget | float = math.inf) -> None:
         mods = dict(model.named_modules())
+        self.model = model
         self.layers = list(layers)
         self.modules = [mods[n] for n in self.layers]
         self.params = [m.weight for m in self.modules]
@@ -698,60 +946,84 @@ class GaussNewton:
         if any(isinstance(b, dict) for b in batches):
             raise HilalError("Gauss-Newton blocks need a classification loss (inputs, labels)")
         self.device = model_device(model)
-        sizes = [_batch_size_of(b) for b in batches]
-        self.batch_weights = [s / sum(sizes) for s in sizes]
-        self.inputs: list[list[torch.Tensor]] = []
-        self.grads: list[tuple[torch.Tensor, ...]] = []
-        self.signals: list[list[torch.Tensor]] = []
+        self.max_bytes = max_bytes
+        self._cut(batches, max(_batch_size_of(b) for b in batches))
         self.hvps = 0
         self.check = float("nan")
         """Relative mismatch with PyHessian's block HVPs measured by :func:`gauss_newton` (NaN: not checked)."""
-        for batch in batches:
-            logits, z, x = _hooked(model, self.layers, batch, lambda m, b: m(b[0]))
-            if logits.dim() != 2:
-                raise HilalError(f"Gauss-Newton blocks need (samples, classes) logits, got {tuple(logits.shape)}")
-            y = to_device(batch, self.device)[1]
-            loss = nn.functional.cross_entropy(logits, y)
-            _check_finite(loss)
-            self.grads.append(tuple(g.detach() for g in torch.autograd.grad(loss, z, retain_graph=True)))
-            p = torch.softmax(logits.detach(), 1)
-            k = p.shape[1]
-            held = k * sum(zi.numel() * zi.element_size() for zi in z) + sum(
-                d.numel() * d.element_size() for sig in self.signals for d in sig)
-            if held > max_bytes:
-                raise HilalError(f"Gauss-Newton signals would hold {held / 2**30:.1f} GiB ({k} classes x the "
-                                 f"layer outputs), over max_bytes={max_bytes / 2**30:.1f} GiB")
-            root = p.sqrt().T[:, :, None] * (torch.eye(k, dtype=p.dtype, device=p.device)[:, None, :] - p)
-            self.signals.append(self._backward(logits, z, root))
-            self.inputs.append(x)
+        self._trace_parts: dict[int, np.ndarray] = {}
+        self.cache: BatchCache[OutputState] = BatchCache(self._build, graph_bytes)
+        self._record()
+
+    def _build(self, c: int, measure: bool) -> tuple[OutputState, int]:
+        b, a, e = self.chunks[c]
+        batch = rows(self.batches[b], a, e)
+        logits, z, x = _hooked(self.model, self.layers, batch, lambda m, bt: m(bt[0]))
+        if logits.dim() != 2:
+            raise HilalError(f"Gauss-Newton blocks need (samples, classes) logits, got {tuple(logits.shape)}")
+        y = to_device(batch, self.device)[1]
+        loss = nn.functional.cross_entropy(logits, y)
+        _check_finite(loss)
+        grads = tuple(g.detach() for g in torch.autograd.grad(loss, z, retain_graph=True))
+        p = torch.softmax(logits.detach(), 1)
+        k = p.shape[1]
+        held = k * sum(zi.numel() * zi.element_size() for zi in z)
+        if held > self.max_bytes:
+            raise HilalError(f"Gauss-Newton signals of one batch would hold {held / 2**30:.1f} GiB ({k} classes x "
+                             f"the layer outputs of {p.shape[0]} samples), over max_bytes="
+                             f"{self.max_bytes / 2**30:.1f} GiB; lower the batch size")
+        root = p.sqrt().T[:, :, None] * (torch.eye(k, dtype=p.dtype, device=p.device)[:, None, :] - p)
+        st = OutputState([], grads, x, self._backward(logits, z, root))
+        if c not in self._trace_parts:  # the traces come with the first build of each batch: no pass of their own
+            self._trace_parts[c] = np.array([self._scale(b) * _per_sample_sq_norms(m, xi, d)
+                                             for m, xi, d in zip(self.modules, x, st.signals, strict=True)])
+        return st, tensor_bytes([st.grads, st.inputs, st.signals], self.model) if measure else 0
+
+    @property
+    def signals(self) -> PerBatch[list[torch.Tensor]]:
+        """Every batch's backward signals d_ncl (one (classes, samples, ...) tensor per layer)."""
+        return PerBatch(len(self.sizes), lambda b: self.state(b).signals)
 
     @staticmethod
     def _backward(logits: torch.Tensor, z: list[torch.Tensor], root: torch.Tensor) -> list[torch.Tensor]:
         """d_ncl for every class c (leading dimension): one backward pass per class (on a CPU a loop is faster
         than a vmapped ``is_grads_batched`` backward)."""
-        per_class = [torch.autograd.grad(logits, z, grad_outputs=r, retain_graph=True) for r in root]
-        return [torch.stack(d) for d in zip(*per_class, strict=True)]
-
-    def _scale(self, b: int) -> float:
-        return self.batch_weights[b] / self.inputs[b][0].shape[0]
-
-    def traces(self) -> np.ndarray:
-        """tr(H_ll) of every layer, exactly."""
-        out = np.zeros(len(self.layers))
-        for b, (xs, ds) in enumerate(zip(self.inputs, self.signals, strict=True)):
-            for i, (m, x, d) in enumerate(zip(self.modules, xs, ds, strict=True)):
-                out[i] += self._scale(b) * _per_sample_sq_norms(m, x, d)
+        out = [zi.new_empty((root.shape[0], *zi.shape)) for zi in z]  # filled class by class: no stacking copy
+        for c, r in enumerate(root):
+            for o, d in zip(out, torch.autograd.grad(logits, z, grad_outputs=r, retain_graph=True), strict=True):
+                o[c] = d
         return out
 
-    def output_quadratic(self, b: int, e: Sequence[torch.Tensor]) -> np.ndarray:
-        """(1/N) sum over batch ``b`` of e_l^T H_{z_l} e_l for output changes e (one tensor per layer)."""
+    def _scale(self, b: int) -> float:
+        return self.batch_weights[b] / self.sizes[b]
+
+    def traces(self) -> np.ndarray:
+        """tr(H_ll) of every layer, exactly: from the parts noted at each batch's first build (a pass only
+        over batches not built yet)."""
+        out = np.zeros(len(self.layers))
+        for c in range(len(self.chunks)):
+            if c not in self._trace_parts:
+                self.state(c)
+            out += self._trace_parts[c]
+        return out
+
+    def output_quadratic(self, b: int, e: Sequence[torch.Tensor], state: OutputState | None = None) -> np.ndarray:
+        """(1/N) sum over batch ``b`` of e_l^T H_{z_l} e_l for output changes e (one tensor per layer);
+        ``state``: batch b's, when at hand."""
+        st = state if state is not None else self.state(b)
         return np.array([self._scale(b) * float(_class_dots(d, ei).square().sum())
-                         for d, ei in zip(self.signals[b], e, strict=True)])
+                         for d, ei in zip(st.signals, e, strict=True)])
 
     def weight_quadratic(self, u: Sequence[torch.Tensor]) -> np.ndarray:
         """u_l^T H_ll u_l of every layer for weight changes u (one tensor per layer, weight-shaped)."""
-        (errors,) = weight_output_errors(self, [u])
-        return sum((self.output_quadratic(b, e) for b, e in enumerate(errors)), np.zeros(len(self.layers)))
+        out = np.zeros(len(self.layers))
+        for c, (b, _, _) in enumerate(self.chunks):
+            st = self.state(c)
+            with torch.no_grad():
+                e = [_apply(m, x, ui.to(x)) for m, x, ui in zip(self.modules, st.inputs, u, strict=True)]
+            out = out + self.output_quadratic(b, e, st)
+            st = e = None
+        return out
 
     def block_hvps(self, idx: Sequence[int], vs: Sequence[torch.Tensor], batched: bool = False
                    ) -> list[torch.Tensor]:
@@ -759,7 +1031,9 @@ class GaussNewton:
         power iteration: per layer and batch one layer forward and one layer weight-gradient, nothing through
         the rest of the network (``batched`` is ignored)."""
         out = [torch.zeros_like(self.params[i]) for i in idx]
-        for b, (xs, ds) in enumerate(zip(self.inputs, self.signals, strict=True)):
+        for c, (b, _, _) in enumerate(self.chunks):
+            st = self.state(c)
+            xs, ds = st.inputs, st.signals
             for o, i, v in zip(out, idx, vs, strict=True):
                 w = v.detach().to(xs[i]).requires_grad_(True)
                 with torch.enable_grad():
@@ -767,6 +1041,7 @@ class GaussNewton:
                 t = _class_dots(ds[i], y.detach())
                 (g,) = torch.autograd.grad(y, w, grad_outputs=torch.einsum("cn,cn...->n...", t, ds[i]))
                 o.add_(g.to(o), alpha=self._scale(b))
+            st = xs = ds = y = t = g = None
         return out
 
     def mismatch(self, op: HessianOperator, seed: int = 0) -> float:
@@ -831,48 +1106,106 @@ def _per_sample_sq_norms(mod: nn.Module, x: torch.Tensor, d: torch.Tensor) -> fl
     return total
 
 
-def gauss_newton(model: nn.Module, batches: Sequence[Any], layers: Sequence[str],
-                 op: HessianOperator | None = None, tol: float = 1e-3, seed: int = 0) -> GaussNewton | None:
-    """:class:`GaussNewton` blocks for ``layers`` if they apply: a classification loss, supported layers, and
-    agreement with PyHessian's block HVPs (``op``, built here when not given) to ``tol`` relative on a
-    random probe (which fails for layers followed by curvature: tanh, GELU, attention, layer norm). None
-    otherwise."""
-    if any(isinstance(m, _CURVED) for m in model.modules()):
-        return None
+def try_gauss_newton(model: nn.Module, batches: Sequence[Any], layers: Sequence[str],
+                     op: HessianOperator | None = None, tol: float = 1e-3, seed: int = 0,
+                     graph_bytes: GraphBudget | float = math.inf) -> tuple[GaussNewton | None, str]:
+    """:class:`GaussNewton` blocks for ``layers`` if they apply (a classification loss, supported layers, and
+    agreement with PyHessian's block HVPs, ``op``, built here when not given, to ``tol`` relative on a random
+    probe, which fails for layers followed by curvature: tanh, GELU, attention, layer norm), else None; and
+    a one-line reason either way."""
+    curved = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _CURVED)})
+    if curved:
+        return None, f"the model holds {', '.join(curved)} modules (curvature between the weights and the logits)"
     try:
-        gn = GaussNewton(model, batches, layers)
-    except HilalError:
-        return None
-    gn.check = gn.mismatch(op if op is not None else HessianOperator(model, batches, layers), seed)
-    return gn if gn.check <= tol else None
+        gn = GaussNewton(model, batches, layers, graph_bytes=graph_bytes)
+    except HilalError as err:
+        return None, str(err)
+    gn.check = gn.mismatch(op if op is not None else HessianOperator(model, batches, layers, graph_bytes), seed)
+    if not gn.check <= tol:
+        gn.release()
+        return None, (f"the blocks differ from PyHessian's block HVPs by {gn.check:.2g} relative (tolerance "
+                      f"{tol:g}): the network is not piecewise linear in every weight")
+    return gn, f"exact blocks, {gn.check:.2g} relative from PyHessian's block HVPs"
 
 
-def output_error_stream(model: nn.Module, op: OutputOperator, preset: Any = "pcm", t_inference: float = 86400.0,
-                        samples: int = 16, seed: int = 0, cache_bytes: float = 2**30
-                        ) -> Iterator[list[list[torch.Tensor]]]:
-    """Draws of e_l = y_analog(x_l) - y_digital(x_l) for every layer and calibration batch (batches x layers),
-    sampled through aihwkit: the layers are converted once with the preset; each draw is a seeded
-    programming + drift, and each analog layer then runs (in inference mode, with its converters and output
-    noise) on the inputs the digital network gave it. Convolution inputs are unfolded once for all draws
-    (:func:`fixed_input_forward`) while the unfolded copies fit in ``cache_bytes``; the rest unfold per draw."""
-    from hilal.evaluate import inference_state, program_repetition
+def gauss_newton(model: nn.Module, batches: Sequence[Any], layers: Sequence[str],
+                 op: HessianOperator | None = None, tol: float = 1e-3, seed: int = 0,
+                 graph_bytes: GraphBudget | float = math.inf) -> GaussNewton | None:
+    """:class:`GaussNewton` blocks for ``layers`` if they apply (:func:`try_gauss_newton`); None otherwise,
+    with a warning that says why."""
+    gn, reason = try_gauss_newton(model, batches, layers, op, tol, seed, graph_bytes)
+    if gn is None:
+        warnings.warn(f"Gauss-Newton blocks not used: {reason}", stacklevel=2)
+    return gn
 
-    analog = to_analog(model, op.layers, preset)
-    mods, amods = dict(model.named_modules()), dict(analog.named_modules())
-    with torch.no_grad():
-        clean = [[mods[n](x) for n, x in zip(op.layers, xs, strict=True)] for xs in op.inputs]
-        runs, left = [], float(cache_bytes)
-        for xs, ys in zip(op.inputs, clean, strict=True):
-            runs.append([])
-            for n, x, y in zip(op.layers, xs, ys, strict=True):
+
+class AnalogOutputErrors:
+    """Draws of e_l = y_analog(x_l) - y_digital(x_l) for every layer, a source of errors for
+    :func:`output_loss_increase` (see :func:`output_error_stream`). For each piece of calibration samples in
+    turn (:meth:`chunk_errors`) every draw is programmed again (seeded per draw), and torch's random state
+    continues where the previous piece left it for that draw, so each draw's converter and output noise is
+    the stream one draw over all pieces in order would see. Iterating it instead yields every draw's errors
+    as (batches x layers), one programming per draw."""
+
+    def __init__(self, model: nn.Module, op: OutputOperator | GaussNewton, preset: Any = "pcm",
+                 t_inference: float = 86400.0, samples: int = 16, seed: int = 0,
+                 cache_bytes: float = 2**30) -> None:
+        self.model, self.op = model, op
+        self.analog = to_analog(model, op.layers, preset)
+        self.t_inference, self.samples, self.seed, self.cache_bytes = t_inference, samples, seed, cache_bytes
+        self.cursors: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def groups(self) -> Iterator[list[int]]:
+        """All draws in one group: a draw is regenerated, not held."""
+        yield list(range(self.samples))
+
+    def chunk_errors(self, c: int, st: OutputState, group: Sequence[int]
+                     ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """(draw, errors of piece ``c``'s samples per layer) for every draw of ``group``; pieces in order."""
+        from hilal.evaluate import inference_state, program_repetition
+
+        mods, amods = dict(self.model.named_modules()), dict(self.analog.named_modules())
+        device = model_device(self.model)
+        with torch.no_grad():
+            clean = [mods[n](x) for n, x in zip(self.op.layers, st.inputs, strict=True)]
+            runs, left = [], float(self.cache_bytes)
+            for n, x, y in zip(self.op.layers, st.inputs, clean, strict=True):
                 size = unfolded_bytes(amods[n], x, y.shape)
                 cache = size <= left
-                runs[-1].append(fixed_input_forward(amods[n], x, y.shape, cache=cache))
+                runs.append(fixed_input_forward(amods[n], x, y.shape, cache=cache))
                 left -= size if cache else 0
-    with inference_state(analog), torch.no_grad():
-        for s in range(samples):
-            program_repetition(analog, t_inference, seed, s)
-            yield [[run() - y for run, y in zip(rs, ys, strict=True)] for rs, ys in zip(runs, clean, strict=True)]
+        with inference_state(self.analog), torch.no_grad():
+            for s in group:
+                program_repetition(self.analog, self.t_inference, self.seed, s)
+                if c > 0:
+                    set_rng_state(self.cursors[s], device)
+                e = [run() - y for run, y in zip(runs, clean, strict=True)]
+                self.cursors[s] = rng_state(device)
+                yield s, e
+
+    def __iter__(self) -> Iterator[list[list[torch.Tensor]]]:
+        op = self.op
+        for s in range(self.samples):
+            pieces = [dict(self.chunk_errors(c, op.state(c), [s]))[s] for c in range(len(op.chunks))]
+            yield [_cat_pieces([p for p, (bc, _, _) in zip(pieces, op.chunks, strict=True) if bc == b])
+                   for b in range(len(op.sizes))]
+
+
+def _cat_pieces(parts: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    return list(parts[0]) if len(parts) == 1 else [torch.cat(t) for t in zip(*parts, strict=True)]
+
+
+def output_error_stream(model: nn.Module, op: OutputOperator | GaussNewton, preset: Any = "pcm",
+                        t_inference: float = 86400.0, samples: int = 16, seed: int = 0, cache_bytes: float = 2**30
+                        ) -> AnalogOutputErrors:
+    """Draws of e_l = y_analog(x_l) - y_digital(x_l) for every layer and calibration batch (iterable as
+    draws x batches x layers), sampled through aihwkit: the layers are converted once with the preset; each
+    draw is a seeded programming + drift, and each analog layer then runs (in inference mode, with its
+    converters and output noise) on the inputs the digital network gave it. Convolution inputs are unfolded
+    once per piece of samples for all draws (:func:`fixed_input_forward`) where the unfolded copies fit in
+    ``cache_bytes``; the rest unfold per draw. :func:`output_loss_increase` takes it piece by piece
+    (:class:`AnalogOutputErrors`), one programming per draw and piece."""
+    return AnalogOutputErrors(model, op, preset, t_inference, samples, seed, cache_bytes)
 
 
 def _unfolds(module: nn.Module, x: torch.Tensor) -> bool:
@@ -908,7 +1241,24 @@ def fixed_input_forward(module: nn.Module, x: torch.Tensor, out_shape: torch.Siz
     return lambda: module.analog_module(cols).transpose(-1, -2).view(out_shape)
 
 
-def output_loss_increase(op: OutputOperator | GaussNewton, errors: Iterable[Sequence[Sequence[torch.Tensor]]],
+class _ListErrors:
+    """Errors given as draws x batches x layers, read piece by piece."""
+
+    def __init__(self, op: OutputOperator | GaussNewton, errors: Iterable[Sequence[Sequence[torch.Tensor]]]) -> None:
+        self.op, self.errors = op, list(errors)
+
+    def groups(self) -> Iterator[list[int]]:
+        yield list(range(len(self.errors)))
+
+    def chunk_errors(self, c: int, st: OutputState, group: Sequence[int]
+                     ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        b, a, e = self.op.chunks[c]
+        for s in group:
+            yield s, [t[a:e] for t in self.errors[s][b]]
+
+
+def output_loss_increase(op: OutputOperator | GaussNewton,
+                         errors: AnalogOutputErrors | WeightOutputErrors | Iterable[Sequence[Sequence[torch.Tensor]]],
                          mode: str = "joint", seed: int = 0, quadratic_samples: int | None = None
                          ) -> dict[str, np.ndarray]:
     """ELI_l = E[g_l . e_l] + 1/2 E[e_l^T H_l e_l] in output space, summed over batches with their weights;
@@ -917,31 +1267,52 @@ def output_loss_increase(op: OutputOperator | GaussNewton, errors: Iterable[Sequ
     mode), so the output Hessian is block-diagonal over samples and every cross-layer term vanishes in
     expectation sample by sample, leaving a sum of independent zero-mean terms instead of one coherent one
     (at no extra cost; on ResNet-8 the spread over sign draws is 0.6-1.1x, median 0.8x, that of per-layer
-    signs). With :class:`GaussNewton` blocks as ``op`` the quadratic terms are exact (``mode`` is moot)."""
+    signs). With :class:`GaussNewton` blocks as ``op`` the quadratic terms are exact (``mode`` is moot).
+
+    ``errors``: a :func:`output_error_stream` or :func:`weight_output_errors` source, or the draws given as
+    draws x batches x layers. Pieces of samples outermost: one pass over the data per group of draws the
+    source holds (one for analog errors; weight draws by their ``hold_bytes``), with the signs drawn in the
+    order draws, batches, layers and redrawn per piece from the generator state recorded for them."""
     check_choice("mode", mode, MODES)
+    source = errors if isinstance(errors, (AnalogOutputErrors, WeightOutputErrors)) else _ListErrors(op, errors)
+    exact = isinstance(op, GaussNewton)
     gen = torch.Generator().manual_seed(seed + 2)
     n = len(op.layers)
+    like = torch.empty(0)
     first, quad = [], []
-    for s, err in enumerate(errors):
-        f = np.zeros(n)
-        for w, g, e in zip(op.batch_weights, op.grads, err, strict=True):
-            f += w * np.array([_dot(gi.detach(), ei) for gi, ei in zip(g, e, strict=True)])
-        first.append(f)
-        if quadratic_samples is not None and s >= quadratic_samples:
-            continue
-        q = np.zeros(n)
-        for b, (w, e) in enumerate(zip(op.batch_weights, err, strict=True)):
-            if isinstance(op, GaussNewton):
-                q += op.output_quadratic(b, e)
-            elif mode == "joint":
-                v = [ei * _sample_signs(ei, gen) for ei in e]
-                hv = op.hvp(b, v)
-                q += w * np.array([_dot(a, h) for a, h in zip(v, hv, strict=True)])
-            else:
-                for i in range(n):
-                    v = [ei if j == i else torch.zeros_like(ei) for j, ei in enumerate(e)]
-                    q[i] += w * _dot(e[i], op.hvp(b, v)[i])
-        quad.append(q)
+    for group in source.groups():
+        todo = [s for s in group if quadratic_samples is None or s < quadratic_samples]
+        starts: dict[tuple[int, int], torch.Tensor] = {}
+        if mode == "joint" and not exact:
+            for s in todo:
+                for b, size in enumerate(op.sizes):
+                    starts[s, b] = gen.get_state()
+                    for _ in range(n):
+                        _rademacher(torch.Size((size,)), gen, like)
+        f = {s: np.zeros(n) for s in group}
+        q = {s: np.zeros(n) for s in todo}
+        for c, (b, a, e) in enumerate(op.chunks):
+            st = op.state(c)
+            w, fr = op.batch_weights[b], op.frac[c]
+            for s, err in source.chunk_errors(c, st, group):
+                f[s] += w * (fr * np.array([_dot(gi.detach(), ei) for gi, ei in zip(st.grads, err, strict=True)]))
+                if s not in q:
+                    continue
+                if exact:
+                    q[s] += op.output_quadratic(b, err, st)
+                elif mode == "joint":
+                    gen.set_state(starts[s, b])
+                    v = [ei * _rademacher(torch.Size((op.sizes[b],) + (1,) * (ei.dim() - 1)), gen, ei)[a:e]
+                         for ei in err]
+                    hv = op.chunk_hvp(c, st, v)
+                    q[s] += w * (fr * np.array([_dot(u, h) for u, h in zip(v, hv, strict=True)]))
+                else:
+                    for i in range(n):
+                        v = [ei if j == i else torch.zeros_like(ei) for j, ei in enumerate(err)]
+                        q[s][i] += w * (fr * _dot(err[i], op.chunk_hvp(c, st, v)[i]))
+            st = err = v = hv = None  # the next piece is built without this one
+        first.extend(f[s] for s in group)
+        quad.extend(q[s] for s in todo)
     if not quad:
         raise HilalError("the expected loss increase needs at least one noise sample")
     f, q = np.asarray(first), 0.5 * np.asarray(quad)
@@ -959,12 +1330,27 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
     """One row per mappable layer (model order): params, MACs, Hutchinson trace (+ standard error), top
     eigenvalue, concentration, and the noise-aware expected loss increase (+ first/second-order parts and
     standard error), all on the calibration data. ``df.attrs`` holds the HVP counts (``hvps`` and per
-    part), backward calls, the sample strata the traces used (1: none) and timings in seconds."""
+    part), backward calls, the sample strata the traces used (1: none), timings in seconds, the curvature
+    used (``curvature``: ``gauss-newton`` or ``hvp``, and ``curvature_reason``; falling back from the exact
+    blocks in ``joint`` mode is also warned about), and the graph builds (``graph_builds``, weight and output
+    space) with the peak bytes kept (``graph_bytes_kept``).
+
+    Memory: the calibration batches' state is kept within ``cfg.graph_bytes`` and rebuilt beyond it, one
+    build per batch and pass over the data (the estimates do not depend on the budget). With nothing kept
+    (budget 0), B batches and P output-space pieces (the batches, or the gradient strata in pieces of at
+    most the batch size), the weight-space graphs are built B times at construction and B times per pass of:
+    the Gauss-Newton check (1 pass), power iteration without Gauss-Newton blocks (1 per iteration),
+    ``per_layer`` traces (1) and ``per_layer`` weight-noise ELI (1 per group of draws held). The output-space
+    state (graphs, or Gauss-Newton signals) is built once at construction, then P times per pass of: the
+    Gauss-Newton check (1), traces (1; none on Gauss-Newton blocks, whose traces come with the check's
+    pass), power iteration on Gauss-Newton blocks (1 per iteration) and ELI (1; weight noise: 1 per 1 GiB of
+    weight draws). With a budget that holds everything each is built once."""
     cfg = cfg or HessianConfig()
     check_choice("mode", cfg.mode, MODES)
     check_choice("noise", cfg.noise, NOISE_SPACES)
     check_choice("gauss_newton", cfg.gauss_newton, GAUSS_NEWTON)
     _check_strata(cfg.strata)
+    budget = GraphBudget(cfg.graph_bytes)
     all_layers = mappable_layers(model)
     if not all_layers:
         raise HilalError("the model has no mappable (Conv1d/Conv2d/Linear) layer")
@@ -989,13 +1375,19 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         for n in layers:
             mods[n].weight.requires_grad_(True)
         t0 = time.perf_counter()
-        op = HessianOperator(model, batches, layers)
+        op = HessianOperator(model, batches, layers, budget)
         gn = out_op = None
+        reason = "gauss_newton='off'" if cfg.gauss_newton == "off" else "per_layer mode"
         if cfg.mode == "joint" and cfg.gauss_newton == "auto":
-            gn = gauss_newton(model, batches, layers, op, seed=cfg.seed)
+            gn, reason = try_gauss_newton(model, batches, layers, op, seed=cfg.seed, graph_bytes=budget)
+            if gn is None:
+                warnings.warn(f"curvature from Monte-Carlo HVPs, not exact Gauss-Newton blocks: {reason}",
+                              stacklevel=2)
+            else:
+                op.release()  # the blocks serve the power iteration too
         if cfg.mode == "joint":  # exact blocks, or output-space HVPs with per-sample probes
             strata = strata_for(cfg.strata, cfg.probes, samples)
-            out_op = gn if gn is not None else OutputOperator(model, batches, layers, strata)
+            out_op = gn if gn is not None else OutputOperator(model, batches, layers, strata, budget)
         timings["graph_s"] = time.perf_counter() - t0
         hv_check = op.hvps
 
@@ -1020,8 +1412,9 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         if draws == 0 or cfg.eli_samples == 0:  # curvature only
             eli = {k: np.full(len(layers), np.nan) for k in ("eli", "eli_first", "eli_second", "eli_se")}
         elif out_op is not None or cfg.noise == "output":
+            op.release()  # no more weight-space products
             if out_op is None:
-                out_op = OutputOperator(model, batches, layers)
+                out_op = OutputOperator(model, batches, layers, graph_bytes=budget)
             if cfg.noise == "output":
                 errors = output_error_stream(model, out_op, preset, cfg.t_inference, draws, cfg.seed)
             else:
@@ -1036,6 +1429,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         calls = op.calls
         used_strata = len(out_op.sizes) if isinstance(out_op, OutputOperator) and out_op.scales is not None else 1
         curvature, check = ("gauss-newton", gn.check) if gn is not None else ("hvp", float("nan"))
+        builds_w, builds_o = op.cache.builds, (out_op.cache.builds if out_op is not None else 0)
         bar.update()
         op = gn = out_op = None  # frees the kept graphs
     finally:
@@ -1057,7 +1451,9 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
                        "lambda_max": lam, "concentration": conc, **eli})[COLUMNS]
     df.attrs.update({"hvps": hv_trace + hv_eig + hv_eli, "hvps_check": hv_check, "hvps_trace": hv_trace - hv_check,
                      "hvps_eig": hv_eig, "hvps_eli": hv_eli, "backward_calls": calls, "mode": cfg.mode,
-                     "noise": cfg.noise, "curvature": curvature, "gauss_newton_mismatch": check, "strata": used_strata,
-                     "samples": samples,
-                     **timings, "total_s": sum(timings.values())})
+                     "noise": cfg.noise, "curvature": curvature, "curvature_reason": reason,
+                     "gauss_newton_mismatch": check, "strata": used_strata, "samples": samples,
+                     "graph_builds": builds_w + builds_o, "graph_builds_weight": builds_w,
+                     "graph_builds_output": builds_o, "graph_bytes": cfg.graph_bytes,
+                     "graph_bytes_kept": budget.peak, **timings, "total_s": sum(timings.values())})
     return df
