@@ -27,6 +27,7 @@ probes and signs from recorded generator states, so the estimates are the same w
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -44,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hilal.analog import ANALOG_TYPES, check_layers, count_macs, mappable_layers, to_analog
-from hilal.data import Splits, loader
+from hilal.data import LossFn, Splits, loader
 from hilal.device import model_device, to_device
 from hilal.graphs import (
     DEFAULT_GRAPH_BYTES,
@@ -213,9 +214,10 @@ class HessianOperator:
     backward calls; ``cache.builds`` counts graph builds."""
 
     def __init__(self, model: nn.Module, batches: Sequence[Any], layers: Sequence[str],
-                 graph_bytes: GraphBudget | float = math.inf) -> None:
+                 graph_bytes: GraphBudget | float = math.inf, loss_fn: LossFn | None = None) -> None:
         mods = dict(model.named_modules())
         self.model = model
+        self.loss = functools.partial(task_loss, loss_fn=loss_fn)
         self.batches = list(batches)
         self.layers = list(layers)
         self.params = [mods[n].weight for n in self.layers]
@@ -234,7 +236,7 @@ class HessianOperator:
 
     def _build(self, b: int, measure: bool) -> tuple[tuple[torch.Tensor, ...], int]:
         with StateMeter(self.model, self.device) as meter, _hvp_graph(self.model, self.params):
-            loss = task_loss(self.model, to_device(self.batches[b], self.device))
+            loss = self.loss(self.model, to_device(self.batches[b], self.device))
             _check_finite(loss)
             grads = torch.autograd.grad(loss, self.params, create_graph=True)
         return grads, meter.total(grads) if measure else 0
@@ -630,8 +632,10 @@ class OutputOperator(_Pieces):
     samples."""
 
     def __init__(self, model: nn.Module, batches: Sequence[Any], layers: Sequence[str], strata: int = 1,
-                 graph_bytes: GraphBudget | float = math.inf, chunk: int | None = None) -> None:
+                 graph_bytes: GraphBudget | float = math.inf, chunk: int | None = None,
+                 loss_fn: LossFn | None = None) -> None:
         self.model = model
+        self.loss = functools.partial(task_loss, loss_fn=loss_fn)
         self.layers = list(layers)
         mods = dict(model.named_modules())
         self.modules = [mods[n] for n in self.layers]
@@ -640,7 +644,7 @@ class OutputOperator(_Pieces):
         _check_strata(strata)
         chunk = chunk or max(_batch_size_of(b) for b in batches)
         if strata > 1:
-            batches, self.scales = gradient_strata(model, batches, self.layers, strata)
+            batches, self.scales = gradient_strata(model, batches, self.layers, strata, loss_fn)
         self._cut(batches, chunk)
         self.cache: BatchCache[OutputState] = BatchCache(self._build, graph_bytes)
         self.hvps = 0
@@ -650,7 +654,7 @@ class OutputOperator(_Pieces):
     def _build(self, c: int, measure: bool) -> tuple[OutputState, int]:
         b, a, e = self.chunks[c]
         with StateMeter(self.model, self.device) as meter, _hvp_graph(self.model):
-            loss, z, x = _hooked(self.model, self.layers, rows(self.batches[b], a, e), task_loss)
+            loss, z, x = _hooked(self.model, self.layers, rows(self.batches[b], a, e), self.loss)
             _check_finite(loss)
             grads = torch.autograd.grad(loss, z, create_graph=True)
         st = OutputState(z, grads, x)
@@ -719,8 +723,8 @@ def _index(batch: Any, idx: torch.Tensor) -> Any:
     return type(batch)(v[idx.to(v.device)] for v in batch)
 
 
-def gradient_strata(model: nn.Module, batches: Sequence[Any], layers: Sequence[str], strata: int
-                    ) -> tuple[list[Any], list[np.ndarray]]:
+def gradient_strata(model: nn.Module, batches: Sequence[Any], layers: Sequence[str], strata: int,
+                    loss_fn: LossFn | None = None) -> tuple[list[Any], list[np.ndarray]]:
     """The calibration samples regrouped into ``strata`` batches of (nearly) equal size, by decreasing scale
     of their loss gradient at the named layers' outputs (one backward pass, no graph kept), and each new
     batch's per-sample scales. A sample's scale is the root mean over layers of its squared gradient norm
@@ -730,7 +734,7 @@ def gradient_strata(model: nn.Module, batches: Sequence[Any], layers: Sequence[s
     sq = []
     for batch in batches:
         with _hvp_graph(model):
-            loss, z, _ = _hooked(model, layers, batch, task_loss)
+            loss, z, _ = _hooked(model, layers, batch, functools.partial(task_loss, loss_fn=loss_fn))
             _check_finite(loss)
             grads = torch.autograd.grad(loss, z)
         n = _batch_size_of(batch)
@@ -1326,14 +1330,16 @@ def output_loss_increase(op: OutputOperator | GaussNewton,
 
 def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any = "pcm",
                   cfg: HessianConfig | None = None, layers: Sequence[str] | None = None,
-                  progress: bool = True) -> pd.DataFrame:
+                  progress: bool = True, loss_fn: LossFn | None = None) -> pd.DataFrame:
     """One row per mappable layer (model order): params, MACs, Hutchinson trace (+ standard error), top
     eigenvalue, concentration, and the noise-aware expected loss increase (+ first/second-order parts and
     standard error), all on the calibration data. ``df.attrs`` holds the HVP counts (``hvps`` and per
     part), backward calls, the sample strata the traces used (1: none), timings in seconds, the curvature
     used (``curvature``: ``gauss-newton`` or ``hvp``, and ``curvature_reason``; falling back from the exact
     blocks in ``joint`` mode is also warned about), and the graph builds (``graph_builds``, weight and output
-    space) with the peak bytes kept (``graph_bytes_kept``).
+    space) with the peak bytes kept (``graph_bytes_kept``). The loss is ``loss_fn`` when given, else the
+    splits' own (:attr:`hilal.data.Splits.loss_fn`), else the task loss of the batches' kind; the exact
+    Gauss-Newton blocks need the softmax cross-entropy, so a custom loss takes HVPs.
 
     Memory: the calibration batches' state is kept within ``cfg.graph_bytes`` and rebuilt beyond it, one
     build per batch and pass over the data (the estimates do not depend on the budget). With nothing kept
@@ -1366,6 +1372,8 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
 
     batches = calibration_batches(splits, cfg)
     samples = sum(_batch_size_of(b) for b in batches)
+    if loss_fn is None and isinstance(splits, Splits):
+        loss_fn = splits.loss_fn
     bar = tqdm(total=3, desc="curvature", disable=not progress, leave=False)
     was_training = model.training
     flags = {n: mods[n].weight.requires_grad for n in layers}
@@ -1375,10 +1383,12 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         for n in layers:
             mods[n].weight.requires_grad_(True)
         t0 = time.perf_counter()
-        op = HessianOperator(model, batches, layers, budget)
+        op = HessianOperator(model, batches, layers, budget, loss_fn)
         gn = out_op = None
         reason = "gauss_newton='off'" if cfg.gauss_newton == "off" else "per_layer mode"
-        if cfg.mode == "joint" and cfg.gauss_newton == "auto":
+        if loss_fn is not None:
+            reason = "a custom loss_fn (the exact blocks are those of the softmax cross-entropy)"
+        elif cfg.mode == "joint" and cfg.gauss_newton == "auto":
             gn, reason = try_gauss_newton(model, batches, layers, op, seed=cfg.seed, graph_bytes=budget)
             if gn is None:
                 warnings.warn(f"curvature from Monte-Carlo HVPs, not exact Gauss-Newton blocks: {reason}",
@@ -1387,7 +1397,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
                 op.release()  # the blocks serve the power iteration too
         if cfg.mode == "joint":  # exact blocks, or output-space HVPs with per-sample probes
             strata = strata_for(cfg.strata, cfg.probes, samples)
-            out_op = gn if gn is not None else OutputOperator(model, batches, layers, strata, budget)
+            out_op = gn if gn is not None else OutputOperator(model, batches, layers, strata, budget, loss_fn=loss_fn)
         timings["graph_s"] = time.perf_counter() - t0
         hv_check = op.hvps
 
@@ -1414,7 +1424,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         elif out_op is not None or cfg.noise == "output":
             op.release()  # no more weight-space products
             if out_op is None:
-                out_op = OutputOperator(model, batches, layers, graph_bytes=budget)
+                out_op = OutputOperator(model, batches, layers, graph_bytes=budget, loss_fn=loss_fn)
             if cfg.noise == "output":
                 errors = output_error_stream(model, out_op, preset, cfg.t_inference, draws, cfg.seed)
             else:
