@@ -201,8 +201,7 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
     installed in it. ``overrides``: parameters given to every selected notebook (each must declare them).
     ``notebooks``: another folder of ``NN_name.ipynb`` files (default ``notebooks/``). ``threads``: torch threads
     of each kernel (its ``OMP_NUM_THREADS``; default: the one set in the environment, else 1, since the models
-    are small and torch's default of one thread per core oversubscribes a shared machine: on two busy cores
-    it ran past the smoke profile's cell timeout).
+    are small and torch's default of one thread per core oversubscribes a shared machine).
 
     After each notebook its entry in the figures folder's ``provenance.json`` (:data:`hilal.paths.PROVENANCE`)
     gets the profile, parameters, status, seconds and when it finished, on top of the code and machine that

@@ -6,9 +6,8 @@ mapped fresh and the top of the heap is handed back to the kernel once more than
 free, so a loop that allocates and frees the same activation-sized tensors (Hessian-vector products,
 training steps) touches new pages every time: each page fault costs microseconds, more in a virtual
 machine. Fixing the mapping threshold at 32 MiB and keeping up to 256 MiB of free heap removes those faults
-(vit_tiny output-space HVP on this project's 2-core VM, six alternating processes: a median 4,600 page
-faults and 76 ms per product against none and 61 ms). The price: up to 256 MiB of freed heap stay with the
-process for reuse instead of going back to the system.
+(what it saved: docs/benchmarks.md). The price: up to 256 MiB of freed heap stay with the process for reuse
+instead of going back to the system.
 
 The ``hilal`` command, ``bench/``, the test suite and every notebook (in its imports cell, so Jupyter,
 Colab and a plain papermill run get it too) apply this to their own process (:func:`keep_freed_memory`), and

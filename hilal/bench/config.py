@@ -60,7 +60,9 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
-        """Smaller sizes for a quick look (minutes on a laptop CPU)."""
+        """Smaller sizes for a quick look: 1 repeat, 16 probes, 8 noise samples, 256 calibration samples,
+        5 forward passes, 10 recheck programmings, and mappings with ``reps=5``, ``max_rounds=4``. ``overrides``
+        go on top (``mapping`` merged into those mapping settings)."""
         base = cls(repeats=1, probes=16, eli_samples=8, max_samples=256, forward_iters=5,
                    recheck_reps=10, mapping={"reps": 5, "max_rounds": 4})
         if "mapping" in overrides:  # settings of the mapping go on top of the quick sizes

@@ -16,8 +16,7 @@ from hilal.bench.config import BenchConfig, _median, _registered, _trained
 def warm_up() -> None:
     """Import what the mapping methods import on first use, so that the method timed first in a process does
     not pay for the process's one-time imports: torch's optimizers load ``torch._dynamo`` when the first one
-    is built (about 2 s of a 32 s HILAL mapping of ResNet-8 on a 2-core EPYC VM), and HILAL loads the
-    curvature and clustering modules (PyHessian, scikit-learn)."""
+    is built, and HILAL loads the curvature and clustering modules (PyHessian, scikit-learn)."""
     # imported here, not at the top: loading them is this function's job
     import sklearn.cluster  # noqa: F401
     import sklearn.mixture  # noqa: F401
@@ -31,9 +30,9 @@ def warm_up_model(model: nn.Module, splits: Any, cfg: Any) -> None:
     """Run, untimed, each kind of work the two mapping methods do on ``model``, once and cheaply, on the shapes
     they use: a curvature pass (HILAL's), two noise-injection training steps on an all-analog copy (both
     methods' retraining) and one noisy evaluation of it (every step's). The first call of a kernel on a new
-    shape pays one-time costs (allocations, oneDNN primitives: about 0.8 s of ResNet-8's first curvature
-    pass in a process on a 2-core Xeon), which the method timed first would otherwise pay. ``cfg`` is the
-    :class:`hilal.mapping.MappingConfig` the methods will run with; torch's random state is left as it was."""
+    shape pays one-time costs (allocations, oneDNN primitives), which the method timed first would otherwise
+    pay. ``cfg`` is the :class:`hilal.mapping.MappingConfig` the methods will run with; torch's random state
+    is left as it was."""
     from hilal.analog import mappable_layers, to_analog  # local: the report loads hilal.bench without the kit
     from hilal.evaluate import noisy_scores
     from hilal.hessian import layer_metrics

@@ -21,7 +21,7 @@ ORDERS = ("eli", "eli_per_mac")
 # full ELI (plus the first-order term g . E[e], from its systematic part)
 COSTS = {"curvature": "eli_second", "eli": "eli"}
 # Curvature budget inside a mapping: enough to rank layers (notebook 03 shows the full-budget metrics). ELI in
-# output space, so converter and output noise count too (they dominate the harsh preset's sensitivity).
+# output space, so converter and output noise, which the weight-space ELI leaves out, count too.
 MAPPING_HESSIAN = {"probes": 16, "power_iters": 10, "noise": "output", "eli_samples": 16, "first_order_samples": 16,
                    "max_samples": 256}
 
@@ -52,10 +52,10 @@ class MappingConfig:
     search: str = "knapsack"
     """HILAL: how the stages are chosen. ``knapsack``: the sets carrying the most MACs per expected-loss
     budget (a 0/1-knapsack Pareto frontier over ``cost``, robust cluster first) bisected on zero-shot scores,
-    each stage confirmed by one retrained stage (typically one to three in all); ``screen``: the same on
-    prefixes of the ordered layers, corrected by the measured retraining recovery; ``gallop`` (1, 2, 4...
-    then bisection), ``bisect`` or ``walk`` (one layer per stage) retrain at every probe, after the robust
-    cluster's own ``stages``."""
+    each stage confirmed by one retrained stage; ``screen``: the same on prefixes of the ordered layers,
+    corrected by the measured retraining recovery; ``gallop`` (1, 2, 4... then bisection), ``bisect`` or
+    ``walk`` (one layer per stage) retrain at every probe, after the robust cluster's own ``stages``. Why
+    zero-shot screens: a screen is one evaluation, a retraining stage several rounds of training and one."""
     order: str = "eli_per_mac"
     """HILAL: order inside each cluster: ``eli_per_mac`` (ascending cost per multiply-accumulate: the most
     analog work per unit of expected loss first) or ``eli`` (ascending cost, as published)."""
@@ -64,9 +64,8 @@ class MappingConfig:
     its ELI, 1/2 E[e^T H e], from the noise's spread (a fresh draw at every programming); or ``eli``, the
     full ELI as published, which adds the first-order term g . E[e] of the noise's systematic part (drift,
     converter bias: the same at every programming, so retrained output scales, biases and batch norm can
-    correct it). That term moves the calibration loss without predicting accuracy (on ResNet-20 it is
-    negative for four layers, down to -0.012, making them look the most robust); weighing by curvature alone
-    raised ResNet-20's median analog MAC share from 0.38 to 0.67 over mapping seeds 0-5."""
+    correct it). Why ``curvature`` is the default: the first-order term moves the calibration loss without
+    predicting accuracy, and can be negative (docs/benchmarks.md, "Notes moved from the code")."""
     min_gain: float = 0.02
     """HILAL ``knapsack``: after the first kept stage, a further stage must add at least this share of the
     network's MACs to be worth a retraining stage."""
@@ -75,8 +74,7 @@ class MappingConfig:
     standard errors (of its repetitions) is retrained before the largest candidate that clears it, since
     retraining may lift it over (LionHeart keeps such layers after retraining); 0 turns this off, as do
     fewer than 5 ``reps`` (too few for a usable standard error). Only for the first stage: on a network
-    already fine-tuned under noise, retraining recovers less (later near misses were rejected 3 times in 5
-    on ResNet-8/20, each costing a full stage)."""
+    already fine-tuned under noise, retraining recovers less, and a rejected near miss costs a full stage."""
     trim: bool = True
     """HILAL ``knapsack``: when a retrained stage falls below the floor, screen subsets of its layers (the
     knapsack frontier of the stage's own layers, bisected) on its best weights (retrained, or as they were
@@ -85,14 +83,13 @@ class MappingConfig:
     scan: int = 0
     """HILAL ``knapsack``: in a later round where no frontier set clears the floor, screen up to this many
     of the remaining single layers (ascending cost per MAC, sequential test) and retrain the first within one
-    standard error of the floor (:func:`_scan`); 0 (the default) turns this off. With ``cost="eli"`` it
-    recovered layers that the ELI misranked (ResNet-20 seeds 0-5: median share 0.38 to 0.44); with the
-    default ``cost="curvature"`` it added one layer on two of six ResNet-20 seeds, and HILAL's median time
-    there was 58 s with it against 33 s without (speed-up 4.3x against 6.9x)."""
+    standard error of the floor (:func:`_scan`); 0 (the default) turns this off. It can recover layers
+    that the digital model's ELI misranks once stages are kept, at the price of at most one more retraining
+    stage per round."""
     recovery_prior: float = 0.0
     """HILAL ``screen`` and ``knapsack``: share of a zero-shot drop that retraining is assumed to recover
-    (``screen`` replaces it by the recovery a stage measured; ``knapsack`` keeps it). 0 is conservative; 0.5
-    explored one more stage on ResNet-8/20 without gaining analog MACs."""
+    (``screen`` replaces it by the recovery a stage measured; ``knapsack`` keeps it): 0 (none) to 1 (all).
+    0 is conservative: a larger prior proposes larger stages, which retraining may not carry."""
     confirm: bool = False
     """Every method: accept a retraining stage on a fresh evaluation (``reps`` programmings that its rounds
     never drew, seeds from ``CONFIRM_SEED``) instead of its best round's score, the maximum of several noisy

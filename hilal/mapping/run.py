@@ -138,8 +138,8 @@ class _Run:
         return self.ledger.timed_search(fn)
 
     def floor(self) -> float:
-        """The lowest score accepted. Scores are means of per-sample counts, so one that equals the floor
-        exactly must not fail by float rounding (348.8/360 came out 1e-16 below 356/360 - 0.02)."""
+        """The lowest score accepted: the digital baseline less ``drop_threshold``, less 1e-9. Scores are means
+        of per-sample counts, so one that equals the floor exactly must not fail by float rounding."""
         return self.baseline - self.cfg.drop_threshold - 1e-9
 
     def stage(self, key: str, layers: list[str], accept: Callable[[float], bool] | None = None,

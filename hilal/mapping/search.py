@@ -166,8 +166,7 @@ def _scan(run: _Run, key: str, layers: list[str], floor: float) -> bool:
     zero-shot score is within one standard error of the floor; keep it if it then clears the floor. Once
     stages are kept, the digital model's ELI ranks the remaining layers less well (their sensitivities moved
     with the retraining, and its Monte-Carlo error is of the order of the gaps between them), so the
-    frontier's cheapest set may fail where the next single layer clears (ResNet-20: the successful single
-    layers were among the first three in ELI-per-MAC order). At most one retraining."""
+    frontier's cheapest set may fail where the next single layer clears. At most one retraining."""
     for n in layers:
         z = run.screen(f"{key}-{n}", [n], threshold=floor)
         if z >= floor - (run.rows[-1]["zero_shot_se"] or 0.0):
@@ -179,9 +178,9 @@ def _trim(run: _Run, key: str, layers: list[str], cost: dict[str, float], floor:
     """After the stage of ``layers`` was retrained and rejected: bisect the knapsack frontier of its own
     layers (most MACs per expected-loss budget, the full set excluded) on zero-shot scores of its retrained model with
     the rest of its layers digital again, and keep the largest subset that clears the floor and adds at least
-    ``gain`` MACs. Retraining adapted the whole network to the stage's noise, so a subset usually clears the
-    floor where it would not on the model before the stage (ResNet-8: 1-2 points higher); this replaces a
-    second retraining stage by a few evaluations (when no round beat the stage's zero-shot score, its weights
+    ``gain`` MACs. Retraining adapted the whole network to the stage's noise, so a subset may clear the
+    floor where it would not on the model before the stage; this replaces a second retraining stage by a
+    few evaluations (when no round beat the stage's zero-shot score, its weights
     are those it had before retraining, and the subsets are screened on them). With ``confirm`` the subsets
     that cleared are tried largest first until one also clears a fresh evaluation (:meth:`_Run.adopt`).
     Returns whether a subset was kept."""
@@ -209,7 +208,7 @@ def _screened(run: _Run, order: list[str], n_robust: int) -> None:
     (baseline - z) that retraining recovers (``recovery_prior`` until a stage has measured it), clears the
     floor; the first round proposes at least the whole robust cluster. The chosen stage is retrained once and
     kept if it clears the floor: a kept stage moves the start forward, a rejected one lowers the upper end and
-    updates rho, until no longer prefix is worth a stage. Typically two or three retrained stages in all."""
+    updates rho, until no longer prefix is worth a stage."""
     base, floor = run.baseline, run.floor()
     rho, done, hi, it = run.cfg.recovery_prior, 0, len(order), 0
     while True:
