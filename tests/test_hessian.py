@@ -203,7 +203,7 @@ def test_second_order_rules_match_dense_hessian(case):
 
 
 def test_second_order_rules_leave_other_calls_alone():
-    from hilal.second_order import SecondOrderRules
+    from hilal.hessian import SecondOrderRules
 
     x = torch.randn(3, 5, requires_grad=True)
     w = torch.ones(5, requires_grad=True)
