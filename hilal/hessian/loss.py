@@ -23,8 +23,8 @@ def _check_finite(loss: torch.Tensor) -> None:
 
 def _nonfinite(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> list[str]:
     """The names of the tensors that hold a NaN or an infinity. One sum per tensor decides (a sum is finite
-    unless an entry is not, or the sum overflows, which the full check then clears); an elementwise
-    ``isfinite`` on every product cost 12% of an output-space HVP of vit_tiny."""
+    unless an entry is not, or the sum overflows, which the full check then clears): cheaper than an
+    elementwise ``isfinite`` on every product."""
     if torch.isfinite(torch.stack([t.sum() for t in tensors])).all():
         return []
     return [n for n, t in zip(names, tensors, strict=True) if not torch.isfinite(t).all()]

@@ -33,8 +33,8 @@ MIN_STRATUM_SAMPLES = 32
 def strata_for(strata: int, probes: int, samples: int) -> int:
     """The strata used for ``strata`` asked, ``probes`` and ``samples``: at most one per MIN_STRATUM_PROBES
     probes and per MIN_STRATUM_SAMPLES samples, at least 1. A stratum's standard error comes from its own
-    probes, and the smallest strata get a tenth of them: with 8 probes and 64 samples, 4 strata gave
-    vit_tiny a median 1.35x the standard error of none."""
+    probes, and the smallest strata get a tenth of them: below those counts the strata raise the standard
+    error above that of no strata."""
     _check_strata(strata)
     return max(1, min(strata, probes // MIN_STRATUM_PROBES, samples // MIN_STRATUM_SAMPLES))
 
