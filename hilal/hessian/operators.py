@@ -39,7 +39,7 @@ class HessianOperator:
     """Gradient and Hessian-vector products of the calibration loss with respect to the weights of the named
     layers. The loss is the sample-weighted mean of the batch losses. Each batch's gradient graph is built
     when first needed (all of them at construction, for the gradient) and kept while ``graph_bytes`` (a
-    byte count or a :class:`~hilal.graphs.GraphBudget` shared with other operators) allows, rebuilt for
+    byte count or a :class:`~hilal.hessian.graphs.GraphBudget` shared with other operators) allows, rebuilt for
     every pass over the batches beyond it: :meth:`hvp`, :meth:`block_hvp` and :meth:`block_hvps` are one
     pass each. ``hvps`` counts Hessian-vector products (one per vector, over all batches); ``calls`` counts
     backward calls; ``cache.builds`` counts graph builds."""
@@ -188,7 +188,7 @@ class OutputState:
 
 class _Pieces:
     """The calibration batches of an output-space operator cut into pieces of at most ``chunk`` samples,
-    each piece's state (:class:`OutputState`) kept in a :class:`~hilal.graphs.BatchCache`. Samples do not
+    each piece's state (:class:`OutputState`) kept in a :class:`~hilal.hessian.graphs.BatchCache`. Samples do not
     interact in the loss (eval mode), so batch b's quantities are the sums over its pieces, a piece of n_c
     of the batch's n_b samples weighing n_c / n_b (``frac``) of its own mean loss."""
 
