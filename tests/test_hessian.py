@@ -175,7 +175,7 @@ _RULES = {"gelu": {"_GeluGradBackward": 4, "_LayerNormGradBackward": 0, "_Softma
 @pytest.mark.parametrize("case", list(_RULES))
 def test_second_order_rules_match_dense_hessian(case):
     """HVP graphs differentiate exact GELUs, layer norms and softmaxes with precomputed second-order terms
-    (``hilal.second_order``); the products, in weight and in output space, equal the dense float64 Hessian
+    (``hilal.hessian.second_order``); the products, in weight and in output space, equal the dense float64 Hessian
     that torch's own double backward gives. The tanh GELU is left to torch."""
     from hilal.hessian import weight_output_errors
 
@@ -203,7 +203,7 @@ def test_second_order_rules_match_dense_hessian(case):
 
 
 def test_second_order_rules_leave_other_calls_alone():
-    from hilal.second_order import SecondOrderRules
+    from hilal.hessian import SecondOrderRules
 
     x = torch.randn(3, 5, requires_grad=True)
     w = torch.ones(5, requires_grad=True)

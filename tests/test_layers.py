@@ -61,6 +61,10 @@ def test_an_unchanged_copy_keeps_them(package_copy):
      "hilal.mapping.config is not allowed to import hilal.mapping.run"),
     ("bench/config.py", "from hilal.bench.tables import table",
      "hilal.bench.config is not allowed to import hilal.bench.tables"),
+    ("hessian/config.py", "from hilal.hessian.operators import HessianOperator",
+     "hilal.hessian.config is not allowed to import hilal.hessian.operators"),
+    ("hessian/graphs.py", "from hilal.hessian.config import HessianConfig",
+     "hilal.hessian.graphs is not allowed to import hilal.hessian.config"),
 ])
 def test_an_import_against_the_order_breaks_a_contract(package_copy, module, line, message):
     path = package_copy / "hilal" / module

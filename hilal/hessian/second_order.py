@@ -12,8 +12,7 @@ are not supported (``once_differentiable``).
 :class:`SecondOrderRules` applies them, as a ``TorchFunctionMode``, to whatever the model calls while a graph
 is built: ``nn.GELU`` / ``nn.functional.gelu`` (exact, not the tanh form), ``nn.LayerNorm`` /
 ``nn.functional.layer_norm`` over the last dimension with weights that do not require grad, and
-``softmax`` without a dtype. Anything else runs as is. On vit_tiny (360 samples, CPU, one thread) an
-output-space HVP is 1.33-1.38x faster.
+``softmax`` without a dtype. Anything else runs as is.
 """
 
 from __future__ import annotations
