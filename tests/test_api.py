@@ -106,3 +106,20 @@ def test_bad_settings_fail_before_work():
         hilal.allocate(model, "digits", "greedy")
     with pytest.raises(HilalError, match="unknown FinetuneConfig setting"):
         hilal.allocate(model, "digits", finetune={"lr": 1})
+
+
+def test_the_readme_example_runs_as_written():
+    """The README's Python example, executed as it stands on a user's nn.Sequential and DataLoaders."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (example,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(example.strip().splitlines()) < 20
+    model, loaders, _ = _user_setup()
+    scope = {"model": model, "loaders": loaders}
+    exec(compile(example, "README.md", "exec"), scope)
+    result, metrics = scope["result"], scope["metrics"]
+    assert set(result.analog_layers) <= set(metrics["layer"]) and 0 <= result.analog_mac_share <= 1
+    assert scope["record"]["analog_layers"] == result.analog_layers
+    assert scope["lionheart"].method == "lionheart"
