@@ -1,0 +1,404 @@
+"""A dry run of the paper profile on format-true synthetic data (see docs/design.md, "paper scale").
+
+:func:`prepare` writes, into a data folder of its own, files in the exact formats the kit's loaders read:
+CIFAR-10 and CIFAR-100 (the "python version" archives' pickles, Python 2 strings and all), an ImageFolder
+tree of real JPEG files, SQuAD v1.1 JSON, and a Hugging Face folder ``models/mobilebert-uncased`` with a
+WordPiece tokenizer of MobileBERT's vocabulary size and a randomly initialised full-size MobileBERT (the
+pretrained weights are not available offline; random weights have every shape of the real ones). Then
+``hilal reproduce --profile dryrun`` with ``HILAL_DATA_DIR`` pointing there executes every notebook with the
+paper's models, datasets and methods and every count cut to the minimum, and :mod:`hilal.cost` projects what
+the full paper profile costs. ``python -m hilal.dryrun`` does all three.
+
+Images and labels are random, so accuracies are chance: the dry run checks that the paper run gets through,
+and what it costs, not what it finds. A folder :func:`prepare` wrote carries :data:`hilal.paths.DRYRUN_MARKER`
+(listing what it wrote); it refuses any other non-empty folder, so it never mixes random weights or images into
+real data.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hilal.paths import DRYRUN_MARKER, atomic_json_dump, is_dryrun_dir
+from hilal.registry import HilalError, check_choice
+
+SIZES: dict[str, dict[str, int]] = {
+    # the real datasets' counts: CIFAR 50,000 + 10,000 images, SQuAD v1.1 87,599 + 10,570 questions
+    "paper": {"cifar_train": 50_000, "cifar_test": 10_000, "squad_train": 87_599, "squad_dev": 10_570,
+              "imagenet_classes": 4, "imagenet_train": 8, "imagenet_val": 3},
+    # counts a shared 2-core CPU gets through (every shape as in "paper"; 2,560 training images give a
+    # calibration split of 512, two curvature batches of 256)
+    "cpu": {"cifar_train": 2_560, "cifar_test": 512, "squad_train": 96, "squad_dev": 32,
+            "imagenet_classes": 4, "imagenet_train": 6, "imagenet_val": 2},
+}
+"""Sample counts of :func:`prepare` by size name."""
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331", "n01498041", "n01514668"]
+MOBILEBERT_VOCAB = 30522
+"""Vocabulary size of ``google/mobilebert-uncased`` (BERT's uncased WordPiece vocabulary)."""
+
+
+# --- Python 2 pickles, as in the CIFAR "python version" archives ------------------------------------------
+
+class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
+    """Pickles ``bytes`` as Python 2 ``str`` (BINSTRING opcodes), the way the CIFAR archives were written: read
+    back with ``encoding="latin1"`` (torchvision) they are ``str``, with ``encoding="bytes"`` ``bytes``."""
+
+    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+
+    def _save_py2_str(self, obj: bytes) -> None:
+        n = len(obj)
+        head = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
+        self.write(head + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+
+
+def py2_pickle(obj: Any) -> bytes:
+    """``obj`` pickled with protocol 2 and ``bytes`` as Python 2 strings."""
+    import io
+
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def _labels(n: int, classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Balanced labels in random order (every class n // classes or one more times)."""
+    return rng.permutation(np.arange(n) % classes)
+
+
+def _cifar_batch(n: int, label_keys: dict[str, np.ndarray], batch_label: str, seed: int,
+                 names: list[str]) -> dict[bytes, Any]:
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    first = next(iter(label_keys.values()))
+    files = [f"{names[int(c)]}_s_{seed:02d}{i:06d}.png".encode() for i, c in enumerate(first)]
+    out: dict[bytes, Any] = {b"batch_label": batch_label.encode()}
+    out.update({k.encode(): [int(v) for v in lab] for k, lab in label_keys.items()})
+    out.update({b"data": data, b"filenames": files})
+    return out
+
+
+def cifar10_files(n_train: int = 50_000, n_test: int = 10_000, seed: int = 0) -> dict[str, Callable[[], bytes]]:
+    """File name (under ``cifar-10-batches-py/``) -> a function giving its bytes: ``data_batch_1..5`` (the
+    training images in five equal parts), ``test_batch`` and ``batches.meta``, as in the real archive."""
+    if n_train < 5 or n_test < 1:
+        raise HilalError(f"CIFAR-10 needs at least 5 training and 1 test images; got {n_train} and {n_test}")
+    rng = np.random.default_rng(seed)
+    train, test = _labels(n_train, 10, rng), _labels(n_test, 10, rng)
+    parts = np.array_split(train, 5)
+    files: dict[str, Callable[[], bytes]] = {}
+    for i, lab in enumerate(parts, 1):
+        files[f"data_batch_{i}"] = lambda lab=lab, i=i: py2_pickle(_cifar_batch(
+            len(lab), {"labels": lab}, f"training batch {i} of 5", seed * 10 + i, CIFAR10_CLASSES))
+    files["test_batch"] = lambda: py2_pickle(_cifar_batch(n_test, {"labels": test}, "testing batch 1 of 1",
+                                                          seed * 10 + 6, CIFAR10_CLASSES))
+    files["batches.meta"] = lambda: py2_pickle({b"num_cases_per_batch": len(parts[0]),
+                                                b"label_names": [c.encode() for c in CIFAR10_CLASSES],
+                                                b"num_vis": 3072})
+    return files
+
+
+def cifar100_files(n_train: int = 50_000, n_test: int = 10_000, seed: int = 0) -> dict[str, Callable[[], bytes]]:
+    """File name (under ``cifar-100-python/``) -> a function giving its bytes: ``train``, ``test`` (with
+    ``fine_labels`` and ``coarse_labels``, fine class c in coarse class c // 5) and ``meta``."""
+    if n_train < 1 or n_test < 1:
+        raise HilalError(f"CIFAR-100 needs at least 1 training and 1 test image; got {n_train} and {n_test}")
+    rng = np.random.default_rng(seed + 100)
+    fine_names = [f"fine_class_{i:02d}" for i in range(100)]
+    coarse_names = [f"coarse_class_{i:02d}" for i in range(20)]
+
+    def part(n: int, lab: np.ndarray, name: str, s: int) -> bytes:
+        return py2_pickle(_cifar_batch(n, {"fine_labels": lab, "coarse_labels": lab // 5}, name, s, fine_names))
+
+    train, test = _labels(n_train, 100, rng), _labels(n_test, 100, rng)
+    return {"train": lambda: part(n_train, train, "training batch 1 of 1", seed * 10 + 7),
+            "test": lambda: part(n_test, test, "testing batch 1 of 1", seed * 10 + 8),
+            "meta": lambda: py2_pickle({b"fine_label_names": [c.encode() for c in fine_names],
+                                        b"coarse_label_names": [c.encode() for c in coarse_names]})}
+
+
+def imagenet_files(classes: int = 4, train: int = 8, val: int = 3, seed: int = 0) -> dict[str, Callable[[], bytes]]:
+    """Relative path (under ``imagenet/``) -> a function giving a JPEG file's bytes: ``train/<wnid>/`` and
+    ``val/<wnid>/`` folders of random RGB images of varied sizes (120 to 500 pixels a side)."""
+    if not 1 <= classes <= len(WNIDS) or train < 2 or val < 1:
+        raise HilalError(f"ImageFolder needs 1 to {len(WNIDS)} classes, at least 2 training and 1 validation images "
+                         f"each; got {classes}, {train}, {val}")
+
+    def jpeg(s: int) -> bytes:
+        import io
+
+        from PIL import Image
+
+        r = np.random.default_rng(s)
+        h, w = (int(v) for v in r.integers(120, 501, size=2))
+        buf = io.BytesIO()
+        Image.fromarray(r.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB").save(buf, "JPEG", quality=90)
+        return buf.getvalue()
+
+    files: dict[str, Callable[[], bytes]] = {}
+    for c, wnid in enumerate(WNIDS[:classes]):
+        for i in range(train):
+            files[f"train/{wnid}/{wnid}_{i + 1}.JPEG"] = lambda s=seed * 10_000 + c * 100 + i: jpeg(s)
+        for i in range(val):
+            k = c * val + i + 1
+            files[f"val/{wnid}/ILSVRC2012_val_{k:08d}.JPEG"] = lambda s=seed * 10_000 + 5000 + k: jpeg(s)
+    return files
+
+
+# --- SQuAD v1.1 and MobileBERT's folder ---------------------------------------------------------------
+
+def _words() -> list[str]:
+    """Whole words of the shipped sample's WordPiece vocabulary (one token each under any BERT vocabulary
+    built from it)."""
+    from hilal.qa import SAMPLE_VOCAB
+
+    lines = SAMPLE_VOCAB.read_text(encoding="utf-8").split("\n")
+    return [w for w in lines if w.isalpha() and w.islower() and len(w) > 1]
+
+
+def squad_document(questions: int, seed: int = 0, answers_per_question: int = 1) -> dict[str, Any]:
+    """A SQuAD v1.1 document with ``questions`` questions: about five per paragraph, 40 paragraphs per
+    article, contexts of log-normally many words (median 120, a few past a 384-token window, so that
+    contexts split into overlapping windows as in the real set), each answer a 1-4 word span of its context
+    with its character offset (``answers_per_question`` spans per question: the dev set has three)."""
+    if questions < 1:
+        raise HilalError(f"SQuAD needs at least 1 question; got {questions}")
+    rng = np.random.default_rng(seed)
+    words = np.array(_words())
+    data: list[dict[str, Any]] = []
+    q = 0
+    while q < questions:
+        paragraphs = []
+        for _ in range(40):
+            if q >= questions:
+                break
+            n_words = int(np.clip(rng.lognormal(np.log(120), 0.5), 20, 700)) if q else 450  # the first is long
+            tokens = list(words[rng.integers(0, len(words), n_words)])
+            context = " ".join(t + ("." if i % 17 == 16 else "") for i, t in enumerate(tokens))
+            starts = np.cumsum([0] + [len(t) + 1 + (i % 17 == 16) for i, t in enumerate(tokens[:-1])])
+            qas = []
+            for _ in range(min(int(rng.integers(3, 8)), questions - q)):
+                answers = []
+                for _ in range(answers_per_question):
+                    a = int(rng.integers(0, n_words - 4))
+                    k = int(rng.integers(1, 5))
+                    text = context[starts[a]:starts[a + k - 1] + len(tokens[a + k - 1])]
+                    answers.append({"text": text, "answer_start": int(starts[a])})
+                question = " ".join(words[rng.integers(0, len(words), int(rng.integers(6, 15)))]) + "?"
+                qas.append({"id": rng.bytes(12).hex(), "question": question, "answers": answers})
+                q += 1
+            paragraphs.append({"context": context, "qas": qas})
+        data.append({"title": f"Synthetic_article_{len(data):04d}", "paragraphs": paragraphs})
+    return {"version": "1.1", "data": data}
+
+
+def squad_files(n_train: int = 87_599, n_dev: int = 10_570, seed: int = 0) -> dict[str, Callable[[], bytes]]:
+    """``train-v1.1.json`` (one answer a question) and ``dev-v1.1.json`` (three), under ``squad/``."""
+    from hilal.qa import SQUAD_FILES
+
+    return {SQUAD_FILES["train"]: lambda: json.dumps(squad_document(n_train, seed)).encode(),
+            SQUAD_FILES["dev"]: lambda: json.dumps(squad_document(n_dev, seed + 1, 3)).encode()}
+
+
+def bert_vocab(size: int = MOBILEBERT_VOCAB) -> list[str]:
+    """A BERT WordPiece vocabulary of ``size`` tokens: the shipped sample's (special tokens first), then
+    ``[unused<i>]`` placeholders as in BERT's own vocabulary."""
+    from hilal.qa import SAMPLE_VOCAB
+
+    base = [t for t in SAMPLE_VOCAB.read_text(encoding="utf-8").split("\n") if t]
+    if size < len(base):
+        raise HilalError(f"vocabulary size {size} is below the sample vocabulary's {len(base)} tokens")
+    return base + [f"[unused{i}]" for i in range(size - len(base))]
+
+
+def write_mobilebert(folder: str | Path, seed: int = 0, weights: bool = True) -> list[Path]:
+    """``save_pretrained`` a fast WordPiece tokenizer of :func:`bert_vocab` and (with ``weights``) a randomly
+    initialised ``MobileBertForQuestionAnswering`` of ``google/mobilebert-uncased``'s configuration (transformers'
+    defaults) into ``folder``, where :func:`hilal.qa.load_tokenizer` and :func:`hilal.models.mobilebert` look.
+    Returns the files written."""
+    import tempfile
+
+    import torch
+    from transformers import MobileBertConfig, MobileBertForQuestionAnswering
+
+    from hilal.qa import wordpiece_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = Path(tmp) / "vocab.txt"
+        vocab.write_text("\n".join(bert_vocab()) + "\n", encoding="utf-8")
+        wordpiece_tokenizer(vocab).save_pretrained(folder)
+    if weights:
+        torch.manual_seed(seed)
+        cfg = MobileBertConfig(vocab_size=MOBILEBERT_VOCAB)
+        MobileBertForQuestionAnswering(cfg).save_pretrained(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+def _write_folder(root: Path, rel: str, write: Callable[[Path], list[Path]], written: dict[str, int]) -> int:
+    """Write a folder at once unless the manifest lists files in it and each has its listed size."""
+    mine = {k: v for k, v in written.items() if k.startswith(rel + "/")}
+    if mine and all((root / k).is_file() and (root / k).stat().st_size == v for k, v in mine.items()):
+        return 0
+    files = write(root / rel)
+    written.update({p.relative_to(root).as_posix(): p.stat().st_size for p in files})
+    return len(files)
+
+
+def _write_group(root: Path, folder: str, files: dict[str, Callable[[], bytes]], written: dict[str, int]) -> int:
+    """Write the files of one dataset, skipping those the manifest lists with their present size."""
+    count = 0
+    for name, make in files.items():
+        rel = f"{folder}/{name}"
+        path = root / rel
+        if path.is_file() and written.get(rel) == path.stat().st_size:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = make()
+        tmp = path.with_name(f".{path.name}.part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        written[rel] = len(data)
+        count += 1
+    return count
+
+
+DATASETS = ("cifar10", "cifar100", "imagenet", "squad")
+"""What :func:`prepare` can write."""
+
+
+def prepare(root: str | Path, size: str = "paper", datasets: tuple[str, ...] | list[str] = DATASETS,
+            weights: bool = True, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Write the synthetic data sets (and, with ``weights``, MobileBERT's tokenizer and random weights) under
+    ``root``: the counts of :data:`SIZES` [``size``], the layout of the real files. Idempotent: a file the
+    manifest (:data:`hilal.paths.DRYRUN_MARKER`) lists with its present size is not written again. ``root``
+    must be empty, missing, or a folder this function wrote. Returns the manifest."""
+    check_choice("dry-run size", size, tuple(SIZES))
+    for d in datasets:
+        check_choice("dry-run dataset", d, DATASETS)
+    root = Path(root)
+    if root.exists() and any(root.iterdir()) and not is_dryrun_dir(root):
+        raise HilalError(f"{root} holds files but no {DRYRUN_MARKER}: prepare() writes only into an empty folder or "
+                         f"one it wrote (never into real data); choose another folder")
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / DRYRUN_MARKER
+    manifest = json.loads(marker.read_text()) if marker.is_file() else {}
+    if manifest and manifest.get("size") not in (None, size):
+        raise HilalError(f"{root} was prepared with size {manifest.get('size')!r}, not {size!r}; use another "
+                         f"folder for each size (valid sizes: {', '.join(SIZES)})")
+    n = SIZES[size]
+    written: dict[str, int] = dict(manifest.get("files", {}))
+    groups = {"cifar10": ("cifar-10-batches-py", lambda: cifar10_files(n["cifar_train"], n["cifar_test"], seed)),
+              "cifar100": ("cifar-100-python", lambda: cifar100_files(n["cifar_train"], n["cifar_test"], seed)),
+              "imagenet": ("imagenet", lambda: imagenet_files(n["imagenet_classes"], n["imagenet_train"],
+                                                              n["imagenet_val"], seed)),
+              "squad": ("squad", lambda: squad_files(n["squad_train"], n["squad_dev"], seed))}
+    for name in datasets:
+        folder, files = groups[name]
+        count = _write_group(root, folder, files(), written)
+        atomic_json_dump({"size": size, "seed": seed, "files": written}, marker)
+        if progress:
+            print(f"[dryrun] {name}: {count} file(s) written under {root / folder}", flush=True)
+    if "squad" in datasets:
+        count = _write_folder(root, "models/mobilebert-uncased",
+                              lambda f: write_mobilebert(f, seed, weights), written)
+        if progress:
+            print(f"[dryrun] models/mobilebert-uncased: {count} file(s) written", flush=True)
+    manifest = {"size": size, "seed": seed, "files": written}
+    atomic_json_dump(manifest, marker)
+    return manifest
+
+
+# --- the dry run -------------------------------------------------------------------------------------------
+
+PROFILE = "dryrun"
+"""The profile the dry run executes (``notebooks/profiles/dryrun.yaml``)."""
+
+SIZE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {},
+    # full-size MobileBERT on a few CPU cores: LionHeart's and the paper variant's one stage per layer (362) and
+    # 512-window curvature batches take hours, so notebook 08 maps with HILAL alone on 4 windows in batches of 2
+    "cpu": {"08": {"METHODS": ["hilal"], "FINETUNE_STEPS": 1,
+                   "HESSIAN": {"probes": 2, "power_iters": 2, "eli_samples": 2, "first_order_samples": 2,
+                               "max_samples": 4, "batch_size": 2}}},
+}
+"""Per size, notebook number -> parameters that replace the profile's for that notebook."""
+
+
+def default_root(size: str = "paper") -> Path:
+    """``data/dryrun-<size>`` in the checkout (beside, never inside, the real data's folders)."""
+    from hilal.paths import project_root
+
+    return project_root() / "data" / f"dryrun-{check_choice('dry-run size', size, tuple(SIZES))}"
+
+
+def run_notebooks(root: str | Path, size: str = "paper", only: str | None = None, threads: int | None = None,
+                  progress: bool = True) -> Any:
+    """Execute the :data:`PROFILE` notebooks (``only``: some of them) on the data under ``root`` (prepared
+    first), with :data:`SIZE_OVERRIDES` [``size``]; returns :func:`hilal.reproduce.reproduce`'s table, a
+    failed notebook's row included (``status``, ``error``) instead of raised."""
+    import os
+
+    import pandas as pd
+
+    from hilal.reproduce import ReproduceError, list_notebooks, reproduce
+
+    check_choice("dry-run size", size, tuple(SIZES))
+    prepare(root, size, progress=progress)
+    os.environ["HILAL_DATA_DIR"] = str(Path(root).resolve())
+    keys = list(list_notebooks()) if only is None else [f"{int(k):02d}" for k in str(only).split(",")]
+    groups: dict[str, list[str]] = {}
+    for k in keys:  # notebooks with the same overrides run together
+        groups.setdefault(json.dumps(SIZE_OVERRIDES[size].get(k, {}), sort_keys=True), []).append(k)
+    tables = []
+    for over, nbs in groups.items():
+        try:
+            tables.append(reproduce(PROFILE, only=nbs, overrides=json.loads(over), threads=threads,
+                                    progress=progress))
+        except ReproduceError as e:
+            tables.append(e.table)
+    return pd.concat(tables, ignore_index=True).sort_values("notebook", ignore_index=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m hilal.dryrun [--size paper|cpu] [--root DIR] [--only NN] [--no-notebooks] [--out JSON]``:
+    prepare the synthetic data, execute the dry-run profile, measure unit costs and print and write the
+    projected cost of the paper profile (:func:`hilal.cost.cost_table`)."""
+    import argparse
+
+    from hilal.cost import DEFAULT_OUT, cost_report
+
+    p = argparse.ArgumentParser(prog="python -m hilal.dryrun", description=main.__doc__)
+    p.add_argument("--size", default="paper", help=f"sample counts: {', '.join(SIZES)}")
+    p.add_argument("--root", default=None, help="data folder of the synthetic files (default data/dryrun-<size>)")
+    p.add_argument("--only", default=None, help="notebook number(s), e.g. 03 or 00,05")
+    p.add_argument("--no-notebooks", action="store_true", help="measure and project only")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (kernels and measurements)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file of the cost table")
+    args = p.parse_args(argv)
+    check_choice("dry-run size", args.size, tuple(SIZES))
+    root = Path(args.root) if args.root else default_root(args.size)
+    runs = None
+    if not args.no_notebooks:
+        runs = run_notebooks(root, args.size, args.only, args.threads)
+        print(runs[["notebook", "name", "status", "seconds", "error"]].to_string(index=False), flush=True)
+    else:
+        prepare(root, args.size)
+    table = cost_report(root, runs=runs, out=args.out, threads=args.threads)
+    print(table.to_string(index=False), flush=True)
+
+
+if __name__ == "__main__":
+    main()
