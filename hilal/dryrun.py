@@ -279,13 +279,24 @@ DATASETS = ("cifar10", "cifar100", "imagenet", "squad")
 """What :func:`prepare` can write."""
 
 
-def prepare(root: str | Path, size: str = "paper", datasets: tuple[str, ...] | list[str] = DATASETS,
+def counts_of(size: str | dict[str, int]) -> dict[str, int]:
+    """The sample counts of a size: a name of :data:`SIZES`, or a mapping of (some of) its keys, the rest as in
+    ``"cpu"``."""
+    if isinstance(size, str):
+        return dict(SIZES[check_choice("dry-run size", size, tuple(SIZES))])
+    bad = sorted(set(size) - set(SIZES["cpu"]))
+    if bad or not all(isinstance(v, int) and not isinstance(v, bool) for v in size.values()):
+        raise HilalError(f"dry-run size keys must be integers among {', '.join(SIZES['cpu'])}; got {size!r}")
+    return {**SIZES["cpu"], **size}
+
+
+def prepare(root: str | Path, size: str | dict[str, int] = "paper", datasets: tuple[str, ...] | list[str] = DATASETS,
             weights: bool = True, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Write the synthetic data sets (and, with ``weights``, MobileBERT's tokenizer and random weights) under
-    ``root``: the counts of :data:`SIZES` [``size``], the layout of the real files. Idempotent: a file the
-    manifest (:data:`hilal.paths.DRYRUN_MARKER`) lists with its present size is not written again. ``root``
-    must be empty, missing, or a folder this function wrote. Returns the manifest."""
-    check_choice("dry-run size", size, tuple(SIZES))
+    """Write the synthetic data sets under ``root``: the counts of ``size`` (:func:`counts_of`), the layout of the
+    real files. With ``squad``, MobileBERT's tokenizer folder too, and with ``weights`` its random weights.
+    Idempotent: a file the manifest (:data:`hilal.paths.DRYRUN_MARKER`) lists with its present size is not
+    written again. ``root`` must be empty, missing, or a folder this function wrote. Returns the manifest."""
+    n = counts_of(size)
     for d in datasets:
         check_choice("dry-run dataset", d, DATASETS)
     root = Path(root)
@@ -295,10 +306,9 @@ def prepare(root: str | Path, size: str = "paper", datasets: tuple[str, ...] | l
     root.mkdir(parents=True, exist_ok=True)
     marker = root / DRYRUN_MARKER
     manifest = json.loads(marker.read_text()) if marker.is_file() else {}
-    if manifest and manifest.get("size") not in (None, size):
-        raise HilalError(f"{root} was prepared with size {manifest.get('size')!r}, not {size!r}; use another "
-                         f"folder for each size (valid sizes: {', '.join(SIZES)})")
-    n = SIZES[size]
+    if manifest and manifest.get("counts") not in (None, n):
+        raise HilalError(f"{root} was prepared with counts {manifest.get('counts')}, not {n}; use another folder "
+                         f"for each size (valid sizes: {', '.join(SIZES)}, or a mapping of counts)")
     written: dict[str, int] = dict(manifest.get("files", {}))
     groups = {"cifar10": ("cifar-10-batches-py", lambda: cifar10_files(n["cifar_train"], n["cifar_test"], seed)),
               "cifar100": ("cifar-100-python", lambda: cifar100_files(n["cifar_train"], n["cifar_test"], seed)),
@@ -308,7 +318,7 @@ def prepare(root: str | Path, size: str = "paper", datasets: tuple[str, ...] | l
     for name in datasets:
         folder, files = groups[name]
         count = _write_group(root, folder, files(), written)
-        atomic_json_dump({"size": size, "seed": seed, "files": written}, marker)
+        atomic_json_dump({"counts": n, "seed": seed, "files": written}, marker)
         if progress:
             print(f"[dryrun] {name}: {count} file(s) written under {root / folder}", flush=True)
     if "squad" in datasets:
@@ -316,7 +326,7 @@ def prepare(root: str | Path, size: str = "paper", datasets: tuple[str, ...] | l
                               lambda f: write_mobilebert(f, seed, weights), written)
         if progress:
             print(f"[dryrun] models/mobilebert-uncased: {count} file(s) written", flush=True)
-    manifest = {"size": size, "seed": seed, "files": written}
+    manifest = {"counts": n, "seed": seed, "files": written}
     atomic_json_dump(manifest, marker)
     return manifest
 
@@ -328,13 +338,17 @@ PROFILE = "dryrun"
 
 SIZE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
-    # full-size MobileBERT on a few CPU cores: LionHeart's and the paper variant's one stage per layer (362) and
-    # 512-window curvature batches take hours, so notebook 08 maps with HILAL alone on 4 windows in batches of 2
-    "cpu": {"08": {"METHODS": ["hilal"], "FINETUNE_STEPS": 1,
-                   "HESSIAN": {"probes": 2, "power_iters": 2, "eli_samples": 2, "first_order_samples": 2,
-                               "max_samples": 4, "batch_size": 2}}},
+    # MobileBERT trains on 32 windows of 384 tokens a step: about 20 GB on a CPU, past a shared machine's memory,
+    # so on "cpu" notebook 08 runs the SQuAD path (same files, tokenizer and windows) with mobilebert_tiny, and
+    # maps with HILAL alone (LionHeart and the paper variant retrain once per layer: 38 stages of ViT-B/16);
+    # hilal.cost still measures full-size MobileBERT, per window
+    "cpu": {"08": {"QA_MODEL": "mobilebert_tiny", "METHODS": ["hilal"]}},
 }
 """Per size, notebook number -> parameters that replace the profile's for that notebook."""
+
+MEASURE_BATCH: dict[str, dict[str, int]] = {"paper": {}, "cpu": {"squad": 1}}
+"""Per size, dataset -> the largest batch :func:`hilal.cost.measure_units` times a step at (scaled per sample to
+the paper's batch): full-size MobileBERT's training batch does not fit a small machine's memory."""
 
 
 def default_root(size: str = "paper") -> Path:
@@ -396,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         print(runs[["notebook", "name", "status", "seconds", "error"]].to_string(index=False), flush=True)
     else:
         prepare(root, args.size)
-    table = cost_report(root, runs=runs, out=args.out, threads=args.threads)
+    table = cost_report(root, runs=runs, out=args.out, threads=args.threads, max_batch=MEASURE_BATCH[args.size])
     print(table.to_string(index=False), flush=True)
 
 
