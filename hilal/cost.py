@@ -352,13 +352,25 @@ def measure_all(pairs: list[tuple[str, str]], preset: str = "pcm", t_eval: float
     return pd.DataFrame(rows)
 
 
+def latest_runs(root: str | Path) -> pd.DataFrame:
+    """Each notebook's latest row of the ``reproduce.csv`` tables under ``root/runs`` (the dry runs there)."""
+    tables = [pd.read_csv(f, dtype={"notebook": str}).assign(run=f.parent.name)
+              for f in sorted(Path(root).glob("runs/*/reproduce.csv"))]
+    if not tables:
+        return pd.DataFrame(columns=["notebook", "name", "status", "seconds", "error", "run"])
+    df = pd.concat(tables, ignore_index=True).fillna({"error": ""})
+    return df.groupby("notebook", sort=True).tail(1).sort_values("notebook", ignore_index=True)
+
+
 def cost_report(root: str | Path, runs: pd.DataFrame | None = None, out: str | Path | None = DEFAULT_OUT,
                 profile: str = "paper", repeats: int = 3, threads: int | None = None,
-                max_batch: Mapping[str, int] | None = None, progress: bool = True) -> pd.DataFrame:
+                max_batch: Mapping[str, int] | None = None, units: pd.DataFrame | None = None,
+                progress: bool = True) -> pd.DataFrame:
     """Measure the unit costs on the synthetic data under ``root`` (:func:`hilal.dryrun.prepare`), project
     ``profile``'s cost (:func:`project`, :func:`cost_table`) and write units, counts, table and the dry run's
-    notebook table ``runs`` to ``out`` (JSON, atomically). ``max_batch``: see :func:`measure_all`. Returns the
-    table."""
+    notebook table ``runs`` (default: each notebook's latest row in the ``reproduce.csv`` files under
+    ``root/runs``) to ``out`` (JSON, atomically). ``max_batch``: see :func:`measure_all`. ``units``: unit costs
+    measured before (a table as :func:`measure_all` returns), reused instead of measured. Returns the table."""
     import os
 
     from hilal.paths import atomic_json_dump, is_dryrun_dir
@@ -375,7 +387,12 @@ def cost_report(root: str | Path, runs: pd.DataFrame | None = None, out: str | P
     common = notebook_parameters(profile)["05"]
     counts = profile_counts(profile)
     pairs = list(dict.fromkeys(zip(counts["model"], counts["dataset"], strict=True)))
-    units = measure_all(pairs, common["PRESET"], float(common["T_EVAL"]), repeats, max_batch, progress=progress)
+    if units is None:
+        units = measure_all(pairs, common["PRESET"], float(common["T_EVAL"]), repeats, max_batch, progress=progress)
+    missing = sorted(set(pairs) - set(zip(units["model"], units["dataset"], strict=True)))
+    if missing:
+        raise HilalError(f"the unit costs given lack {missing}; measure them (units=None)")
+    runs = latest_runs(root) if runs is None else runs
     table = cost_table(project(counts, units))
     if out is not None:
         atomic_json_dump({"profile": profile, "machine": machine_info("cpu"), "repeats": repeats,
@@ -385,6 +402,6 @@ def cost_report(root: str | Path, runs: pd.DataFrame | None = None, out: str | P
                           "split_sizes": SPLIT_SIZES, "units": units.to_dict(orient="records"),
                           "counts": counts.to_dict(orient="records"), "table": table.to_dict(orient="records"),
                           "total_hours": float(table["hours"].iloc[-1]),
-                          "dryrun": [] if runs is None else runs.drop(columns=["output"], errors="ignore")
-                          .to_dict(orient="records")}, out)
+                          "dryrun": runs.drop(columns=["output"], errors="ignore").to_dict(orient="records")},
+                         out)
     return table

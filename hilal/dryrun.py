@@ -387,10 +387,13 @@ def run_notebooks(root: str | Path, size: str = "paper", only: str | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m hilal.dryrun [--size paper|cpu] [--root DIR] [--only NN] [--no-notebooks] [--out JSON]``:
-    prepare the synthetic data, execute the dry-run profile, measure unit costs and print and write the
-    projected cost of the paper profile (:func:`hilal.cost.cost_table`)."""
+    """``python -m hilal.dryrun [--size paper|cpu] [--root DIR] [--only NN] [--no-notebooks] [--out JSON]
+    [--units JSON] [--repeats N] [--threads N]``: prepare the synthetic data, execute the dry-run profile,
+    measure unit costs and print and write the projected cost of the paper profile
+    (:func:`hilal.cost.cost_report`)."""
     import argparse
+
+    import pandas as pd
 
     from hilal.cost import DEFAULT_OUT, cost_report
 
@@ -401,16 +404,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-notebooks", action="store_true", help="measure and project only")
     p.add_argument("--threads", type=int, default=None, help="torch threads (kernels and measurements)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file of the cost table")
+    p.add_argument("--units", default=None, help="reuse the unit costs of an earlier JSON file instead of measuring")
+    p.add_argument("--repeats", type=int, default=3, help="timings per unit cost (their median counts)")
     args = p.parse_args(argv)
     check_choice("dry-run size", args.size, tuple(SIZES))
     root = Path(args.root) if args.root else default_root(args.size)
-    runs = None
     if not args.no_notebooks:
         runs = run_notebooks(root, args.size, args.only, args.threads)
         print(runs[["notebook", "name", "status", "seconds", "error"]].to_string(index=False), flush=True)
     else:
         prepare(root, args.size)
-    table = cost_report(root, runs=runs, out=args.out, threads=args.threads, max_batch=MEASURE_BATCH[args.size])
+    units = pd.DataFrame(json.loads(Path(args.units).read_text())["units"]) if args.units else None
+    table = cost_report(root, out=args.out, threads=args.threads, repeats=args.repeats,
+                        max_batch=MEASURE_BATCH[args.size], units=units)
     print(table.to_string(index=False), flush=True)
 
 
