@@ -252,3 +252,15 @@ def test_dry_run_end_to_end(tmp_path):
         row = table[(table.notebook == nb) & (table.model == "all")]
         assert row["hours"].iloc[0] == pytest.approx(g["hours"].sum())
     assert set(body["notebook"]) == {"00", "01", "02", "03", "05", "07", "08"}
+
+
+def test_latest_runs_keep_each_notebooks_last_row(tmp_path):
+    for run, rows in (("dryrun-20260101-000000", [("00", "ok", ""), ("08", "failed", "OOM")]),
+                      ("dryrun-20260102-000000", [("08", "ok", "")])):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        pd.DataFrame([{"notebook": nb, "name": f"{nb}_x", "status": st, "seconds": 1.0, "output": "o", "error": err}
+                      for nb, st, err in rows]).to_csv(tmp_path / "runs" / run / "reproduce.csv", index=False)
+    runs = cost.latest_runs(tmp_path)
+    assert runs["notebook"].tolist() == ["00", "08"]  # read as text: "00" stays "00"
+    assert runs["status"].tolist() == ["ok", "ok"] and runs["run"].tolist()[1] == "dryrun-20260102-000000"
+    assert cost.latest_runs(tmp_path / "none").empty
