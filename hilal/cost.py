@@ -102,12 +102,13 @@ def _head(splits: Any, split: str, n: int) -> Any:
 
 def measure_units(model_name: str, splits: Any, preset: str = "pcm", t_eval: float = 86400.0, repeats: int = 3,
                   hvp_samples: int | None = None, eval_samples: int = 64, max_batch: int | None = None,
-                  seed: int = 0) -> dict[str, float]:
+                  seed: int = 0, strict: bool = True) -> dict[str, Any]:
     """The unit costs (module docstring) of ``model_name`` on ``splits`` (random weights: costs do not depend
     on them), each the median of ``repeats`` timings after a warm-up. ``hvp_samples``: calibration samples of
     the timed HVP (default 16, 1 for question answering); ``eval_samples``: test samples evaluated (at most the
     split's); ``max_batch``: time training steps at most this large and scale them per sample to the real
-    batch (for models whose training batch does not fit the machine)."""
+    batch (for models whose training batch does not fit the machine). Without ``strict`` a unit whose code
+    fails is NaN and its error goes into ``error`` (one line per unit), so the others are still measured."""
     from hilal.analog import mappable_layers, to_analog
     from hilal.evaluate import inference_state, program_repetition
     from hilal.hessian import HessianConfig, HessianOperator, calibration_batches
@@ -128,29 +129,55 @@ def measure_units(model_name: str, splits: Any, preset: str = "pcm", t_eval: flo
     hvp_samples = hvp_samples or (1 if splits.task == "qa" else 16)
     torch.manual_seed(seed)
     model = model_for(model_name, splits).to(default_device())
-    full = default_train_config(splits, seed, epochs=1)
-    tcfg = dataclasses.replace(full, batch_size=min(full.batch_size, max_batch or full.batch_size))
-    one_step = _head(splits, "train", tcfg.batch_size)
-    out = {"step_s": _median_time(lambda: train_digital(model, one_step, tcfg, progress=False), repeats)
-           * full.batch_size / tcfg.batch_size}
-    model.eval()
     layers = mappable_layers(model)
-    batches = calibration_batches(_head(splits, "calib", hvp_samples),
-                                  HessianConfig(max_samples=hvp_samples, batch_size=hvp_samples))
-    out["hvp_sample_s"] = _hvp_time(HessianOperator(model, batches, layers), repeats) / hvp_samples
-    del batches
+    out: dict[str, Any] = {}
+    errors: list[str] = []
+
+    def unit(names: tuple[str, ...], fn: Callable[[], tuple[float, ...]]) -> None:
+        try:
+            out.update(zip(names, fn(), strict=True))
+        except Exception as e:
+            if strict:
+                raise
+            out.update(dict.fromkeys(names, float("nan")))
+            errors.append(f"{'/'.join(names)}: {type(e).__name__}: {e}".splitlines()[0][:300])
+
+    def step() -> tuple[float]:
+        full = default_train_config(splits, seed, epochs=1)
+        cfg = dataclasses.replace(full, batch_size=min(full.batch_size, max_batch or full.batch_size))
+        one = _head(splits, "train", cfg.batch_size)
+        t = _median_time(lambda: train_digital(model, one, cfg, progress=False), repeats)
+        model.eval()
+        return (t * full.batch_size / cfg.batch_size,)
+
+    def hvp() -> tuple[float]:
+        batches = calibration_batches(_head(splits, "calib", hvp_samples),
+                                      HessianConfig(max_samples=hvp_samples, batch_size=hvp_samples))
+        return (_hvp_time(HessianOperator(model, batches, layers), repeats) / hvp_samples,)
+
     analog = to_analog(model, layers, preset)
-    fcfg = FinetuneConfig(steps=1)
-    fcfg = dataclasses.replace(fcfg, batch_size=min(fcfg.batch_size, max_batch or fcfg.batch_size))
-    opt = make_optimizer(analog, fcfg)
-    out["ft_step_s"] = (_median_time(lambda: finetune_round(analog, splits, fcfg, opt, seed=seed), repeats)
-                        * FinetuneConfig().batch_size / fcfg.batch_size)
-    analog.eval()
-    eval_samples = min(eval_samples, len(splits.test))
-    test = _head(splits, "test", eval_samples)
-    with inference_state(analog):
-        out["program_s"] = _median_time(lambda: program_repetition(analog, t_eval, seed, 0), repeats)
-        out["eval_sample_s"] = _median_time(lambda: evaluate(analog, test, "test"), repeats) / eval_samples
+
+    def finetune() -> tuple[float]:
+        cfg = FinetuneConfig(steps=1)
+        cfg = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, max_batch or cfg.batch_size))
+        opt = make_optimizer(analog, cfg)
+        t = _median_time(lambda: finetune_round(analog, splits, cfg, opt, seed=seed), repeats)
+        return (t * FinetuneConfig().batch_size / cfg.batch_size,)
+
+    def noisy_eval() -> tuple[float, float]:
+        n = min(eval_samples, len(splits.test))
+        test = _head(splits, "test", n)
+        analog.eval()
+        with inference_state(analog):
+            prog = _median_time(lambda: program_repetition(analog, t_eval, seed, 0), repeats)
+            return prog, _median_time(lambda: evaluate(analog, test, "test"), repeats) / n
+
+    unit(("step_s",), step)
+    unit(("hvp_sample_s",), hvp)
+    unit(("ft_step_s",), finetune)
+    unit(("program_s", "eval_sample_s"), noisy_eval)
+    if not strict:
+        out["error"] = "; ".join(errors)
     return out
 
 
@@ -329,7 +356,8 @@ def cost_table(projected: pd.DataFrame) -> pd.DataFrame:
 def measure_all(pairs: list[tuple[str, str]], preset: str = "pcm", t_eval: float = 86400.0, repeats: int = 3,
                 max_batch: Mapping[str, int] | None = None, seed: int = 0, progress: bool = True) -> pd.DataFrame:
     """:func:`measure_units` for each (model, dataset) on the data of ``HILAL_DATA_DIR`` (``max_batch``: per
-    dataset); a pair that fails gets NaN costs and its error (one line) in ``error``."""
+    dataset); a unit that fails is NaN with its error in ``error``, a pair that fails to load or build gets NaN
+    costs and that error."""
     from hilal.data import load_dataset
 
     rows, loaded = [], {}
@@ -340,15 +368,15 @@ def measure_all(pairs: list[tuple[str, str]], preset: str = "pcm", t_eval: float
             if dataset not in loaded:
                 loaded[dataset] = load_dataset(dataset, seed=seed)
             row |= measure_units(model, loaded[dataset], preset, t_eval, repeats,
-                                 max_batch=(max_batch or {}).get(dataset), seed=seed)
+                                 max_batch=(max_batch or {}).get(dataset), seed=seed, strict=False)
         except Exception as e:  # noqa: BLE001 - recorded per pair: the report says which paper path failed
             row |= {c: float("nan") for c in UNIT_COLUMNS}
             row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         row["measure_s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         if progress:
-            print(f"[cost] {model}/{dataset}: " + (row["error"] or ", ".join(
-                f"{c} {row[c]:.4g}" for c in UNIT_COLUMNS)), flush=True)
+            print(f"[cost] {model}/{dataset}: " + ", ".join(f"{c} {row[c]:.4g}" for c in UNIT_COLUMNS)
+                  + (f" ({row['error']})" if row["error"] else ""), flush=True)
     return pd.DataFrame(rows)
 
 
