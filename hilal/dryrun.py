@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     import pandas as pd
 
     from hilal.cost import DEFAULT_OUT, cost_report
+    from hilal.runtime import keep_freed_memory
 
     p = argparse.ArgumentParser(prog="python -m hilal.dryrun", description=main.__doc__)
     p.add_argument("--size", default="paper", help=f"sample counts: {', '.join(SIZES)}")
@@ -408,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timings per unit cost (their median counts)")
     args = p.parse_args(argv)
     check_choice("dry-run size", args.size, tuple(SIZES))
+    keep_freed_memory()  # as the hilal command and the notebooks do (hilal.runtime)
     root = Path(args.root) if args.root else default_root(args.size)
     if not args.no_notebooks:
         runs = run_notebooks(root, args.size, args.only, args.threads)
