@@ -323,33 +323,43 @@ def mappable_count(model: str, dataset: str) -> int:
 
 def project(counts: pd.DataFrame, units: pd.DataFrame) -> pd.DataFrame:
     """``counts`` with the unit costs of its model and dataset joined and ``seconds`` = the formula of the
-    module docstring (NaN where a unit cost is missing)."""
+    module docstring; a term whose count is 0 adds 0, one whose unit cost is missing (NaN) makes ``seconds``
+    NaN."""
     u = units.set_index(["model", "dataset"])[list(UNIT_COLUMNS)]
     df = counts.join(u, on=["model", "dataset"])
-    df["seconds"] = (df["steps"] * df["step_s"] + df["ft_steps"] * df["ft_step_s"]
-                     + df["passes"] * df["pass_samples"] * df["hvp_sample_s"]
-                     + df["evaluations"] * df["program_s"] + df["eval_samples"] * df["eval_sample_s"])
+    terms = (("steps", "step_s"), ("ft_steps", "ft_step_s"), ("passes", "hvp_sample_s"),
+             ("evaluations", "program_s"), ("eval_samples", "eval_sample_s"))
+    seconds = 0.0
+    for count, unit in terms:
+        n = df[count] * (df["pass_samples"] if count == "passes" else 1.0)
+        seconds = seconds + (n * df[unit]).where(n != 0, 0.0)
+    df["seconds"] = seconds
     return df
 
 
 def cost_table(projected: pd.DataFrame) -> pd.DataFrame:
     """Per notebook, model and dataset: the unit costs at paper size (``pass_s``: a curvature pass over the
     mean calibration size of its passes; ``eval_s``: a noisy evaluation of the whole test split), the counts,
-    and the projected ``hours``; then one ``all`` row per notebook and a ``total`` row."""
+    and the projected ``hours`` (NaN when a unit cost it needs is missing); then one ``all`` row per notebook
+    and a ``total`` row, which sum the hours that are known and say in ``incomplete`` whether any were not."""
     rows = []
     for (nb, m, d), g in projected.groupby(["notebook", "model", "dataset"], sort=True):
         passes = g["passes"].sum()
         mean_pass = (g["passes"] * g["pass_samples"]).sum() / passes if passes else 0.0
         u = g.iloc[0]
+        hours = g["seconds"].sum(skipna=False) / 3600
         rows.append({"notebook": nb, "model": m, "dataset": d, "step_s": u["step_s"], "ft_step_s": u["ft_step_s"],
                      "pass_s": u["hvp_sample_s"] * mean_pass if passes else float("nan"),
                      "eval_s": u["program_s"] + u["eval_sample_s"] * SPLIT_SIZES[d]["test"],
                      "steps": g["steps"].sum(), "ft_steps": g["ft_steps"].sum(), "passes": passes,
-                     "evaluations": g["evaluations"].sum(), "hours": g["seconds"].sum(min_count=1) / 3600})
+                     "evaluations": g["evaluations"].sum(), "hours": hours, "incomplete": bool(pd.isna(hours))})
     table = pd.DataFrame(rows)
     sums = ["steps", "ft_steps", "passes", "evaluations", "hours"]
-    per_nb = table.groupby("notebook", sort=True)[sums].sum(min_count=1).reset_index().assign(model="all", dataset="")
-    total = pd.DataFrame([{"notebook": "total", "model": "", "dataset": "", **table[sums].sum(min_count=1)}])
+    per_nb = (table.groupby("notebook", sort=True)
+              .agg(**{c: (c, "sum") for c in sums}, incomplete=("incomplete", "any"))
+              .reset_index().assign(model="all", dataset=""))
+    total = pd.DataFrame([{"notebook": "total", "model": "", "dataset": "", **table[sums].sum(),
+                           "incomplete": bool(table["incomplete"].any())}])
     return pd.concat([table, per_nb, total], ignore_index=True)
 
 

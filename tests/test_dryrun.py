@@ -189,6 +189,14 @@ def test_projection_is_unit_costs_times_counts():
     assert table["hours"].iloc[-1] == pytest.approx(proj["seconds"].sum() / 3600)
     a = table[(table.notebook == "00") & (table.model == "a")].iloc[0]
     assert a["steps"] == counts["steps"].iloc[:2].sum()
+    assert not table["incomplete"].any()
+    units.loc[1, "hvp_sample_s"] = float("nan")  # a unit that failed: its rows are unknown, the rest still count
+    counts.loc[2, "passes"] = 0
+    assert cost.project(counts, units)["seconds"].notna().all()
+    counts.loc[2, "passes"] = 3
+    gap = cost.cost_table(cost.project(counts, units))
+    assert pd.isna(gap[(gap.notebook == "08") & (gap.model == "b")]["hours"].iloc[0])
+    assert gap["incomplete"].iloc[-1] and gap["hours"].iloc[-1] == pytest.approx(proj["seconds"][:2].sum() / 3600)
     test_size = cost.SPLIT_SIZES["cifar10"]["test"]
     assert a["eval_s"] == pytest.approx(units.program_s[0] + units.eval_sample_s[0] * test_size)
 
