@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from hilal import cost, dryrun
+from hilal import cost, dryrun, synthetic
 from hilal.paths import DRYRUN_MARKER
 from hilal.registry import HilalError
 
@@ -39,7 +39,7 @@ def test_cifar10_pickles_are_python2_dicts_the_kit_reads_back(small_root):
         batches.append(raw)
     with open(folder / "batches.meta", "rb") as f:
         meta = pickle.load(f, encoding="latin1")  # as torchvision reads: Python 2 strings are str
-    assert meta["label_names"] == dryrun.CIFAR10_CLASSES
+    assert meta["label_names"] == synthetic.CIFAR10_CLASSES
     splits = load_dataset("cifar10", root=small_root, download=False, augment=False)
     assert (len(splits.train), len(splits.calib), len(splits.test)) == (400, 100, 20)
     assert splits.num_classes == 10 and splits.train[0][0].shape == (3, 32, 32)
@@ -82,7 +82,7 @@ def test_imagenet_tree_holds_real_jpegs_the_kit_reads(small_root):
     splits = load_dataset("imagenet", root=small_root)
     assert splits.num_classes == 3 and len(splits.test) == 6 and len(splits.train) + len(splits.calib) == 12
     assert splits.test[0][0].shape == (3, 224, 224)
-    assert splits.test.classes == dryrun.WNIDS[:3]
+    assert splits.test.classes == synthetic.WNIDS[:3]
 
 
 def test_squad_json_and_tokenizer_folder_feed_the_kit_loader(small_root, monkeypatch):
@@ -101,7 +101,7 @@ def test_squad_json_and_tokenizer_folder_feed_the_kit_loader(small_root, monkeyp
     monkeypatch.setenv("HILAL_DATA_DIR", str(small_root))  # where load_tokenizer finds models/mobilebert-uncased
     monkeypatch.setenv("HILAL_OFFLINE", "1")
     splits = load_dataset("squad", root=small_root)
-    assert len(splits.meta["tokenizer"]) == dryrun.MOBILEBERT_VOCAB
+    assert len(splits.meta["tokenizer"]) == synthetic.MOBILEBERT_VOCAB
     assert splits.train.tensors["input_ids"].shape[1] == 384
     # the first context is long: its questions span several overlapping windows
     assert np.bincount(splits.test.example_index).max() > 1
