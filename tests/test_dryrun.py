@@ -242,8 +242,10 @@ def test_cut_qa_split_scores_as_the_kit_does(small_root, monkeypatch):
 
 
 @pytest.mark.paper
-def test_dry_run_end_to_end(tmp_path):
+def test_dry_run_end_to_end(tmp_path, monkeypatch):
     """Every notebook of the dryrun profile on CPU-sized synthetic data, then the cost table (tens of minutes)."""
+    for name in ("HILAL_DATA_DIR", "HILAL_OFFLINE"):  # the dry run sets them; restored afterwards
+        monkeypatch.setenv(name, "unset")
     out = tmp_path / "cost.json"
     dryrun.main(["--size", "cpu", "--root", str(tmp_path / "data"), "--out", str(out), "--threads", "1"])
     rep = json.loads(out.read_text())
