@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_map)
 
     r = sub.add_parser("reproduce", help="execute the notebooks with papermill and regenerate figures/")
-    r.add_argument("--profile", default="smoke", help="smoke or paper")
+    r.add_argument("--profile", default="smoke",
+                   help="smoke, paper, or dryrun (synthetic data: see python -m hilal.dryrun)")
     r.add_argument("--only", default=None, help="notebook number(s), e.g. 03 or 00,05")
     r.add_argument("--threads", type=int, default=None,
                    help="torch threads per notebook kernel (default: OMP_NUM_THREADS if set, else 1)")

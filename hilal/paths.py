@@ -28,6 +28,7 @@ def project_root() -> Path:
 
 
 def data_dir() -> Path:
+    """``HILAL_DATA_DIR``, else the checkout's ``data/`` (created)."""
     p = Path(os.environ.get("HILAL_DATA_DIR", project_root() / "data"))
     p.mkdir(parents=True, exist_ok=True)
     return p
@@ -105,6 +106,15 @@ def code_fingerprint(root: Path | None = None) -> str:
         h.update(rel.encode())
         h.update((root / rel).read_bytes())
     return f"{hilal.__version__}+{h.hexdigest()[:10]}"
+
+
+DRYRUN_MARKER = "HILAL_DRYRUN.json"
+"""The manifest :func:`hilal.dryrun.prepare` leaves in a data folder of synthetic files (and random weights)."""
+
+
+def is_dryrun_dir(path: str | os.PathLike | None = None) -> bool:
+    """Whether ``path`` (default: :func:`data_dir`) is a folder of :mod:`hilal.dryrun`'s synthetic data."""
+    return (Path(path) if path is not None else data_dir()).joinpath(DRYRUN_MARKER).is_file()
 
 
 PROVENANCE = "provenance.json"

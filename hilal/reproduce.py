@@ -4,7 +4,9 @@ results the notebooks share.
 A profile (``notebooks/profiles/<name>.yaml``) has a ``common:`` section of parameters given to every
 notebook that declares them and a ``notebooks:`` section keyed by two-digit notebook number whose
 parameters must be declared by that notebook. Anything not declared is an error, found before a single
-cell runs (``papermill.inspect_notebook``).
+cell runs (``papermill.inspect_notebook``). ``dryrun: true`` marks a profile that runs on the synthetic data of
+:func:`hilal.dryrun.prepare`: it runs only where ``HILAL_DATA_DIR`` is such a folder, offline, and its figures and
+executed notebooks go into that folder, never into ``figures/``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from torch import nn
 
 import hilal
 from hilal.paths import (
+    DRYRUN_MARKER,
     atomic_json_dump,
     atomic_torch_save,
     code_fingerprint,
     data_dir,
     figures_dir,
+    is_dryrun_dir,
     project_root,
     provenance_source,
     read_provenance,
@@ -46,7 +50,7 @@ COLAB_REPO = "hilal-kit/hilal"
 the kit is published); notebooks/README.md and every notebook's first code cell use this one value."""
 COLAB_INSTALL = f'%pip install -q "git+https://github.com/{COLAB_REPO}"'
 _NB = re.compile(r"^(\d\d)_[A-Za-z0-9_\-]+\.ipynb$")
-_PROFILE_KEYS = {"description", "common", "notebooks", "timeout_s"}
+_PROFILE_KEYS = {"description", "common", "notebooks", "timeout_s", "dryrun"}
 
 
 class ReproduceError(HilalError):
@@ -109,8 +113,12 @@ def load_profile(profile: str | Path) -> dict[str, Any]:
     if bad:
         raise HilalError(f"profile {path}: unknown section(s) {sorted(bad)}; valid: {sorted(_PROFILE_KEYS)}")
     nbs = {_nb_key(k): dict(v or {}) for k, v in (raw.get("notebooks") or {}).items()}
+    dry = raw.get("dryrun", False)
+    if not isinstance(dry, bool):
+        raise HilalError(f"profile {path}: 'dryrun' must be true or false; got {dry!r}")
     return {"name": path.stem, "path": str(path), "description": raw.get("description", ""),
-            "common": dict(raw.get("common") or {}), "notebooks": nbs, "timeout_s": raw.get("timeout_s")}
+            "common": dict(raw.get("common") or {}), "notebooks": nbs, "timeout_s": raw.get("timeout_s"),
+            "dryrun": dry}
 
 
 def _select(only: str | int | Iterable[str | int] | None, available: Mapping[str, Path]) -> list[str]:
@@ -196,7 +204,8 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
 
     ``only``: a notebook number or several (``"00"``, ``3``, ``["00", "02"]``, ``"00,02"``). ``out_dir``: where
     the executed notebooks go (default ``runs/<profile>-<timestamp>/``). ``figures``: the figures folder
-    (default ``hilal.paths.figures_dir()``, i.e. ``figures/`` or ``HILAL_FIGURES_DIR``). ``kernel_name``:
+    (default ``hilal.paths.figures_dir()``, i.e. ``figures/`` or ``HILAL_FIGURES_DIR``; for a ``dryrun`` profile
+    both defaults lie in the data folder, which must be one :func:`hilal.dryrun.prepare` wrote). ``kernel_name``:
     a Jupyter kernel; ``python3`` resolves to the interpreter running this function when ipykernel is
     installed in it. ``overrides``: parameters given to every selected notebook (each must declare them).
     ``notebooks``: another folder of ``NN_name.ipynb`` files (default ``notebooks/``). ``threads``: torch threads
@@ -220,10 +229,18 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
     omp = str(threads) if threads is not None else os.environ.get("OMP_NUM_THREADS") or "1"
     prof = load_profile(profile)
     todo = plan(prof, only, folder=notebooks, overrides=overrides)
+    extra_env = {}
+    if prof.get("dryrun"):
+        if not is_dryrun_dir():
+            raise HilalError(f"profile {prof['name']!r} runs on synthetic data only: write it with "
+                             f"hilal.dryrun.prepare(root) (or python -m hilal.dryrun) and set HILAL_DATA_DIR=root; "
+                             f"{data_dir()} has no {DRYRUN_MARKER}")
+        extra_env["HILAL_OFFLINE"] = "1"
+    home = data_dir() if prof.get("dryrun") else project_root()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(out_dir) if out_dir else project_root() / "runs" / f"{prof['name']}-{stamp}"
+    run_dir = Path(out_dir) if out_dir else home / "runs" / f"{prof['name']}-{stamp}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    fig_dir = Path(figures) if figures else figures_dir()
+    fig_dir = Path(figures) if figures else data_dir() / "figures" if prof.get("dryrun") else figures_dir()
     fig_dir.mkdir(parents=True, exist_ok=True)
     # the kernel imports this very package even when it is not pip-installed (a fresh clone)
     pkg_root = str(Path(hilal.__file__).resolve().parent.parent)
@@ -232,7 +249,8 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
     source = provenance_source(threads=int(omp))  # the kernels' threads, not this process's
     # inline backend: the executed copies under runs/ show their figures (an inherited Agg would hide them)
     with _environ(HILAL_FIGURES_DIR=str(fig_dir.resolve()), PYTHONPATH=pypath,
-                  MPLBACKEND="module://matplotlib_inline.backend_inline", OMP_NUM_THREADS=omp, **allocator_env()):
+                  MPLBACKEND="module://matplotlib_inline.backend_inline", OMP_NUM_THREADS=omp, **allocator_env(),
+                  **extra_env):
         for key, (path, params) in todo.items():
             out_nb = run_dir / path.name
             if progress:
