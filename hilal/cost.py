@@ -51,6 +51,9 @@ SPLIT_SIZES: dict[str, dict[str, int]] = {
     # SQuAD v1.1 under BERT's uncased WordPiece at 384 tokens, stride 128: 88,524 training and 10,784 dev windows
     # (Hugging Face's run_qa); the calibration split holds out 2 % of the training paragraphs
     "squad": {"train": 86_754, "calib": 1_770, "test": 10_784},
+    # ImageNet-1k (ILSVRC 2012): 1,281,167 training images less the 10,000-image calibration hold-out; the
+    # 50,000 validation images are the test split
+    "imagenet": {"train": 1_271_167, "calib": 10_000, "test": 50_000},
 }
 """Windows (samples) per split of the paper's datasets, by dataset name."""
 
@@ -314,8 +317,8 @@ def mappable_count(model: str, dataset: str) -> int:
     if dataset == "squad":
         return len(mappable_layers(build_model(model, in_channels=1, num_classes=2, image_size=384,
                                                allow_random=True)))
-    classes = 100 if dataset == "cifar100" else 10
-    return len(mappable_layers(build_model(model, in_channels=3, num_classes=classes, image_size=32,
+    classes, size = {"cifar100": (100, 32), "imagenet": (1000, 224)}.get(dataset, (10, 32))
+    return len(mappable_layers(build_model(model, in_channels=3, num_classes=classes, image_size=size,
                                            allow_random=True)))
 
 

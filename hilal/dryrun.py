@@ -25,7 +25,7 @@ from typing import Any
 
 from hilal.paths import DRYRUN_MARKER, atomic_json_dump, is_dryrun_dir
 from hilal.registry import HilalError, check_choice
-from hilal.synthetic import cifar10_files, cifar100_files, imagenet_files, squad_files, write_mobilebert
+from hilal.synthetic import cifar10_files, cifar100_files, imagenet_files, squad_files, write_mobilebert, write_vit_b16
 
 SIZES: dict[str, dict[str, int]] = {
     # the real datasets' counts: CIFAR 50,000 + 10,000 images, SQuAD v1.1 87,599 + 10,570 questions
@@ -113,6 +113,11 @@ def prepare(root: str | Path, size: str | dict[str, int] = "paper", datasets: tu
         atomic_json_dump({"counts": n, "seed": seed, "files": written}, marker)
         if progress:
             print(f"[dryrun] {name}: {count} file(s) written under {root / folder}", flush=True)
+    if "imagenet" in datasets and weights:
+        count = _write_folder(root, "models/vit-base-patch16-224",
+                              lambda f: write_vit_b16(f, seed, n["imagenet_classes"]), written)
+        if progress:
+            print(f"[dryrun] models/vit-base-patch16-224: {count} file(s) written", flush=True)
     if "squad" in datasets:
         count = _write_folder(root, "models/mobilebert-uncased",
                               lambda f: write_mobilebert(f, seed, weights), written)
@@ -132,7 +137,7 @@ SIZE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
     # MobileBERT trains on 32 windows of 384 tokens a step: about 20 GB on a CPU, past a shared machine's memory,
     # so on "cpu" notebook 08 runs the SQuAD path (same files, tokenizer and windows) with mobilebert_tiny, and
-    # maps with HILAL alone (LionHeart and the paper variant retrain once per layer: 38 stages of ViT-B/16);
+    # maps with HILAL alone (LionHeart and the paper variant retrain once per layer: 74 stages of ViT-B/16);
     # hilal.cost still measures full-size MobileBERT, per window
     "cpu": {"08": {"QA_MODEL": "mobilebert_tiny", "METHODS": ["hilal"]}},
 }

@@ -222,3 +222,19 @@ def write_mobilebert(folder: str | Path, seed: int = 0, weights: bool = True) ->
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 
+def write_vit_b16(folder: str | Path, seed: int = 0, num_labels: int = 1000) -> list[Path]:
+    """``save_pretrained`` a randomly initialised ``ViTForImageClassification`` of ``google/vit-base-patch16-224``'s
+    configuration (transformers' ViT defaults: ViT-B/16 at 224x224) with ``num_labels`` classes and its
+    preprocessing statistics into ``folder``, where :func:`hilal.models.vit_b16` looks. Returns the files
+    written."""
+    import json
+
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    ViTForImageClassification(ViTConfig(num_labels=num_labels)).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    return sorted(p for p in folder.iterdir() if p.is_file())
