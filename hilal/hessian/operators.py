@@ -34,6 +34,10 @@ from hilal.hessian.strata import _check_strata, gradient_strata
 from hilal.registry import HilalError
 from hilal.train import task_loss
 
+BATCHED_BLOCK_BYTES = 2**30
+"""Largest memory the vmapped block products of :meth:`HessianOperator.block_hvps` may hold; beyond it (ViT-B/16's
+74 layers would hold 74 x 86 M weights) the layers take one product each in the same pass."""
+
 
 class HessianOperator:
     """Gradient and Hessian-vector products of the calibration loss with respect to the weights of the named
@@ -131,9 +135,11 @@ class HessianOperator:
     def block_hvps(self, idx: Sequence[int], vs: Sequence[torch.Tensor], batched: bool = True) -> list[torch.Tensor]:
         """H_ii v_i for several layers, in one pass over the batches. With ``batched``, one vmapped backward
         per batch serves all of them (``is_grads_batched``); it falls back to a loop where the model does not
-        support that."""
+        support that, or where the vmapped form would hold more than :data:`BATCHED_BLOCK_BYTES` (it holds
+        every layer's vector once per layer: k layers x all their weights, twice)."""
         idx = list(idx)
-        if batched and len(idx) > 1 and self._batched_ok is not False:
+        held = 2 * len(idx) * sum(v.numel() * v.element_size() for v in vs)  # vmapped grad_outputs and results
+        if batched and len(idx) > 1 and self._batched_ok is not False and held <= BATCHED_BLOCK_BYTES:
             try:
                 out = self._batched_block_hvps(idx, vs)
                 self._batched_ok = True
