@@ -322,16 +322,17 @@ def _key(d: Mapping[str, Any]) -> str:
 def mapping_results(methods: Sequence[str], model_name: str, splits: Any, cfg: Any = None, seed: int = 0,
                     epochs: int | None = None, reuse: bool = True, progress: bool = True
                     ) -> dict[str, StoredMapping]:
-    """Run (or load) the mapping of each method for ``model_name`` trained on ``splits`` (a Splits or a
-    dataset name).
+    """Run (:func:`hilal.allocate`) or load the mapping of each method for ``model_name`` trained on
+    ``splits`` (a Splits or a dataset name).
 
     Results are stored under ``data/mappings/`` keyed by model, dataset, seed, training epochs, method, every
     MappingConfig field and :func:`code_fingerprint`; with ``reuse`` a stored result with identical settings
     is loaded instead of recomputed (notebook 05 computes, 06 and 07 reuse). The stored model is rebuilt from
     the digital checkpoint, the analog layer list and the saved weights.
     """
+    from hilal.api import allocate
     from hilal.data import load_dataset
-    from hilal.mapping import MappingConfig, restore, run_mapping, snapshot
+    from hilal.mapping import MappingConfig, restore, snapshot
     from hilal.train import TrainConfig, trained_model
 
     if isinstance(splits, str):
@@ -340,6 +341,7 @@ def mapping_results(methods: Sequence[str], model_name: str, splits: Any, cfg: A
     tcfg = TrainConfig(seed=seed) if epochs is None else TrainConfig(epochs=epochs, seed=seed)
     cfg_d = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
     cfg_d.pop("workdir", None)
+    settings = {f: getattr(cfg, f) for f in asdict(cfg)} if is_dataclass(cfg) else dict(cfg)  # hilal.allocate's
     out = {}
     for method in methods:
         key = _key({"model": model_name, "dataset": splits.name, "seed": seed, "train": asdict(tcfg),
@@ -356,7 +358,7 @@ def mapping_results(methods: Sequence[str], model_name: str, splits: Any, cfg: A
             if progress:
                 print(f"[mapping] {method}: loaded {js.name}", flush=True)
             continue
-        res = run_mapping(method, digital, splits, cfg, progress=progress)
+        res = allocate(digital, splits, method, progress=progress, **settings)
         result = json.loads(json.dumps(res.to_dict(), default=_jsonable))
         atomic_torch_save(snapshot(res.model), pt)
         atomic_json_dump(result, js)
