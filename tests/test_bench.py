@@ -400,27 +400,3 @@ def test_warm_up_model_leaves_model_and_random_state_as_they_were():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_bench_modules_import_one_way():
-    """The modules of ``hilal/bench/`` import each other without a cycle and never through the package itself
-    (a module importing ``hilal.bench`` would see it half-initialized)."""
-    import ast
-    from graphlib import CycleError, TopologicalSorter
-
-    import hilal.bench
-
-    folder = Path(hilal.bench.__file__).parent
-    graph = {}
-    for f in folder.glob("*.py"):
-        if f.name == "__init__.py":
-            continue
-        tree = ast.parse(f.read_text())
-        names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-        names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-        assert "hilal.bench" not in names, f.name
-        graph[f.stem] = {n.split(".")[2] for n in names if n and n.startswith("hilal.bench.")}
-    assert set().union(*graph.values()) <= set(graph)
-    try:
-        order = list(TopologicalSorter(graph).static_order())
-    except CycleError as e:
-        pytest.fail(f"import cycle: {e.args[1]}")
-    assert set(order) == set(graph)

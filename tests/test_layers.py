@@ -104,3 +104,29 @@ def test_the_device_helpers_keep_their_old_home():
 
     for name in ("default_device", "model_device", "to_device"):
         assert getattr(hilal.train, name) is getattr(hilal.device, name)
+
+
+@pytest.mark.parametrize("package", ["hilal.bench", "hilal.hessian", "hilal.mapping", "hilal.plots"])
+def test_subpackage_modules_import_one_way(package):
+    """A subpackage's modules import each other without a cycle and never through the package itself (a module
+    importing its own package would see it half-initialized)."""
+    import ast
+    import importlib
+    from graphlib import CycleError, TopologicalSorter
+
+    folder = Path(importlib.import_module(package).__file__).parent
+    graph = {}
+    for f in folder.glob("*.py"):
+        if f.name == "__init__.py":
+            continue
+        tree = ast.parse(f.read_text())
+        names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert package not in names, f.name
+        graph[f.stem] = {n.split(".")[2] for n in names if n and n.startswith(package + ".")}
+    assert set().union(*graph.values()) <= set(graph)
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as e:
+        pytest.fail(f"import cycle: {e.args[1]}")
+    assert set(order) == set(graph)

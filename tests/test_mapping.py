@@ -463,32 +463,6 @@ def test_the_code_fingerprint_covers_the_mapping_subpackage(tmp_path):
         (copies["edited"] / "mapping" / module.name).write_bytes(module.read_bytes())
 
 
-def test_mapping_modules_import_one_way():
-    """The modules of ``hilal/mapping/`` import each other without a cycle and never through the package itself
-    (a module importing ``hilal.mapping`` would see it half-initialized)."""
-    import ast
-    from graphlib import CycleError, TopologicalSorter
-    from pathlib import Path
-
-    import hilal.mapping
-
-    folder = Path(hilal.mapping.__file__).parent
-    graph = {}
-    for f in folder.glob("*.py"):
-        if f.name == "__init__.py":
-            continue
-        names = [n.module for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.ImportFrom)]
-        names += [a.name for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Import) for a in n.names]
-        assert "hilal.mapping" not in names, f.name
-        graph[f.stem] = {n.rsplit(".", 1)[1] for n in names if n and n.startswith("hilal.mapping.")}
-    assert set().union(*graph.values()) <= set(graph)
-    try:
-        order = list(TopologicalSorter(graph).static_order())
-    except CycleError as e:
-        pytest.fail(f"import cycle: {e.args[1]}")
-    assert set(order) == set(graph)
-
-
 @pytest.mark.parametrize("search", ["screen", "bisect"])
 def test_hilal_offloads_a_prefix_of_the_curvature_order(resnet8_digits, digits, search):
     cfg = tiny_cfg(search=search, hessian={"probes": 8, "eli_samples": 4, "first_order_samples": 8})

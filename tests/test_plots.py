@@ -287,31 +287,6 @@ def test_share_labels_rename_the_legend():
     assert texts == ["hilal (40% MACs analog)", "all-analog (100% MACs analog)"]
 
 
-def test_plots_modules_import_one_way():
-    """The modules of ``hilal/plots/`` import each other without a cycle and never through the package itself
-    (a module importing ``hilal.plots`` would see it half-initialized)."""
-    import ast
-    from graphlib import CycleError, TopologicalSorter
-    from pathlib import Path
-
-    folder = Path(plots.__file__).parent
-    graph = {}
-    for f in folder.glob("*.py"):
-        if f.name == "__init__.py":
-            continue
-        tree = ast.parse(f.read_text())
-        names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-        names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-        assert "hilal.plots" not in names, f.name
-        graph[f.stem] = {n.split(".")[2] for n in names if n and n.startswith("hilal.plots.")}
-    assert set().union(*graph.values()) <= set(graph)
-    try:
-        order = list(TopologicalSorter(graph).static_order())
-    except CycleError as e:
-        pytest.fail(f"import cycle: {e.args[1]}")
-    assert set(order) == set(graph)
-
-
 def test_every_plots_name_the_notebooks_use_exists():
     """Each ``plots.X`` and ``from hilal.plots import X`` in a notebook's code cells names something
     ``hilal.plots`` exports (the notebooks themselves run only in the slow suite)."""
