@@ -92,14 +92,15 @@ def _settings(cls: type, settings: Mapping[str, Any], what: str) -> None:
 
 
 def analyze(model: nn.Module, data: str | Splits | Sequence[Any] | Mapping[str, Any], preset: Any = "pcm", *,
-            cluster: str = "kmeans", seed: int = 0, loss_fn: LossFn | None = None, progress: bool = True,
+            cluster: str | None = "kmeans", seed: int = 0, loss_fn: LossFn | None = None, progress: bool = True,
             **settings: Any) -> pd.DataFrame:
     """Per-layer curvature metrics of a trained ``model`` on the calibration split, with the robust /
     sensitive clusters: one row per mappable layer (params, MACs, trace, lambda_max, concentration, eli and
     their standard errors, cluster). Defaults are the ones :func:`allocate`'s HILAL search uses
     (:data:`hilal.mapping.MAPPING_HESSIAN`: output-space ELI, the analog error of each layer's output,
     converters included), so the clusters read here are the ones the mapping acts on; ``settings`` override
-    :class:`~hilal.hessian.HessianConfig` fields (e.g. ``noise="weight"`` for the weight-space ELI).
+    :class:`~hilal.hessian.HessianConfig` fields (e.g. ``noise="weight"`` for the weight-space ELI);
+    ``cluster=None`` leaves the clusters out.
 
     >>> metrics = hilal.analyze(model, (train_loader, calib_loader, test_loader), preset="pcm")
     >>> metrics[metrics.cluster == "robust"].layer.tolist()
@@ -107,7 +108,8 @@ def analyze(model: nn.Module, data: str | Splits | Sequence[Any] | Mapping[str, 
     _settings(HessianConfig, settings, "HessianConfig")
     splits = as_splits(data, seed, loss_fn)
     cfg = HessianConfig(**{**MAPPING_HESSIAN, "seed": seed, **settings})
-    return cluster_layers(layer_metrics(model, splits, preset, cfg, progress=progress), method=cluster, seed=seed)
+    metrics = layer_metrics(model, splits, preset, cfg, progress=progress)
+    return metrics if cluster is None else cluster_layers(metrics, method=cluster, seed=seed)
 
 
 def allocate(model: nn.Module, data: str | Splits | Sequence[Any] | Mapping[str, Any], method: str = "hilal", *,

@@ -384,10 +384,11 @@ def _jsonable(o: Any) -> Any:
 def layer_metrics_for(model: nn.Module, splits: Any, preset: str = "pcm", cfg: Any = None,
                       tag: Mapping[str, Any] | None = None, reuse: bool = True, progress: bool = True
                       ) -> pd.DataFrame:
-    """``hilal.hessian.layer_metrics`` stored under ``data/cache/`` keyed by ``tag`` (say model name, dataset,
-    seed, epochs), the preset and every HessianConfig field; with ``reuse`` a stored table with identical
-    settings is returned instead of recomputed (notebook 03 computes, 04 reuses)."""
-    from hilal.hessian import HessianConfig, layer_metrics
+    """:func:`hilal.analyze` (its metrics, without clusters) stored under ``data/cache/`` keyed by ``tag`` (say
+    model name, dataset, seed, epochs), the preset and every HessianConfig field; with ``reuse`` a stored table
+    with identical settings is returned instead of recomputed (notebook 03 computes, 04 reuses)."""
+    from hilal.api import analyze
+    from hilal.hessian import HessianConfig
 
     cfg = cfg or HessianConfig()
     settings = {"tag": dict(tag or {}), "preset": preset, "cfg": asdict(cfg), "version": code_fingerprint()}
@@ -397,7 +398,7 @@ def layer_metrics_for(model: nn.Module, splits: Any, preset: str = "pcm", cfg: A
         df = pd.DataFrame(stored["rows"])
         df.attrs.update(stored["attrs"])
         return df
-    df = layer_metrics(model, splits, preset, cfg, progress=progress)
+    df = analyze(model, splits, preset, cluster=None, progress=progress, **{k: getattr(cfg, k) for k in asdict(cfg)})
     atomic_json_dump({"settings": settings, "attrs": df.attrs, "rows": df.to_dict(orient="records")}, path)
     return df
 

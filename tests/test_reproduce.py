@@ -214,6 +214,7 @@ def test_mapping_results_are_stored_and_reused_with_identical_settings(tmp_path,
 
 
 def test_layer_metrics_are_cached_by_settings(tmp_path, monkeypatch, digits):
+    import hilal.api as api
     import hilal.hessian as hs
 
     calls = []
@@ -224,7 +225,7 @@ def test_layer_metrics_are_cached_by_settings(tmp_path, monkeypatch, digits):
         df.attrs["total_s"] = 1.5
         return df
 
-    monkeypatch.setattr(hs, "layer_metrics", fake)
+    monkeypatch.setattr(api, "layer_metrics", fake)
     monkeypatch.setenv("HILAL_DATA_DIR", str(tmp_path / "data"))
     tag = {"model": "m"}
     a = rp.layer_metrics_for(None, digits, "pcm", hs.HessianConfig(probes=4), tag=tag, reuse=True)
@@ -240,6 +241,7 @@ def test_layer_metrics_are_cached_by_settings(tmp_path, monkeypatch, digits):
 
 def test_caches_are_keyed_by_the_code(tmp_path, monkeypatch, digits):
     """A change of the package's source changes the fingerprint, and a changed fingerprint recomputes."""
+    import hilal.api as api
     import hilal.hessian as hs
 
     for name, text in (("a", "x = 1\n"), ("b", "x = 2\n")):
@@ -248,7 +250,7 @@ def test_caches_are_keyed_by_the_code(tmp_path, monkeypatch, digits):
     assert rp.code_fingerprint(tmp_path / "a") != rp.code_fingerprint(tmp_path / "b")
     assert rp.code_fingerprint() == rp.code_fingerprint(Path(hilal.__file__).parent)
     calls = []
-    monkeypatch.setattr(hs, "layer_metrics", lambda *a, **k: calls.append(1) or pd.DataFrame({"layer": ["a"]}))
+    monkeypatch.setattr(api, "layer_metrics", lambda *a, **k: calls.append(1) or pd.DataFrame({"layer": ["a"]}))
     monkeypatch.setenv("HILAL_DATA_DIR", str(tmp_path / "data"))
     rp.layer_metrics_for(None, digits, "pcm", hs.HessianConfig(), tag={"m": 1})
     rp.layer_metrics_for(None, digits, "pcm", hs.HessianConfig(), tag={"m": 1})
