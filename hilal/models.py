@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hilal.paths import data_dir, offline
+from hilal.paths import data_dir, offline, pretrained_source
 from hilal.qa import SAMPLE_VOCAB
 from hilal.registry import HilalError, Registry
 
@@ -209,18 +209,6 @@ class ViTClassifier(nn.Module):
             h = block(h)
             h = h[0] if isinstance(h, tuple) else h
         return self.net.classifier(vit.layernorm(h)[:, 0])
-
-
-def pretrained_source(name: str) -> tuple[str, bool]:
-    """Where Hugging Face weights or a tokenizer called ``name`` are read from: a folder ``name``, else
-    ``data/models/<last part of name>``, else the hub id (its cache only, when offline). Returns the source
-    and whether it is a local folder."""
-    local = data_dir() / "models" / name.split("/")[-1]
-    if Path(name).is_dir():
-        return name, True
-    if local.is_dir():
-        return str(local), True
-    return name, False
 
 
 def _missing_weights(model: str, name: str, e: Exception, offline_alt: str) -> HilalError:

@@ -45,6 +45,18 @@ def offline() -> bool:
     return os.environ.get("HILAL_OFFLINE", "0") not in ("", "0", "false", "False")
 
 
+def pretrained_source(name: str) -> tuple[str, bool]:
+    """Where Hugging Face weights or a tokenizer called ``name`` are read from: a folder ``name``, else
+    ``data/models/<last part of name>``, else the hub id (its cache only, when offline). Returns the source
+    and whether it is a local folder."""
+    local = data_dir() / "models" / name.split("/")[-1]
+    if Path(name).is_dir():
+        return name, True
+    if local.is_dir():
+        return str(local), True
+    return name, False
+
+
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

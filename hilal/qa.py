@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hilal.device import model_device, to_device
-from hilal.paths import data_dir, offline
+from hilal.paths import data_dir, offline, pretrained_source
 from hilal.registry import HilalError
 from hilal.splits import Splits, loader
 
@@ -214,10 +214,10 @@ def load_tokenizer(name: str) -> Any:
         return sample_tokenizer()
     from transformers import AutoTokenizer
 
+    src, is_local = pretrained_source(name)
     local = data_dir() / "models" / name.split("/")[-1]
-    src = name if Path(name).is_dir() else str(local) if local.is_dir() else name
     try:
-        tok = AutoTokenizer.from_pretrained(src, local_files_only=offline() and not Path(src).is_dir())
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=offline() and not is_local)
     except Exception as e:
         raise HilalError(
             f"tokenizer {name!r} is not available ({type(e).__name__}). Download it once with "
