@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from hilal.checks import check_finite_record
 from hilal.options import add_bench_options, add_retraining_options, retraining_overrides
 from hilal.registry import HilalError
 from hilal.runtime import keep_freed_memory
+from hilal.validate import validate_args
 
 if TYPE_CHECKING:  # the command imports torch and aihwkit only when a subcommand needs them
     from hilal.mapping import MappingConfig
@@ -39,7 +41,7 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.checkpoint:
         model = model_for(args.model, splits, checkpoint=args.checkpoint).to(default_device()).eval()
     else:
-        cfg = default_train_config(splits, args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+        cfg = default_train_config(splits, args.seed, **({"epochs": args.epochs} if args.epochs is not None else {}))
         model = trained_model(args.model, splits, seed=args.seed, cfg=cfg, progress=not args.quiet)
     return model, splits
 
@@ -56,6 +58,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     extra = [c for c in df.columns if c.endswith("_se")]
     print(df[cols].to_string(index=False))
     layers = df[cols + extra].rename(columns={"layer": "name"}).to_dict(orient="records")
+    check_finite_record([{k: r[k] for k in cols[1:-1]} for r in layers], "the metrics table")
     atomic_json_dump({"model": args.model, "dataset": args.dataset, "preset": args.preset, "t_inference": args.t_eval,
                       "noise": args.noise, "hvps": df.attrs.get("hvps"), "layers": layers}, args.out)
 
@@ -84,6 +87,7 @@ def cmd_map(args: argparse.Namespace) -> None:
     res = allocate(model, splits, args.method, recheck_reps=args.recheck, progress=not args.quiet, **settings)
     d = res.to_dict()
     d.update(model=args.model, dataset=args.dataset)
+    check_finite_record({k: d.get(k) for k in _HEADLINE} | {"history": [r.get("score") for r in d["history"]]})
     atomic_json_dump(d, args.out)
     t, x = res.timings, res.extra
     quality = (f"accuracy {res.accuracy_mean:.4f} ± {res.accuracy_std:.4f} (FP {res.fp_accuracy:.4f})"
@@ -100,10 +104,15 @@ def cmd_map(args: argparse.Namespace) -> None:
               f"{'holds' if c['holds_floor'] else 'does not hold'} its tolerance")
 
 
+_HEADLINE = ("analog_mac_share", "accuracy_mean", "accuracy_std", "fp_accuracy", "baseline_calib", "floor", "em_mean",
+             "f1_mean")
+"""The numbers of a mapping record that must be finite for it to be written."""
+
+
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from hilal.reproduce import headlines, reproduce  # local: no torch or aihwkit until a subcommand runs
 
-    table = reproduce(args.profile, only=args.only, threads=args.threads)
+    table = reproduce(args.profile, only=args.only, threads=args.threads, out_dir=args.out_dir)
     print(headlines(table["notebook"].tolist()))
 
 
@@ -115,8 +124,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_args(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``hilal map: error: ...``), exit status 2, no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hilal", description=__doc__)
+    p = _Parser(prog="hilal", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("analyze", help="per-layer curvature metrics and robust/sensitive clusters")
@@ -157,24 +173,48 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", default=None, help="notebook number(s), e.g. 03 or 00,05")
     r.add_argument("--threads", type=int, default=None,
                    help="torch threads per notebook kernel (default: OMP_NUM_THREADS if set, else 1)")
+    r.add_argument("--out-dir", default=None, help="folder of the executed notebooks (default: runs/PROFILE-TIME)")
     r.set_defaults(fn=cmd_reproduce)
 
     b = sub.add_parser("bench", help="side-by-side benchmarks")
     b.add_argument("kind", help="hessian, search or analog")
     add_bench_options(b)
     b.set_defaults(fn=cmd_bench)
+    for sp in (a, m, r, b):
+        sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand: its options checked first (:func:`hilal.validate.validate_args`), user errors as one
+    line ``hilal CMD: error: ...`` with exit status 2 (``--debug``: the traceback), Ctrl-C as one line saying
+    how to resume, with exit status 130."""
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     try:
+        validate_args(args)
         args.fn(args)
-    except HilalError as e:
-        print(f"hilal {args.command}: error: {e}", file=sys.stderr)
+    except (HilalError, OSError) as e:  # OSError: a file the user named could not be read or written
+        if args.debug:
+            raise
+        print(f"hilal {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"hilal {args.command}: interrupted; {_resume_hint(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to pick up an interrupted run (one line)."""
+    if args.command == "map" and args.workdir:
+        return f"run the same command again to resume from the journal in {args.workdir}"
+    if args.command in ("map", "analyze"):
+        more = "" if args.command == "analyze" else "; add --workdir DIR to make the mapping itself resumable"
+        return f"nothing was written to {args.out}; run it again (digital training resumes from its cache{more})"
+    return "run the same command again (finished notebooks and cached results are reused)"
 
 
 if __name__ == "__main__":

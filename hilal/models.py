@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hilal.paths import data_dir, offline, pretrained_source
+from hilal.paths import data_dir, load_tensors, offline, pretrained_source
 from hilal.qa import SAMPLE_VOCAB
 from hilal.registry import HilalError, Registry
 
@@ -35,13 +35,26 @@ def model_for(name: str, splits: Any, **kwargs: Any) -> nn.Module:
 
 
 def load_weights(model: nn.Module, checkpoint: str | Path) -> nn.Module:
+    """Load a state_dict (or ``{"model": state_dict}``) into ``model``: tensors only (``weights_only``, never
+    pickled code), finite, of this architecture; anything else is a one-line HilalError naming the file."""
     path = Path(checkpoint)
     if not path.exists():
         raise HilalError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_tensors(path, "cpu")
     if isinstance(state, dict) and "model" in state:
         state = state["model"]
-    model.load_state_dict(state)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise HilalError(f"checkpoint {path} holds no state_dict (a dict of tensors, or {{'model': state_dict}})")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise HilalError(f"checkpoint {path} holds non-finite weights ({bad}); train or fetch it again")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        missing = getattr(e, "args", [""])[0].count("\n")
+        raise HilalError(f"checkpoint {path} does not fit this {type(model).__name__} (missing, unexpected or "
+                         f"differently shaped weights; {missing} problem line(s)): another architecture or "
+                         "dataset?") from None
     return model
 
 

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import re
 import secrets
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import filelock
 import torch
 
 import hilal
+from hilal.checks import regular_target
+from hilal.registry import HilalError
 from hilal.runtime import machine_info
 
 _PKG = Path(__file__).resolve().parent
@@ -57,9 +65,37 @@ def pretrained_source(name: str) -> tuple[str, bool]:
     return name, False
 
 
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_tmp(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temporary files that killed atomic writes left in ``folder`` (of ``name`` only when given):
+    those whose writing process is gone. Returns what was removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for f in Path(folder).iterdir():
+            m = _TMP.match(f.name)
+            if m and (name is None or m["name"] == name) and not _alive(int(m["pid"])):
+                with contextlib.suppress(OSError):
+                    f.unlink()
+                    removed.append(f)
+    return removed
+
+
 def _atomic(path: Path, write) -> Path:
-    path = Path(path)
+    path = regular_target(Path(path), "atomic write target")  # never replace a FIFO, device, link or folder
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(path.parent, path.name)
     # ``write`` creates the temporary file itself, so it gets the mode of any new file (0666 less the umask);
     # mkstemp's 0600 would leave results and checkpoints unreadable to a group sharing the directory
     tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
@@ -79,10 +115,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def atomic_json_dump(obj: Any, path: str | os.PathLike) -> Path:
     """Write JSON atomically (temporary file + rename)."""
+    text = json.dumps(obj, indent=2, default=_json_default)  # serialized first: a failure leaves no file behind
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
+            f.write(text)
 
     return _atomic(Path(path), write)
 
@@ -177,7 +214,112 @@ def read_provenance(figures: str | os.PathLike | None = None) -> dict[str, dict[
 
 
 def write_provenance(notebook: str, entry: dict[str, Any], figures: str | os.PathLike | None = None) -> Path:
-    """Replace ``notebook``'s entry in the figures folder's :data:`PROVENANCE`, keeping the others (atomic; an
-    unreadable file is started afresh)."""
-    entries = read_provenance(figures) | {notebook: entry}
-    return atomic_json_dump({"notebooks": dict(sorted(entries.items()))}, Path(figures or figures_dir()) / PROVENANCE)
+    """Replace ``notebook``'s entry in the figures folder's :data:`PROVENANCE`, keeping the others (atomic, under
+    a file lock so that concurrent writers keep each other's entries; an unreadable file is started afresh)."""
+    path = Path(figures or figures_dir()) / PROVENANCE
+    with locked(path):
+        entries = read_provenance(figures) | {notebook: entry}
+        return atomic_json_dump({"notebooks": dict(sorted(entries.items()))}, path)
+
+
+# --- files that other processes share or that a run reads back ------------------------------------------------
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike, timeout: float = -1) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (the hidden file ``.<name>.lock`` beside it; filelock, released when
+    the process dies) while reading, computing and writing it, so that concurrent writers never lose each other's
+    entries and a cache entry is computed once. ``timeout`` in seconds (-1: wait as long as it takes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(path.parent / f".{path.name}.lock"), timeout=timeout):
+        yield
+
+
+def file_digest(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size", "sha256"}`` of a file: what a journal or cache records to recognize a missing or damaged one."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"size": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def set_aside(path: str | os.PathLike, why: str) -> Path | None:
+    """Rename a damaged file to ``<name>.corrupt-<time>`` (kept for a look, never read again) and say so in one
+    line on stderr; returns the new path (None when it was already gone)."""
+    path = Path(path)
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        aside = None
+    print(f"hilal: warning: {path} {why}; set aside{f' as {aside.name}' if aside else ''}, recomputing",
+          file=sys.stderr, flush=True)
+    return aside
+
+
+def load_tensors(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint") -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors, numbers, strings and containers of them, never code
+    (a pickle that names anything else is refused). A file that is missing, truncated, of another format or
+    refused is a one-line HilalError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise HilalError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # (zip, pickle and refusal errors of every kind: all mean "not one of ours")
+        first = " ".join(str(e).split())[:160].split(" Weights only load failed")[0]
+        raise HilalError(f"{what} {path} is not a readable weights file ({type(e).__name__}: {first}); only "
+                         "tensors and plain containers are loaded, never pickled code") from None
+
+
+def write_cached(entry: Any, path: str | os.PathLike, weights: Any = None) -> Path:
+    """Store a cache entry: ``weights`` (tensors) in ``<path>.pt`` first, then the JSON ``entry`` with the
+    weights file's size and checksum (:func:`file_digest`) in ``path``, both atomic; :func:`read_cached` reads
+    it back."""
+    path = Path(path)
+    digest = None
+    if weights is not None:
+        digest = file_digest(atomic_torch_save(weights, path.with_suffix(".pt")))
+    return atomic_json_dump({"format": 2, "entry": entry, "weights": digest}, path)
+
+
+def read_cached(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[Any, Any] | None:
+    """The ``(entry, weights)`` that :func:`write_cached` stored at ``path`` (weights None when it stored none),
+    or None when there is none. A damaged entry (unparsable JSON, a weights file missing, of another size or
+    checksum, or unreadable) is set aside (:func:`set_aside`) and None returned, so that it is recomputed."""
+    path, pt = Path(path), Path(path).with_suffix(".pt")
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or doc.get("format") != 2 or "entry" not in doc:
+            raise ValueError
+    except (OSError, ValueError):
+        set_aside(path, "is damaged (not a cache entry of this kit)")
+        return None
+    if doc.get("weights") is None:
+        return doc["entry"], None
+    if not pt.exists() or file_digest(pt) != doc["weights"]:
+        set_aside(pt if pt.exists() else path, "does not match the weights its cache entry recorded")
+        return None
+    try:
+        return doc["entry"], load_tensors(pt, map_location, "cached weights")
+    except HilalError:
+        set_aside(pt, "is not a readable weights file")
+        return None
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """A YAML file's content (``yaml.safe_load``: plain data, never objects); unreadable or unparsable is a
+    one-line HilalError naming the file and the place of the error."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise HilalError(f"{what} {path} cannot be read ({type(e).__name__}: {e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise HilalError(f"{what} {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None

@@ -24,22 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
-import yaml
 from torch import nn
 
 import hilal
 from hilal.paths import (
     DRYRUN_MARKER,
-    atomic_json_dump,
-    atomic_torch_save,
     code_fingerprint,
     data_dir,
     figures_dir,
     is_dryrun_dir,
+    locked,
     project_root,
     provenance_source,
+    read_cached,
     read_provenance,
+    read_yaml,
+    write_cached,
     write_provenance,
 )
 from hilal.registry import HilalError, is_count
@@ -106,7 +106,7 @@ def load_profile(profile: str | Path) -> dict[str, Any]:
                              "(or a path to a .yaml file)")
     elif not path.exists():
         raise HilalError(f"profile file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "profile") or {}
     if not isinstance(raw, dict):
         raise HilalError(f"profile {path} must be a mapping with 'common' and 'notebooks' sections")
     bad = set(raw) - _PROFILE_KEYS
@@ -346,23 +346,21 @@ def mapping_results(methods: Sequence[str], model_name: str, splits: Any, cfg: A
     for method in methods:
         key = _key({"model": model_name, "dataset": splits.name, "seed": seed, "train": asdict(tcfg),
                     "method": method, "cfg": cfg_d, "version": code_fingerprint()})
-        base = data_dir() / "mappings" / f"{model_name}-{splits.name}-{method}-{key}"
-        js, pt = base.with_suffix(".json"), base.with_suffix(".pt")
+        js = (data_dir() / "mappings" / f"{model_name}-{splits.name}-{method}-{key}").with_suffix(".json")
         digital = trained_model(model_name, splits, seed, tcfg, progress=progress)
-        if reuse and js.exists() and pt.exists():
-            result = json.loads(js.read_text())
-            model = _rebuild(digital, result)
-            restore(model, torch.load(pt, map_location=next(model.parameters()).device, weights_only=False))
-            model.eval()
-            out[method] = StoredMapping(result, model, True)
-            if progress:
-                print(f"[mapping] {method}: loaded {js.name}", flush=True)
-            continue
-        res = allocate(digital, splits, method, progress=progress, **settings)
-        result = json.loads(json.dumps(res.to_dict(), default=_jsonable))
-        atomic_torch_save(snapshot(res.model), pt)
-        atomic_json_dump(result, js)
-        out[method] = StoredMapping(result, res.model, False)
+        with locked(js):  # another process mapping the same settings waits and loads this one's result
+            stored = read_cached(js) if reuse else None  # damaged entries are set aside and recomputed
+            if stored is not None:
+                model = _rebuild(digital, stored[0])
+                restore(model, stored[1])
+                out[method] = StoredMapping(stored[0], model.eval(), True)
+                if progress:
+                    print(f"[mapping] {method}: loaded {js.name}", flush=True)
+                continue
+            res = allocate(digital, splits, method, progress=progress, **settings)
+            result = json.loads(json.dumps(res.to_dict(), default=_jsonable))
+            write_cached(result, js, snapshot(res.model))
+            out[method] = StoredMapping(result, res.model, False)
     return out
 
 
@@ -393,13 +391,15 @@ def layer_metrics_for(model: nn.Module, splits: Any, preset: str = "pcm", cfg: A
     cfg = cfg or HessianConfig()
     settings = {"tag": dict(tag or {}), "preset": preset, "cfg": asdict(cfg), "version": code_fingerprint()}
     path = data_dir() / "cache" / f"layer_metrics-{_key(settings)}.json"
-    if reuse and path.exists():
-        stored = json.loads(path.read_text())
-        df = pd.DataFrame(stored["rows"])
-        df.attrs.update(stored["attrs"])
-        return df
-    df = analyze(model, splits, preset, cluster=None, progress=progress, **{k: getattr(cfg, k) for k in asdict(cfg)})
-    atomic_json_dump({"settings": settings, "attrs": df.attrs, "rows": df.to_dict(orient="records")}, path)
+    with locked(path):
+        stored = read_cached(path) if reuse else None  # a damaged entry is set aside and recomputed
+        if stored is not None:
+            df = pd.DataFrame(stored[0]["rows"])
+            df.attrs.update(stored[0]["attrs"])
+            return df
+        df = analyze(model, splits, preset, cluster=None, progress=progress,
+                     **{k: getattr(cfg, k) for k in asdict(cfg)})
+        write_cached({"settings": settings, "attrs": df.attrs, "rows": df.to_dict(orient="records")}, path)
     return df
 
 

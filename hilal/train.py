@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 
 from hilal.analog import ANALOG_TYPES
 from hilal.batches import epoch_generator
+from hilal.checks import check_count, check_number
 from hilal.data import LossFn, Splits, load_dataset, loader
 from hilal.device import default_device, model_device, to_device  # also importable from here, as before
 from hilal.models import model_for
-from hilal.paths import atomic_torch_save, data_dir
+from hilal.paths import atomic_torch_save, data_dir, load_tensors, locked, set_aside
 from hilal.qa import qa_logits
 from hilal.registry import HilalError, check_choice
 
@@ -43,6 +44,15 @@ class TrainConfig:
     """Seed for initialization and shuffling."""
     optimizer: str = "sgd"
     """``sgd`` (Nesterov momentum) or ``adamw``."""
+
+    def __post_init__(self) -> None:
+        check_count("epochs", self.epochs)
+        check_count("batch_size", self.batch_size)
+        check_count("seed", self.seed, 0)
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("momentum", self.momentum, 0, 1)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_choice("optimizer", self.optimizer, ("sgd", "adamw"))
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
@@ -154,14 +164,13 @@ def train_digital(model: nn.Module, splits: Splits, cfg: TrainConfig | None = No
                               weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
     start = 0
-    if checkpoint is not None and Path(checkpoint).exists():
-        st = torch.load(checkpoint, map_location=device, weights_only=False)
-        if st.get("config") == asdict(cfg) and "optimizer" in st:
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            start = st["epoch"]
-            _set_rng_state(st.get("rng"))
+    st = _cached_state(checkpoint, device)
+    if st is not None and st.get("config") == asdict(cfg) and "optimizer" in st:
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        start = st["epoch"]
+        _set_rng_state(st.get("rng"))
     bar = tqdm(range(start, cfg.epochs), desc="train", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
@@ -221,12 +230,31 @@ def trained_model(model_name: str, splits: Splits | str, seed: int = 0, cfg: Tra
     torch.manual_seed(seed)
     model = model_for(model_name, splits).to(device or default_device())
     path = checkpoint_path(model_name, splits, seed, cfg)
-    if path.exists():
-        st = torch.load(path, map_location=model_device(model), weights_only=False)
-        if st.get("epoch", cfg.epochs) >= cfg.epochs:
-            model.load_state_dict(st["model"])
-            return model.eval()
-    return train_digital(model, splits, cfg, progress=progress, checkpoint=path)
+    with locked(path):  # one process trains, the others wait and load its checkpoint
+        st = _cached_state(path, model_device(model))
+        if st is not None and st.get("epoch", cfg.epochs) >= cfg.epochs:
+            try:
+                model.load_state_dict(st["model"])
+                return model.eval()
+            except (RuntimeError, KeyError, TypeError):
+                set_aside(path, "does not fit the model")
+        return train_digital(model, splits, cfg, progress=progress, checkpoint=path)
+
+
+def _cached_state(path: str | Path | None, device: torch.device) -> dict[str, Any] | None:
+    """A training checkpoint (``weights_only``: tensors and plain values, never code), or None when there is none;
+    a damaged one (truncated, foreign, not a checkpoint dict) is set aside (:func:`hilal.paths.set_aside`) and
+    training starts afresh instead of failing every later run."""
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        st = load_tensors(path, device, "cached checkpoint")
+    except HilalError:
+        st = None
+    if not isinstance(st, dict) or not isinstance(st.get("model"), dict):
+        set_aside(path, "is damaged or not a training checkpoint")
+        return None
+    return st
 
 
 @dataclass
@@ -250,6 +278,11 @@ class FinetuneConfig:
     """Softening temperature of the distillation."""
 
     def __post_init__(self) -> None:
+        check_number("digital_lr", self.digital_lr, 0)
+        check_number("analog_lr", self.analog_lr, 0)
+        check_number("momentum", self.momentum, 0, 1)
+        check_count("steps", self.steps, 1, allow=(-1,))
+        check_count("batch_size", self.batch_size)
         if not 0 <= self.distill <= 1:
             raise HilalError(f"distill must lie in [0, 1] (0 turns distillation off); got {self.distill}")
         if not self.temperature > 0:

@@ -22,6 +22,7 @@ from hilal.bench.config import KINDS, BenchConfig
 from hilal.bench.hessian import bench_hessian
 from hilal.bench.search import bench_search
 from hilal.bench.tables import markdown, search_criteria, search_records, table
+from hilal.checks import parse_ints
 from hilal.options import add_bench_options, retraining_overrides
 from hilal.paths import atomic_json_dump, project_root
 from hilal.registry import HilalError, check_choice
@@ -42,6 +43,10 @@ def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, pro
         raise HilalError(f"unknown benchmark setting(s) {bad}; valid: {sorted(valid)}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
     cfg = BenchConfig.quick(**overrides) if quick else BenchConfig(**overrides)
+    from hilal.models import MODELS
+
+    for name in cfg.search_models if kind == "search" else cfg.models:
+        MODELS[name]  # noqa: B018  (an unknown model fails before any work, listing the valid ones)
     if cfg.device != "cpu" and not (cfg.device.startswith("cuda") and torch.cuda.is_available()):
         raise HilalError(f"device {cfg.device!r} is not available here; valid: 'cpu'"
                          + (", 'cuda'" if torch.cuda.is_available() else " (no CUDA GPU found)"))
@@ -107,7 +112,7 @@ def run_args(a: argparse.Namespace) -> int:
     out = a.out or project_root() / "bench" / "results" / f"{a.kind}.json"
     models = tuple(a.models.split(",")) if a.models else None
     key = "search_models" if a.kind == "search" else "models"
-    seeds = tuple(int(x) for x in a.seeds.split(",")) if a.seeds else None
+    seeds = parse_ints("--seeds", a.seeds) if a.seeds else None
     run_bench(a.kind, out=out, quick=a.quick, repeats=a.repeats, threads=a.threads, probes=a.probes,
               eli_samples=a.samples, mapping_seeds=seeds, device=a.device, seed=a.train_seed, mapping=mapping or None,
               **{key: models})

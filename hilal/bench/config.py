@@ -12,6 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from hilal.checks import check_count, check_number
+from hilal.registry import HilalError
+
 KINDS = ("hessian", "search", "analog")
 
 
@@ -57,6 +60,17 @@ class BenchConfig:
     threads: int | None = None
     """torch intra-op threads (None: torch's default). On a shared, loaded CPU, 1 avoids the large slow-down
     of oversubscribed OpenMP threads."""
+
+    def __post_init__(self) -> None:
+        for name in ("repeats", "probes", "eli_samples", "max_samples", "forward_iters", "batch_size"):
+            check_count(name, getattr(self, name))
+        check_count("recheck_reps", self.recheck_reps, 2, allow=(0,))
+        check_count("seed", self.seed, 0)
+        if self.threads is not None:
+            check_count("threads", self.threads)
+        check_number("t_inference", self.t_inference, 0, low_open=True)
+        if not self.mapping_seeds or not all(isinstance(s, int) and s >= 0 for s in self.mapping_seeds):
+            raise HilalError(f"mapping_seeds must be one or more whole numbers >= 0; got {self.mapping_seeds!r}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:

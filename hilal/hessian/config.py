@@ -4,6 +4,7 @@ output change for a weight change."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,11 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from hilal.checks import check_count, check_number
 from hilal.data import Splits, loader
 from hilal.hessian.graphs import (
     DEFAULT_GRAPH_BYTES,
 )
-from hilal.registry import HilalError
+from hilal.registry import HilalError, check_choice
 
 MODES = ("joint", "per_layer")
 GAUSS_NEWTON = ("auto", "off")
@@ -77,6 +79,18 @@ class HessianConfig:
     ``off``: always HVPs."""
     seed: int = 0
     """Seed of the probes, power-iteration starts and noise samples."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("probes", 1), ("power_iters", 1), ("eli_samples", 0), ("first_order_samples", 0),
+                          ("max_samples", 1), ("batch_size", 1), ("strata", 1), ("seed", 0)):
+            check_count(name, getattr(self, name), low)
+        check_number("power_tol", self.power_tol, 0)
+        check_number("t_inference", self.t_inference, 0, low_open=True)
+        if self.graph_bytes != math.inf:
+            check_number("graph_bytes", self.graph_bytes, 0)
+        check_choice("mode", self.mode, MODES)
+        check_choice("noise space", self.noise, NOISE_SPACES)
+        check_choice("gauss_newton", self.gauss_newton, GAUSS_NEWTON)
 
 
 def _batch_size_of(batch: Any) -> int:

@@ -5,18 +5,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import pandas as pd
 from torch import nn
 
+from hilal.analog import PRESETS
+from hilal.checks import check_count, check_folder, check_number
+from hilal.cluster import METHODS as CLUSTER_METHODS
 from hilal.evaluate import ONE_DAY
 from hilal.hessian import HessianConfig
+from hilal.registry import HilalError, check_choice
 from hilal.train import FinetuneConfig
 
 SEARCHES = ("knapsack", "screen", "gallop", "bisect", "walk")
 ORDERS = ("eli", "eli_per_mac")
+ABLATIONS = {
+    "eli-r": ("eli_norm", "r"),
+    "eli-only": ("eli_norm",),
+    "r-only": ("r",),
+    "topeigen-only": ("lambda_max",),
+    "topeigen/params": ("lambda_per_param",),
+    "trace-only": ("trace",),
+}
+"""hilal-paper: the features each ablation clusters on."""
 # What HILAL weighs a layer by: the curvature term of its ELI (1/2 E[e^T H e], from the noise's spread) or the
 # full ELI (plus the first-order term g . E[e], from its systematic part)
 COSTS = {"curvature": "eli_second", "eli": "eli"}
@@ -117,6 +130,9 @@ class MappingConfig:
     """Folder for the resumable journal; an interrupted run started again with the same settings and code
     skips finished rounds."""
 
+    def __post_init__(self) -> None:
+        validate_mapping_config(self)
+
     def key(self) -> str:
         d = asdict(self)
         d.pop("workdir")
@@ -151,6 +167,46 @@ class MappingResult:
             d["metrics"] = self.metrics.to_dict(orient="records")
         d.update(self.extra)
         return d
+
+
+def validate_mapping_config(cfg: MappingConfig) -> None:
+    """Check every field before any work (called on construction): names against their choices, counts and
+    numbers against their ranges; a one-line HilalError naming the field and what is valid."""
+    if isinstance(cfg.preset, str):
+        PRESETS[cfg.preset]  # noqa: B018
+    check_number("t_eval", cfg.t_eval, 0, low_open=True)
+    check_count("reps", cfg.reps)
+    check_number("drop_threshold", cfg.drop_threshold, 0)
+    check_count("patience", cfg.patience)
+    check_count("max_rounds", cfg.max_rounds)
+    check_count("stages", cfg.stages)
+    check_choice("search", cfg.search, SEARCHES)
+    check_choice("order", cfg.order, ORDERS)
+    check_choice("cost", cfg.cost, tuple(COSTS))
+    check_number("min_gain", cfg.min_gain, 0, 1)
+    check_number("near_miss", cfg.near_miss, 0)
+    check_count("scan", cfg.scan, 0)
+    check_number("recovery_prior", cfg.recovery_prior, 0, 1)
+    check_choice("clustering method", cfg.cluster, CLUSTER_METHODS)
+    check_choice("ablation", cfg.ablation, tuple(ABLATIONS))
+    check_number("gamma", cfg.gamma, 0, low_open=True)
+    check_count("sensitivity_batches", cfg.sensitivity_batches)
+    check_count("seed", cfg.seed, 0)
+    if cfg.final_reps is not None:
+        check_count("final_reps", cfg.final_reps)
+    for name in ("robust_only", "trim", "confirm"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise HilalError(f"{name} must be True or False; got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.finetune, FinetuneConfig):
+        raise HilalError(f"finetune must be a hilal.train.FinetuneConfig; got {type(cfg.finetune).__name__}")
+    if not isinstance(cfg.hessian, dict):
+        raise HilalError(f"hessian must be a dict of HessianConfig fields; got {type(cfg.hessian).__name__}")
+    bad = sorted(set(cfg.hessian) - {f.name for f in fields(HessianConfig)})
+    if bad:
+        raise HilalError(f"unknown HessianConfig setting(s) {bad} in hessian; valid: "
+                         f"{', '.join(f.name for f in fields(HessianConfig))}")
+    if cfg.workdir is not None:
+        check_folder(cfg.workdir, "workdir")
 
 
 def _hessian_cfg(cfg: MappingConfig) -> Any:

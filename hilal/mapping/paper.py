@@ -13,19 +13,10 @@ from hilal.data import loader
 from hilal.device import model_device
 from hilal.evaluate import noisy_scores
 from hilal.hessian import layer_metrics
-from hilal.mapping.config import MappingResult, _hessian_cfg
+from hilal.mapping.config import ABLATIONS, MappingResult, _hessian_cfg
 from hilal.mapping.run import _Run
 from hilal.registry import check_choice
 from hilal.train import train_batch
-
-ABLATIONS = {
-    "eli-r": ("eli_norm", "r"),
-    "eli-only": ("eli_norm",),
-    "r-only": ("r",),
-    "topeigen-only": ("lambda_max",),
-    "topeigen/params": ("lambda_per_param",),
-    "trace-only": ("trace",),
-}
 
 
 def paper_descriptors(run: _Run) -> pd.DataFrame:
