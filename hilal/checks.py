@@ -71,7 +71,7 @@ def regular_target(path: str | os.PathLike, what: str = "output") -> Path:
     p = Path(path)
     try:
         mode = os.lstat(p).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return p
     if not stat.S_ISREG(mode):
         raise HilalError(f"{what} {p} is a {_kind(mode)}, not a regular file; name a file to write")

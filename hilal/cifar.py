@@ -7,10 +7,19 @@ Layout (https://www.cs.toronto.edu/~kriz/cifar.html): ``cifar-10-batches-py/data
 Python 2, so their keys come back as ``bytes`` (``b"data"``); files written by Python 3 have ``str`` keys;
 both are read. The whole dataset is held as one (N, 3, 32, 32) uint8 tensor: decoding per sample through PIL
 was the training loop's bottleneck.
+
+Unpickling a file can run code, so every file is checked against the MD5 sum published for the official
+archive (torchvision's lists) *before* it is unpickled, and refused when it differs. A data folder that
+:func:`hilal.dryrun.prepare` wrote is checked against the sums its manifest recorded for its synthetic files.
+Your own CIFAR-format files (a subset, another split) need the explicit opt-out ``HILAL_CIFAR_VERIFY=0`` (or
+``verify=False``): they are then unpickled as they are, so use it only for files you trust.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hilal.paths import offline
+from hilal.paths import DRYRUN_MARKER, is_dryrun_dir, offline
 from hilal.registry import HilalError
 
 FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -114,14 +123,65 @@ def _classes(name: str, path: Path) -> list[str]:
     return [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
 
 
-def read_cifar(name: str, root: Path) -> CifarArrays:
-    """Read ``root/<folder>``'s batches (see the module docstring). Missing files, unreadable pickles, wrong
-    keys or shapes raise a one-line HilalError naming the file."""
+VERIFY_ENV = "HILAL_CIFAR_VERIFY"
+"""Environment variable of the opt-out: ``0`` reads CIFAR-format files without checking their MD5 sums."""
+
+
+def published_md5(name: str) -> dict[str, str]:
+    """File name -> MD5 of the official "python version" archive's files (as torchvision lists them)."""
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    return {**dict(cls.train_list), **dict(cls.test_list), cls.meta["filename"]: cls.meta["md5"]}
+
+
+def expected_md5(name: str, root: Path, verify: bool | None = None) -> tuple[dict[str, str], str] | None:
+    """The sums ``root``'s files must have, and whose they are: those a dry-run manifest recorded where ``root``
+    is :func:`hilal.dryrun.prepare`'s folder, else the published ones; None when checking is turned off
+    (``verify=False``, or ``verify=None`` with ``HILAL_CIFAR_VERIFY=0``)."""
+    if verify is None:
+        verify = os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    if not verify:
+        return None
+    if is_dryrun_dir(root):
+        try:
+            sums = json.loads((Path(root) / DRYRUN_MARKER).read_text()).get("md5") or {}
+        except (OSError, ValueError, AttributeError):
+            sums = {}
+        prefix = FOLDERS[name] + "/"
+        return {k[len(prefix):]: v for k, v in sums.items() if k.startswith(prefix)}, "the dry-run manifest's"
+    return published_md5(name), "the published"
+
+
+def verify_files(name: str, root: Path, verify: bool | None = None) -> None:
+    """Check every file of the dataset against :func:`expected_md5` before anything is unpickled: a file that
+    differs (tampered, damaged, another version) is a one-line HilalError naming it and the opt-out."""
+    expected = expected_md5(name, root, verify)
+    if expected is None:
+        return
+    sums, whose = expected
+    for f in files(name):
+        path = Path(root) / FOLDERS[name] / f
+        h = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != sums.get(f):
+            raise HilalError(f"{path}: MD5 {h.hexdigest()} is not {whose} sum {sums.get(f, '(none recorded)')}, so it "
+                             f"was not unpickled (unpickling can run code); for your own CIFAR-format files set "
+                             f"{VERIFY_ENV}=0")
+
+
+def read_cifar(name: str, root: Path, verify: bool | None = None) -> CifarArrays:
+    """Read ``root/<folder>``'s batches (see the module docstring), each checked first against its MD5 sum
+    (:func:`verify_files`; ``verify=False`` or ``HILAL_CIFAR_VERIFY=0``: not checked). Missing, tampered or
+    unreadable files, wrong keys or shapes raise a one-line HilalError naming the file."""
     folder = Path(root) / FOLDERS[name]
     absent = [f for f in files(name) if not (folder / f).is_file()]
     if absent:
         raise missing_error(name, Path(root), f"Missing: {', '.join(absent)}. Download the 'python version' "
                                               f"archive from the CIFAR page and extract it into {root}.")
+    verify_files(name, Path(root), verify)
     classes = _classes(name, folder / META_FILES[name])
     tr_x, tr_y = _read_split(name, folder, TRAIN_FILES[name])
     te_x, te_y = _read_split(name, folder, TEST_FILES[name])
@@ -144,9 +204,10 @@ def fetch_cifar(name: str, root: Path) -> None:
                                               f"{root}.") from None
 
 
-def load_cifar(name: str, root: Path, download: bool) -> CifarArrays:
-    """The dataset's arrays, fetched first when files are missing and ``download`` is true."""
+def load_cifar(name: str, root: Path, download: bool, verify: bool | None = None) -> CifarArrays:
+    """The dataset's arrays, fetched first when files are missing and ``download`` is true (``verify``: see
+    :func:`read_cifar`)."""
     folder = Path(root) / FOLDERS[name]
     if download and not all((folder / f).is_file() for f in files(name)):
         fetch_cifar(name, Path(root))
-    return read_cifar(name, Path(root))
+    return read_cifar(name, Path(root), verify)

@@ -18,6 +18,7 @@ real data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -49,13 +50,16 @@ def _write_folder(root: Path, rel: str, write: Callable[[Path], list[Path]], wri
     return len(files)
 
 
-def _write_group(root: Path, folder: str, files: dict[str, Callable[[], bytes]], written: dict[str, int]) -> int:
-    """Write the files of one dataset, skipping those the manifest lists with their present size."""
+def _write_group(root: Path, folder: str, files: dict[str, Callable[[], bytes]], written: dict[str, int],
+                 sums: dict[str, str]) -> int:
+    """Write the files of one dataset, skipping those the manifest lists with their present size and MD5 sum
+    (recorded in ``sums``: the CIFAR reader checks the synthetic files against them, as it checks real files
+    against the published ones)."""
     count = 0
     for name, make in files.items():
         rel = f"{folder}/{name}"
         path = root / rel
-        if path.is_file() and written.get(rel) == path.stat().st_size:
+        if path.is_file() and written.get(rel) == path.stat().st_size and rel in sums:
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         data = make()
@@ -63,6 +67,7 @@ def _write_group(root: Path, folder: str, files: dict[str, Callable[[], bytes]],
         tmp.write_bytes(data)
         tmp.replace(path)
         written[rel] = len(data)
+        sums[rel] = hashlib.md5(data, usedforsecurity=False).hexdigest()
         count += 1
     return count
 
@@ -102,6 +107,7 @@ def prepare(root: str | Path, size: str | dict[str, int] = "paper", datasets: tu
         raise HilalError(f"{root} was prepared with counts {manifest.get('counts')}, not {n}; use another folder "
                          f"for each size (valid sizes: {', '.join(SIZES)}, or a mapping of counts)")
     written: dict[str, int] = dict(manifest.get("files", {}))
+    sums: dict[str, str] = dict(manifest.get("md5", {}))
     groups = {"cifar10": ("cifar-10-batches-py", lambda: cifar10_files(n["cifar_train"], n["cifar_test"], seed)),
               "cifar100": ("cifar-100-python", lambda: cifar100_files(n["cifar_train"], n["cifar_test"], seed)),
               "imagenet": ("imagenet", lambda: imagenet_files(n["imagenet_classes"], n["imagenet_train"],
@@ -109,8 +115,8 @@ def prepare(root: str | Path, size: str | dict[str, int] = "paper", datasets: tu
               "squad": ("squad", lambda: squad_files(n["squad_train"], n["squad_dev"], seed))}
     for name in datasets:
         folder, files = groups[name]
-        count = _write_group(root, folder, files(), written)
-        atomic_json_dump({"counts": n, "seed": seed, "files": written}, marker)
+        count = _write_group(root, folder, files(), written, sums)
+        atomic_json_dump({"counts": n, "seed": seed, "files": written, "md5": sums}, marker)
         if progress:
             print(f"[dryrun] {name}: {count} file(s) written under {root / folder}", flush=True)
     if "imagenet" in datasets and weights:
@@ -123,7 +129,7 @@ def prepare(root: str | Path, size: str | dict[str, int] = "paper", datasets: tu
                               lambda f: write_mobilebert(f, seed, weights), written)
         if progress:
             print(f"[dryrun] models/mobilebert-uncased: {count} file(s) written", flush=True)
-    manifest = {"counts": n, "seed": seed, "files": written}
+    manifest = {"counts": n, "seed": seed, "files": written, "md5": sums}
     atomic_json_dump(manifest, marker)
     return manifest
 

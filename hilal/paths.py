@@ -268,8 +268,13 @@ def load_tensors(path: str | os.PathLike, map_location: Any = "cpu", what: str =
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # (zip, pickle and refusal errors of every kind: all mean "not one of ours")
-        first = " ".join(str(e).split())[:160].split(" Weights only load failed")[0]
-        raise HilalError(f"{what} {path} is not a readable weights file ({type(e).__name__}: {first}); only "
+        text = str(e)
+        if "Weights only load failed" in text:  # torch's refusal: keep its reason, not its advice
+            parts = [p.strip() for p in text.split("\n\n") if p.strip()]
+            text = "refused by the weights-only loader: " + " ".join(parts[1:-1] or parts[:1])
+        else:
+            text = f"{type(e).__name__}: {text}"
+        raise HilalError(f"{what} {path} is not a readable weights file ({' '.join(text.split())[:200]}); only "
                          "tensors and plain containers are loaded, never pickled code") from None
 
 

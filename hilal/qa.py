@@ -92,17 +92,31 @@ def squad_scores(predictions: Mapping[str, str], examples: Sequence[Mapping[str,
 
 def read_squad(path: str | Path) -> list[dict[str, Any]]:
     """Flatten a SQuAD v1.1 JSON file into examples ``{id, title, context, question, answers}`` where
-    ``answers = {"text": [...], "answer_start": [...]}`` (the Hugging Face ``datasets`` layout)."""
-    with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
+    ``answers = {"text": [...], "answer_start": [...]}`` (the Hugging Face ``datasets`` layout). A file that is
+    not JSON or lacks a field of the v1.1 layout is a one-line HilalError naming the file and the field."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise HilalError(f"{path}: not a SQuAD v1.1 JSON file ({type(e).__name__}: {' '.join(str(e).split())})"
+                         ) from None
     out = []
-    for article in doc["data"]:
-        for para in article["paragraphs"]:
-            for qa in para["qas"]:
-                out.append({"id": qa["id"], "title": article.get("title", ""), "context": para["context"],
-                            "question": qa["question"],
-                            "answers": {"text": [a["text"] for a in qa["answers"]],
-                                        "answer_start": [int(a["answer_start"]) for a in qa["answers"]]}})
+    where = "the top level"
+    try:
+        for i, article in enumerate(doc["data"]):
+            where = f"data[{i}]"
+            for j, para in enumerate(article["paragraphs"]):
+                where = f"data[{i}].paragraphs[{j}]"
+                for k, qa in enumerate(para["qas"]):
+                    where = f"data[{i}].paragraphs[{j}].qas[{k}]"
+                    out.append({"id": qa["id"], "title": article.get("title", ""), "context": para["context"],
+                                "question": qa["question"],
+                                "answers": {"text": [a["text"] for a in qa["answers"]],
+                                            "answer_start": [int(a["answer_start"]) for a in qa["answers"]]}})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"no {e.args[0]!r} field" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise HilalError(f"{path}: not the SQuAD v1.1 layout at {where} ({what}); expected "
+                         "data[].paragraphs[].qas[] with id, question and answers[].text/answer_start") from None
     return out
 
 

@@ -36,7 +36,7 @@ def test_map_all_digital_and_all_analog(tmp_path, resnet8_digits):
     (["--model", "resnet8", "--dataset", "mnist"], "unknown dataset 'mnist'; valid choices: "),
     (["--model", "resnet8", "--dataset", "digits", "--preset", "rram"], "unknown preset 'rram'"),
     (["--model", "resnet8", "--dataset", "cifar10"], "cifar-10-batches-py"),
-    (["--model", "resnet8", "--dataset", "digits", "--recheck", "1"], "--recheck needs at least 2"),
+    (["--model", "resnet8", "--dataset", "digits", "--recheck", "1"], "--recheck must be a whole number >= 2 or 0"),
     (["--model", "resnet8", "--dataset", "digits", "--distill", "1.5"], "distill must lie in [0, 1]"),
     (["--model", "resnet8", "--dataset", "digits", "--temperature", "0"], "temperature must be positive"),
 ])
@@ -95,4 +95,4 @@ def test_reproduce_threads_reach_the_runner_and_bad_ones_are_refused(capsys):
     assert build_parser().parse_args(["reproduce", "--threads", "3"]).threads == 3
     assert build_parser().parse_args(["reproduce"]).threads is None  # OMP_NUM_THREADS, else 1
     assert main(["reproduce", "--only", "00", "--threads", "0"]) == 2
-    assert "threads must be a positive integer" in capsys.readouterr().err
+    assert "--threads must be a whole number >= 1" in capsys.readouterr().err
