@@ -23,7 +23,7 @@ class BenchConfig:
     """Sizes of the benchmarks (``quick`` shrinks them)."""
 
     models: tuple[str, ...] = ("resnet8", "resnet20", "vit_tiny")
-    """Models (``hilal.models.MODELS``); names not registered are skipped with a note."""
+    """Models (``hilal.models.MODELS``); :func:`hilal.bench.run_bench` refuses names not registered."""
     dataset: str = "digits"
     """Dataset (``hilal.data.DATASETS``)."""
     preset: str = "pcm_harsh"
