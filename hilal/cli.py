@@ -214,7 +214,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
     if args.command in ("map", "analyze"):
         more = "" if args.command == "analyze" else "; add --workdir DIR to make the mapping itself resumable"
         return f"nothing was written to {args.out}; run it again (digital training resumes from its cache{more})"
-    return "run the same command again (finished notebooks and cached results are reused)"
+    return "run the same command again (trained checkpoints, mappings and metrics cached so far are reused)"
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ output change for a weight change."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,8 +85,6 @@ class HessianConfig:
             check_count(name, getattr(self, name), low)
         check_number("power_tol", self.power_tol, 0)
         check_number("t_inference", self.t_inference, 0, low_open=True)
-        if self.graph_bytes != math.inf:
-            check_number("graph_bytes", self.graph_bytes, 0)
         check_choice("mode", self.mode, MODES)
         check_choice("noise space", self.noise, NOISE_SPACES)
         check_choice("gauss_newton", self.gauss_newton, GAUSS_NEWTON)
