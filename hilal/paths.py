@@ -228,11 +228,27 @@ def write_provenance(notebook: str, entry: dict[str, Any], figures: str | os.Pat
 def locked(path: str | os.PathLike, timeout: float = -1) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (the hidden file ``.<name>.lock`` beside it; filelock, released when
     the process dies) while reading, computing and writing it, so that concurrent writers never lose each other's
-    entries and a cache entry is computed once. ``timeout`` in seconds (-1: wait as long as it takes)."""
+    entries and a cache entry is computed once. ``timeout`` in seconds (-1: wait as long as it takes; a wait is
+    announced on stderr). In a folder that cannot be written, where nothing can be stored anyway, no lock is
+    taken (reads stay safe: writes are atomic)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(str(path.parent / f".{path.name}.lock"), timeout=timeout):
+    lock: filelock.FileLock | None = filelock.FileLock(str(path.parent / f".{path.name}.lock"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            print(f"hilal: waiting for another process writing {path}", file=sys.stderr, flush=True)
+            lock.acquire(timeout=timeout)
+    except filelock.Timeout:
+        raise
+    except OSError:  # (a read-only folder)
+        lock = None
+    try:
         yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def file_digest(path: str | os.PathLike) -> dict[str, Any]:
