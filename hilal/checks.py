@@ -113,6 +113,16 @@ def check_folder(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+def check_mapping(what: str, value: Any) -> dict[str, Any]:
+    """``value`` as a dict (None: empty) if it is a mapping, such as a section of a YAML file, else a HilalError
+    naming ``what`` and what it is instead."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise HilalError(f"{what} must be a mapping of names to values; got a {type(value).__name__}: {value!r}"[:300])
+    return dict(value)
+
+
 def nonfinite(obj: Any, where: str = "") -> str | None:
     """The path (``history[3].score``) of the first NaN or infinite number in a JSON-like record, or None."""
     if isinstance(obj, float) or (hasattr(obj, "item") and hasattr(obj, "dtype") and getattr(obj, "ndim", 1) == 0):

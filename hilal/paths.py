@@ -144,6 +144,16 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def jsonable(o: Any) -> Any:
+    """A JSON-ready stand-in for ``o`` (``json.dumps(default=jsonable)``): a tensor or numpy value as a number
+    or list, anything else as its string."""
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
 @functools.lru_cache(maxsize=4)
 def code_fingerprint(root: Path | None = None) -> str:
     """The package version plus a hash of its source files (``root``: the package folder, subpackages such as

@@ -27,12 +27,14 @@ import pandas as pd
 from torch import nn
 
 import hilal
+from hilal.checks import check_count, check_mapping
 from hilal.paths import (
     DRYRUN_MARKER,
     code_fingerprint,
     data_dir,
     figures_dir,
     is_dryrun_dir,
+    jsonable,
     locked,
     project_root,
     provenance_source,
@@ -112,13 +114,16 @@ def load_profile(profile: str | Path) -> dict[str, Any]:
     bad = set(raw) - _PROFILE_KEYS
     if bad:
         raise HilalError(f"profile {path}: unknown section(s) {sorted(bad)}; valid: {sorted(_PROFILE_KEYS)}")
-    nbs = {_nb_key(k): dict(v or {}) for k, v in (raw.get("notebooks") or {}).items()}
-    dry = raw.get("dryrun", False)
+    nbs = {_nb_key(k): check_mapping(f"profile {path}: notebook {k!r}", v)
+           for k, v in check_mapping(f"profile {path}: 'notebooks'", raw.get("notebooks")).items()}
+    dry, timeout = raw.get("dryrun", False), raw.get("timeout_s")
     if not isinstance(dry, bool):
         raise HilalError(f"profile {path}: 'dryrun' must be true or false; got {dry!r}")
-    return {"name": path.stem, "path": str(path), "description": raw.get("description", ""),
-            "common": dict(raw.get("common") or {}), "notebooks": nbs, "timeout_s": raw.get("timeout_s"),
-            "dryrun": dry}
+    if timeout is not None:
+        check_count(f"profile {path}: 'timeout_s' (seconds per cell)", timeout)
+    return {"name": path.stem, "path": str(path), "description": raw.get("description", ""), "dryrun": dry,
+            "common": check_mapping(f"profile {path}: 'common'", raw.get("common")), "notebooks": nbs,
+            "timeout_s": timeout}
 
 
 def _select(only: str | int | Iterable[str | int] | None, available: Mapping[str, Path]) -> list[str]:
@@ -358,7 +363,7 @@ def mapping_results(methods: Sequence[str], model_name: str, splits: Any, cfg: A
                     print(f"[mapping] {method}: loaded {js.name}", flush=True)
                 continue
             res = allocate(digital, splits, method, progress=progress, **settings)
-            result = json.loads(json.dumps(res.to_dict(), default=_jsonable))
+            result = json.loads(json.dumps(res.to_dict(), default=jsonable))
             write_cached(result, js, snapshot(res.model))
             out[method] = StoredMapping(result, res.model, False)
     return out
@@ -369,14 +374,6 @@ def _rebuild(digital: nn.Module, result: Mapping[str, Any]) -> nn.Module:
 
     layers = list(result["analog_layers"])
     return to_analog(digital, layers, result.get("preset", "pcm")) if layers else digital
-
-
-def _jsonable(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
 
 
 def layer_metrics_for(model: nn.Module, splits: Any, preset: str = "pcm", cfg: Any = None,
