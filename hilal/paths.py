@@ -78,14 +78,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+STALE_TMP_S = 600.0
+"""Age in seconds after which a temporary file whose writer's process id is not running here is removed (the age
+spares a live writer on another machine sharing the folder)."""
+
+
 def clean_stale_tmp(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Remove the temporary files that killed atomic writes left in ``folder`` (of ``name`` only when given):
-    those whose writing process is gone. Returns what was removed."""
+    those whose writing process is gone and that are older than :data:`STALE_TMP_S`. Returns what was
+    removed."""
     removed = []
+    now = time.time()
     with contextlib.suppress(OSError):
         for f in Path(folder).iterdir():
             m = _TMP.match(f.name)
-            if m and (name is None or m["name"] == name) and not _alive(int(m["pid"])):
+            if (m and (name is None or m["name"] == name) and not _alive(int(m["pid"]))
+                    and now - f.lstat().st_mtime > STALE_TMP_S):
                 with contextlib.suppress(OSError):
                     f.unlink()
                     removed.append(f)
@@ -95,7 +103,7 @@ def clean_stale_tmp(folder: str | os.PathLike, name: str | None = None) -> list[
 def _atomic(path: Path, write) -> Path:
     path = regular_target(Path(path), "atomic write target")  # never replace a FIFO, device, link or folder
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(path.parent, path.name)
+    clean_stale_tmp(path.parent)  # what killed writes of any file here left behind
     # ``write`` creates the temporary file itself, so it gets the mode of any new file (0666 less the umask);
     # mkstemp's 0600 would leave results and checkpoints unreadable to a group sharing the directory
     tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")

@@ -283,14 +283,17 @@ def test_atomic_writes_clean_up_after_killed_writers_and_write_nothing_on_failur
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".r.json.{int(dead.stdout)}.0123456789ab.tmp"
     mine = tmp_path / f".r.json.{os.getpid()}.0123456789ab.tmp"  # a live writer's: kept
-    stale.write_text("half")
-    mine.write_text("half")
+    young = tmp_path / f".other.json.{int(dead.stdout)}.0123456789ab.tmp"  # maybe a live writer on another machine
+    for f in (stale, mine, young):
+        f.write_text("half")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    os.utime(mine, (time.time() - 3600,) * 2)
     atomic_json_dump({"a": 1}, tmp_path / "r.json")
-    assert not stale.exists() and mine.exists() and clean_stale_tmp(tmp_path) == []
+    assert not stale.exists() and mine.exists() and young.exists() and clean_stale_tmp(tmp_path) == []
     with pytest.raises(TypeError):
         atomic_json_dump({"a": object()}, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.json", mine.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.json", mine.name, young.name])
 
 
 # --- two processes sharing the figures folder and the checkpoint cache --------------------------------------------
