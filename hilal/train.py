@@ -31,7 +31,7 @@ class TrainConfig:
     """Digital training settings (SGD with Nesterov momentum and a cosine schedule)."""
 
     epochs: int = 15
-    """Passes over the training split."""
+    """Passes over the training split (0: none, the weights as built; for pretrained models, as loaded)."""
     lr: float = 0.05
     """Peak learning rate."""
     momentum: float = 0.9
@@ -46,7 +46,7 @@ class TrainConfig:
     """``sgd`` (Nesterov momentum) or ``adamw``."""
 
     def __post_init__(self) -> None:
-        check_count("epochs", self.epochs)
+        check_count("epochs", self.epochs, 0)  # 0: the weights as built or loaded (a pretrained model's)
         check_count("batch_size", self.batch_size)
         check_count("seed", self.seed, 0)
         check_number("lr", self.lr, 0, low_open=True)

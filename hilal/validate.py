@@ -26,8 +26,9 @@ def _model_options(args: argparse.Namespace) -> None:
 
     MODELS[args.model], DATASETS[args.dataset], PRESETS[args.preset]  # noqa: B018  (unknown names list the valid)
     check_count("--seed", args.seed, 0)
-    if args.epochs is not None:
-        check_count("--epochs", args.epochs)
+    if args.epochs is not None and not (isinstance(args.epochs, int) and args.epochs >= 1):
+        raise HilalError(f"--epochs must be a whole number >= 1; got {args.epochs} (to map given weights without "
+                         "training, pass them as --checkpoint)")
     check_number("--t-eval", args.t_eval, 0, low_open=True)
     if args.checkpoint is not None:
         check_input_file(args.checkpoint, "--checkpoint")
