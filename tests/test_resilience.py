@@ -24,6 +24,7 @@ from hilal.paths import (
     PROVENANCE,
     atomic_json_dump,
     clean_stale_tmp,
+    file_digest,
     read_cached,
     read_provenance,
     write_cached,
@@ -212,8 +213,10 @@ def test_journal_weights_load_weights_only(tmp_path):
             return (exec, (f"open({str(tmp_path / 'pwned')!r}, 'w')",))
 
     j = Journal(str(tmp_path), "lionheart", MappingConfig(), "tag")
-    j.dir.mkdir(parents=True)
+    j.put("step", {"kept": True}, torch.nn.Linear(1, 1))
     torch.save({"p:w": Evil()}, j.dir / "step.pt")
+    j.files["step"] = file_digest(j.dir / "step.pt")  # who can write the folder can rewrite the index too
+    assert j.get("step") == {"kept": True}
     with pytest.raises(HilalError, match="refused by the weights-only loader"):
         j.load_model("step", torch.nn.Linear(1, 1))
     assert not (tmp_path / "pwned").exists()

@@ -70,10 +70,15 @@ class Journal:
         then this step and the later ones are dropped, to be recomputed)."""
         if key not in self.steps:
             return None
-        if key in self.files and self.dir is not None:
+        kept = isinstance(self.steps[key], dict) and self.steps[key].get("kept")  # a kept step has its weights
+        if (key in self.files or kept) and self.dir is not None:
             path = self.dir / f"{_safe(key)}.pt"
-            why = "is missing" if not path.exists() else None
-            if why is None and file_digest(path) != self.files[key]:
+            why = None
+            if not path.exists():
+                why = "is missing"
+            elif key not in self.files:
+                why = "has no size and checksum in its journal"
+            elif file_digest(path) != self.files[key]:
                 why = "does not match the size and checksum its journal recorded"
             if why is not None:
                 if path.exists():
@@ -113,7 +118,7 @@ class Journal:
         """Restore the weights recorded with step ``key`` into ``model``; False when there are none. A file that
         cannot be read or does not fit is a HilalError naming it (:meth:`get` has checked its checksum)."""
         path = self.dir / f"{_safe(key)}.pt" if self.dir else None
-        if path is None or not path.exists():
+        if path is None or key not in self.files or not path.exists():  # only files the index vouches for
             return False
         snap = load_tensors(path, "cpu", "journal weights")
         try:
