@@ -66,7 +66,8 @@ def mapping_config(args: argparse.Namespace) -> MappingConfig:
 
     return MappingConfig(preset=args.preset, t_eval=args.t_eval, reps=args.reps, drop_threshold=args.drop_threshold,
                          patience=args.patience, max_rounds=args.max_rounds, stages=args.stages, search=args.search,
-                         robust_only=args.robust_only, cluster=args.cluster, ablation=args.ablation, seed=args.seed,
+                         robust_only=args.robust_only, cluster=args.cluster, ablation=args.ablation, layers=args.layers,
+                         seed=args.seed,
                          workdir=args.workdir, **retraining_overrides(args))
 
 
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--robust-only", action="store_true")
     m.add_argument("--cluster", default="kmeans")
     m.add_argument("--ablation", default="eli-r", help="hilal-paper features")
+    m.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
+                   help="only these layers may go analog: names or shell-style patterns such as '*.attention.*' "
+                        "(default: every mappable layer)")
     add_retraining_options(m)
     m.add_argument("--recheck", type=int, default=0,
                    help="re-score the final mapping on this many programmings its search never drew (calibration "

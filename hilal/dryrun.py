@@ -136,12 +136,12 @@ PROFILE = "dryrun"
 SIZE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
     # MobileBERT trains on 32 windows of 384 tokens a step: about 20 GB on a CPU, past a shared machine's memory,
-    # so on "cpu" notebook 08 runs the SQuAD path (same files, tokenizer and windows) with mobilebert_tiny, and
-    # maps with HILAL alone (LionHeart and the paper variant retrain once per layer: 74 stages of ViT-B/16);
-    # hilal.cost still measures full-size MobileBERT, per window
-    # and ViT-B/16's curvature takes batches of one sample: a batch of 4 holds about 4.5 GB of double-backward
-    # graph per operator, past 24 GB with both operators and a product in flight
-    "cpu": {"08": {"QA_MODEL": "mobilebert_tiny", "METHODS": ["hilal"],
+    # so on "cpu" notebook 08 runs the SQuAD path (same files, tokenizer and windows) with mobilebert_tiny
+    # (hilal.cost still measures full-size MobileBERT, per window); every method maps ViT-B/16's first attention
+    # block only (LionHeart and the paper variant retrain once per candidate: 74 stages over the whole model),
+    # and its curvature takes batches of one sample: a batch of 4 holds about 4.5 GB of double-backward graph
+    # per operator, past 24 GB with both operators and a product in flight
+    "cpu": {"08": {"QA_MODEL": "mobilebert_tiny", "VIT_LAYERS": ["*.layers.0.attention.*"],
                    "HESSIAN": {"probes": 2, "power_iters": 2, "eli_samples": 2, "first_order_samples": 2,
                                "max_samples": 2, "batch_size": 1}}},
 }

@@ -304,6 +304,37 @@ def test_lionheart_loop(resnet8_digits, digits):
     assert sorted(analog_layers(res.model)) == sorted(kept)
 
 
+@pytest.mark.parametrize("method", ["lionheart", "all-analog", "hilal"])
+def test_layers_restricts_every_method_to_its_candidates(resnet8_digits, digits, method):
+    all_layers = mappable_layers(resnet8_digits)
+    patterns = ["layer2.*", all_layers[-1]]
+    want = [n for n in all_layers if n.startswith("layer2.") or n == all_layers[-1]]
+    assert 1 < len(want) < len(all_layers)
+    res = run_mapping(method, resnet8_digits, digits, tiny_cfg(layers=patterns, max_rounds=1,
+                                                               hessian={"probes": 2, "power_iters": 2,
+                                                                        "eli_samples": 2, "max_samples": 64}),
+                      progress=False)
+    assert res.extra["candidates"] == want
+    assert set(res.analog_layers) <= set(want) and set(analog_layers(res.model)) <= set(want)
+    if method == "lionheart":
+        macs = count_macs(resnet8_digits, digits.example_input(2))
+        assert res.extra["order"] == sorted(want, key=lambda n: -macs[n])
+    if method == "all-analog":
+        assert res.analog_layers == want
+    if method == "hilal":
+        assert res.metrics["layer"].tolist() == want
+    # the MAC share is of the whole network, not of the candidates
+    macs = count_macs(resnet8_digits, digits.example_input(2))
+    assert res.analog_mac_share == pytest.approx(sum(macs[n] for n in res.analog_layers) / sum(macs.values()))
+
+
+def test_layers_pattern_matching_nothing_is_named(resnet8_digits, digits):
+    with pytest.raises(HilalError, match=r"\['nope\.\*'\] match no mappable layer.*fc"):
+        run_mapping("lionheart", resnet8_digits, digits, tiny_cfg(layers=["layer1.*", "nope.*"]))
+    with pytest.raises(HilalError, match="non-empty list"):
+        run_mapping("lionheart", resnet8_digits, digits, tiny_cfg(layers=[]))
+
+
 def test_retrain_keeps_best_and_respects_patience(resnet8_digits, digits):
     from hilal.analog import to_analog
 

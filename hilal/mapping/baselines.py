@@ -7,7 +7,7 @@ import random
 
 from tqdm.auto import tqdm
 
-from hilal.analog import mappable_layers, to_analog
+from hilal.analog import to_analog
 from hilal.mapping.config import MappingResult
 from hilal.mapping.run import _Run
 
@@ -22,13 +22,13 @@ def _greedy(run: _Run, order: list[str]) -> MappingResult:
 def lionheart(run: _Run) -> MappingResult:
     """IBM/lionheart's greedy loop: candidates by descending MACs; add one, retrain with patience, keep it if
     the best score stays within ``drop_threshold`` of the digital baseline, else revert."""
-    order = run.timed_search(lambda: sorted(run.macs, key=lambda n: -run.macs[n]))
+    order = run.timed_search(lambda: sorted(run.candidates, key=lambda n: -run.macs[n]))
     return _greedy(run, order)
 
 
 def random_order(run: _Run) -> MappingResult:
     """LionHeart's accept/reject loop over a random (seeded) layer order."""
-    order = list(run.macs)
+    order = list(run.candidates)
     random.Random(run.cfg.seed).shuffle(order)
     return _greedy(run, order)
 
@@ -39,13 +39,13 @@ def all_digital(run: _Run) -> MappingResult:
 
 
 def all_analog(run: _Run) -> MappingResult:
-    """Every mappable layer analog, no fine-tuning."""
-    run.model = to_analog(run.digital, mappable_layers(run.digital), run.cfg.preset)
-    run.layers = mappable_layers(run.digital)
+    """Every candidate layer (every mappable one unless ``layers`` says otherwise) analog, no fine-tuning."""
+    run.model = to_analog(run.digital, run.candidates, run.cfg.preset)
+    run.layers = list(run.candidates)
     return run.finish()
 
 
 def all_analog_ft(run: _Run) -> MappingResult:
-    """Every mappable layer analog, with one noise-injection retraining stage."""
-    run.stage("all", mappable_layers(run.digital))
+    """Every candidate layer analog, with one noise-injection retraining stage."""
+    run.stage("all", list(run.candidates))
     return run.finish()

@@ -97,6 +97,11 @@ class MappingConfig:
     as ``best_round``. HILAL's ``trim`` likewise keeps a subset only if a fresh evaluation clears the floor
     (its screen score stays as ``zero_shot``). Off by default, as LionHeart accepts; one more evaluation per
     stage or trimmed subset."""
+    layers: list[str] | None = None
+    """The layers that may go analog, as names or shell-style patterns (``*.attention.*``); the others stay
+    digital for every method (HILAL measures and ranks only these). ``None``: every mappable layer. Why: keep
+    layers digital that a chip would not host (an embedding projection, a classifier head), or cut a paper-size
+    model to a few candidates for a quick look or the dry run."""
     cluster: str = "kmeans"
     """Clustering method (hilal.cluster)."""
     hessian: dict[str, Any] = field(default_factory=dict)

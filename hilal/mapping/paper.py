@@ -37,7 +37,7 @@ def paper_descriptors(run: _Run) -> pd.DataFrame:
     batches = [train_batch(run.splits, next(it), device, gen) for _ in range(cfg.sensitivity_batches)]  # augmented
     hcfg = _hessian_cfg(cfg)
     hcfg.eli_samples = hcfg.first_order_samples = 0  # the paper's ELI uses isotropic noise, below
-    df = layer_metrics(run.digital, batches, cfg.preset, hcfg, progress=run.progress)
+    df = layer_metrics(run.digital, batches, cfg.preset, hcfg, layers=run.candidates, progress=run.progress)
     mods = dict(run.digital.named_modules())
     wmax = np.array([float(mods[n].weight.detach().abs().max()) for n in df["layer"]])
     df["eli_norm"] = 0.5 * (cfg.gamma * wmax) ** 2 * df["trace"] / df["params"]

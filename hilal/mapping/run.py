@@ -24,6 +24,7 @@ from hilal.analog import (
     extend_analog,
     mappable_layers,
     revert_to_digital,
+    select_layers,
 )
 from hilal.data import Splits
 from hilal.evaluate import noisy_metrics, noisy_scores
@@ -114,6 +115,8 @@ class _Run:
         if analog_layers(model):
             raise HilalError("pass the digital model to run_mapping; it already has analog layers")
         model.eval()
+        self.candidates = mappable_layers(model) if cfg.layers is None else select_layers(model, cfg.layers)
+        """The layers this run may make analog (``cfg.layers``), in model order."""
         self.macs = count_macs(model, splits.example_input(2))
         self.fp_metrics = evaluate(model, splits, "test")
         self.fp_test = float(self.fp_metrics["accuracy"])
@@ -280,4 +283,4 @@ class _Run:
             history=pd.DataFrame(self.rows), metrics=metrics, model=self.model,
             extra={"n_layers": len(self.macs), "baseline_calib": self.baseline, "floor": self.floor(),
                    "preset": self.cfg.preset,
-                   **extra})
+                   **({"candidates": list(self.candidates)} if self.cfg.layers is not None else {}), **extra})

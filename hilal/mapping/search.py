@@ -25,7 +25,8 @@ def _metrics(run: _Run) -> pd.DataFrame:
     cached = run.journal.get("metrics")
     if cached is not None:
         return pd.DataFrame(cached)
-    df = layer_metrics(run.digital, run.splits, run.cfg.preset, _hessian_cfg(run.cfg), progress=run.progress)
+    df = layer_metrics(run.digital, run.splits, run.cfg.preset, _hessian_cfg(run.cfg), layers=run.candidates,
+                       progress=run.progress)
     df = cluster_layers(df, method=run.cfg.cluster, seed=run.cfg.seed)
     run.journal.put("metrics", df.to_dict(orient="records"))
     return df
