@@ -30,7 +30,7 @@ from __future__ import annotations
 from hilal.mapping.baselines import all_analog, all_analog_ft, all_digital, lionheart, random_order
 from hilal.mapping.config import COSTS, MAPPING_HESSIAN, ORDERS, SEARCHES, MappingConfig, MappingResult, _hessian_cfg
 from hilal.mapping.journal import Journal, restore, snapshot
-from hilal.mapping.methods import METHODS, run_mapping
+from hilal.mapping.methods import METHODS, check_max_tiles, run_mapping
 from hilal.mapping.paper import ABLATIONS, hilal_paper, paper_clusters, paper_descriptors
 from hilal.mapping.recheck import RECHECK_SEED, fresh_pass_rate, recheck
 from hilal.mapping.run import CONFIRM_SEED, Round, _decided, _Run, retrain
@@ -39,7 +39,7 @@ from hilal.mapping.search import _extend_prefix, _knapsack, _scan, _screened, _t
 __all__ = [
     "ABLATIONS", "CONFIRM_SEED", "COSTS", "MAPPING_HESSIAN", "METHODS", "ORDERS", "RECHECK_SEED", "SEARCHES",
     "Journal", "MappingConfig", "MappingResult", "Round", "_Run", "_decided", "_extend_prefix", "_hessian_cfg",
-    "_knapsack", "_scan", "_screened", "_trim", "all_analog", "all_analog_ft", "all_digital", "fresh_pass_rate",
-    "hilal", "hilal_paper", "lionheart", "paper_clusters", "paper_descriptors", "pareto_sets", "random_order",
-    "recheck", "restore", "retrain", "run_mapping", "snapshot",
+    "_knapsack", "_scan", "_screened", "_trim", "all_analog", "all_analog_ft", "all_digital",
+    "check_max_tiles", "fresh_pass_rate", "hilal", "hilal_paper", "lionheart", "paper_clusters", "paper_descriptors",
+    "pareto_sets", "random_order", "recheck", "restore", "retrain", "run_mapping", "snapshot",
 ]
