@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_reproduce)
 
     b = sub.add_parser("bench", help="side-by-side benchmarks")
-    b.add_argument("kind", help="hessian, search or analog")
+    b.add_argument("kind", help="hessian, search, analog or frontier")
     add_bench_options(b)
     b.set_defaults(fn=cmd_bench)
     return p

@@ -142,3 +142,37 @@ def test_lionheart_skips_candidates_over_the_tile_budget():
     run = Loop()
     extra = _greedy(run, ["a", "b", "c", "d"])
     assert run.layers == run.tried == ["a", "d"] and extra["over_budget"] == ["b", "c"] and run.honours_budget
+
+
+def test_frontier_sets_by_hand():
+    """Frontier of (cost, saving): {} (0, 0), {a} (1, 1), {b} (2, 3), {a, b} (3, 4); c saves nothing. Two points
+    are the cheapest sets reaching half (2: {b}) and all (4: {a, b}) of the largest saving."""
+    from hilal.mapping import frontier_sets
+
+    cost, value = {"a": 1.0, "b": 2.0, "c": 3.0}, {"a": 1.0, "b": 3.0, "c": -1.0}
+    assert frontier_sets(cost, value, 2) == [["b"], ["a", "b"]]
+    assert frontier_sets(cost, value, 4) == [["a"], ["b"], ["a", "b"]]  # 1 and 2 reach a quarter and a half
+    assert frontier_sets(cost, {"a": -1.0, "b": 0.0, "c": -2.0}, 3) == []
+    with pytest.raises(HilalError, match="points"):
+        frontier_sets(cost, value, 0)
+
+
+def test_energy_frontier_rows_are_priced_mappings(resnet8_digits, digits):
+    """Zero-shot frontier on ResNet-8: all-digital first (its accuracy the floating-point one), the sets in
+    increasing energy saved, all-analog last; each row's hardware columns are mapping_cost of its layers."""
+    from hilal.mapping import budget_choice, energy_frontier
+
+    cfg = MappingConfig(preset="pcm_harsh", reps=2, objective="energy", max_tiles=6,
+                        hessian={"probes": 2, "power_iters": 2, "eli_samples": 2, "max_samples": 32})
+    f = energy_frontier(resnet8_digits, digits, cfg, points=3, retrain_points=False, progress=False)
+    assert f["kind"].iloc[0] == "all-digital" and f["kind"].iloc[-1] == "all-analog"
+    assert f["accuracy_mean"].iloc[0] == pytest.approx(f.attrs["fp_accuracy"]) and f["analog_tiles"].iloc[0] == 0
+    hilal = f[f["kind"] == "hilal"]
+    assert len(hilal) >= 1 and hilal["saving"].is_monotonic_increasing and hilal["eli"].is_monotonic_increasing
+    costs = chip_costs(resnet8_digits, digits.example_input(2), make_chip(preset="pcm_harsh"))
+    for _, row in f.iterrows():
+        hw = mapping_cost(costs, row["layers"], make_chip(preset="pcm_harsh"))
+        assert row["energy_uj"] == pytest.approx(hw["energy_uj"]) and row["analog_tiles"] == hw["analog_tiles"]
+        assert row["within_budget"] == (hw["analog_tiles"] <= 6) and not row["retrained"]
+    chosen = budget_choice(f, 6, 1.0)  # a tolerance of 100 %: the least energy within 6 tiles
+    assert chosen["energy_uj"] == f[f["analog_tiles"] <= 6]["energy_uj"].min()
