@@ -176,3 +176,17 @@ def test_energy_frontier_rows_are_priced_mappings(resnet8_digits, digits):
         assert row["within_budget"] == (hw["analog_tiles"] <= 6) and not row["retrained"]
     chosen = budget_choice(f, 6, 1.0)  # a tolerance of 100 %: the least energy within 6 tiles
     assert chosen["energy_uj"] == f[f["analog_tiles"] <= 6]["energy_uj"].min()
+
+
+def test_hilal_keeps_the_tile_budget_on_a_real_run(resnet8_digits, digits):
+    """HILAL's knapsack with the energy objective and a 4-tile budget on ResNet-8: the aihwkit layers of its
+    final model use at most 4 tiles, every analog layer saves energy, and the record says the budget was kept."""
+    cfg = MappingConfig(preset="pcm_harsh", reps=2, max_rounds=1, patience=1, finetune=FinetuneConfig(steps=2),
+                        drop_threshold=0.2, objective="energy", max_tiles=4,
+                        hessian={"probes": 2, "power_iters": 2, "eli_samples": 2, "max_samples": 32})
+    res = run_mapping("hilal", resnet8_digits, digits, cfg, progress=False)
+    hw = res.hardware
+    tiles = sum(len(list(res.model.get_submodule(n).analog_tiles())) for n in res.analog_layers)
+    assert res.analog_layers and hw["analog_tiles"] == tiles <= 4 and hw["budget"] == "honoured" and hw["within_budget"]
+    save = savings(chip_costs(resnet8_digits, digits.example_input(2), make_chip(preset="pcm_harsh")), "energy")
+    assert all(save[n] > 0 for n in res.analog_layers) and res.to_dict()["objective"] == "energy"

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
@@ -61,10 +62,12 @@ def energy_frontier_plot(frontier: pd.DataFrame, others: Iterable[Mapping[str, A
                 ax.scatter([chosen[col]], [chosen["accuracy_mean"]], s=260, facecolors="none", edgecolors="k",
                            lw=1.5, zorder=4, label=f"fits {max_tiles} tiles" if max_tiles else "chosen")
             ax.set_xscale("log")
+            for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+                axis(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.set_xlabel(label)
             _percent_axis(ax, "y")
         axes[0].set_ylabel("test accuracy")
-        axes[1].legend(loc="lower right", fontsize=8)
+        axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
         fig.suptitle(title)
     return fig, data
 
