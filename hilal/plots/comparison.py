@@ -44,7 +44,7 @@ def mapping_table(results: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
 def mapping_summary(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Headline numbers per method for :func:`save_summary`: analog layer names and MAC share, accuracy mean,
-    std and drop from floating point, rounds, total seconds and the hardware cost."""
+    std and drop from floating point, rounds, total seconds and the hardware cost (None without a record)."""
     results = list(results)
     table = mapping_table(results).set_index("method")
     out = {}
@@ -53,7 +53,8 @@ def mapping_summary(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str,
         out[r["method"]] = {"analog_layers": list(r["analog_layers"]), "analog_mac_share": row["analog_mac_share"],
                             "accuracy_mean": row["accuracy_mean"], "accuracy_std": row["accuracy_std"],
                             "accuracy_drop": row["accuracy_drop"], "rounds": int(row["rounds"]),
-                            "total_s": row["total_s"], **{k: row[k] for k in HARDWARE_COLUMNS}}
+                            "total_s": row["total_s"],
+                            **{k: None if pd.isna(row[k]) else row[k] for k in HARDWARE_COLUMNS}}
     return out
 
 
