@@ -734,7 +734,7 @@ def test_confirmed_trim_tries_the_cleared_subsets_largest_first():
     macs = dict.fromkeys(cost, 1)
     for refuse, tried, kept in (((), [4], True), ((4,), [4, 3], True), ((3, 4), [4, 3], False)):
         run = Trims(set(refuse))
-        run.macs = macs
+        run.macs = run.value = macs
         assert _trim(run, "t", list(cost), cost, 0.5, 0.0) is kept
         assert [n for _, n in run.tried] == tried
         assert run.tried[0][0] == "t" and all(k.startswith("t-") and k.endswith("-adopt") for k, _ in run.tried[1:])
