@@ -68,11 +68,11 @@ def mapping_config(args: argparse.Namespace) -> MappingConfig:
 
     check_choice("objective", args.objective, OBJECTIVES)
     check_max_tiles(args.max_tiles)
-    return MappingConfig(preset=args.preset, t_eval=args.t_eval, reps=args.reps, drop_threshold=args.drop_threshold,
+    return MappingConfig(preset=args.preset, objective=args.objective, max_tiles=args.max_tiles,
+                         t_eval=args.t_eval, reps=args.reps, drop_threshold=args.drop_threshold,
                          patience=args.patience, max_rounds=args.max_rounds, stages=args.stages, search=args.search,
                          robust_only=args.robust_only, cluster=args.cluster, ablation=args.ablation, seed=args.seed,
-                         objective=args.objective, max_tiles=args.max_tiles, workdir=args.workdir,
-                         **retraining_overrides(args))
+                         workdir=args.workdir, **retraining_overrides(args))
 
 
 def cmd_map(args: argparse.Namespace) -> None:
@@ -153,13 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--robust-only", action="store_true")
     m.add_argument("--cluster", default="kmeans")
     m.add_argument("--ablation", default="eli-r", help="hilal-paper features")
+    add_retraining_options(m)
     m.add_argument("--objective", default="macs",
                    help="HILAL knapsack: the saving weighed against expected loss: macs, energy or latency "
                         "(per sample, on the chip of hilal.hardware)")
     m.add_argument("--max-tiles", type=int, default=None,
                    help="analog tiles the mapping may use at most (HILAL knapsack, lionheart and random keep it; "
                         "the other methods report that they do not); default: no limit")
-    add_retraining_options(m)
     m.add_argument("--recheck", type=int, default=0,
                    help="re-score the final mapping on this many programmings its search never drew (calibration "
                         "split) against the floor it was accepted at; 0: none")

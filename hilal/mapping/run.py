@@ -289,6 +289,7 @@ class _Run:
         if cap is not None:
             hardware |= {"max_tiles": cap, "within_budget": hardware["analog_tiles"] <= cap,
                          "budget": "honoured" if self.honours_budget else "not honoured"}
+        extra = {"objective": self.cfg.objective, "hardware": hardware, **extra}
         return MappingResult(
             method=self.method, analog_layers=layers, analog_mac_share=analog_share(self.macs, layers),
             accuracy_mean=float(scores.mean()), accuracy_std=float(scores.std(ddof=1)) if reps > 1 else 0.0,
@@ -296,5 +297,5 @@ class _Run:
             timings=timings, rounds=self.ledger.rounds,
             history=pd.DataFrame(self.rows), metrics=metrics, model=self.model,
             extra={"n_layers": len(self.macs), "baseline_calib": self.baseline, "floor": self.floor(),
-                   "preset": self.cfg.preset, "objective": self.cfg.objective, "hardware": hardware,
+                   "preset": self.cfg.preset,
                    **extra})
