@@ -281,7 +281,7 @@ def test_retraining_options_reach_the_search_benchmark(tmp_path, monkeypatch, ca
     assert cli_main(["bench", "search", "--distill", "0.5", "--temperature", "0", "--out", out]) == 2
     assert "temperature must be positive" in capsys.readouterr().err
     assert script("hessian", ["--confirm", "--out", out]) == 2
-    assert "set how the search benchmark retrains; got kind 'hessian'" in capsys.readouterr().err
+    assert "set how the search and frontier benchmarks retrain; got kind 'hessian'" in capsys.readouterr().err
     assert len(seen) == n
     quick = BenchConfig.quick(mapping={"confirm": True})
     assert quick.mapping == {**BenchConfig.quick().mapping, "confirm": True}
