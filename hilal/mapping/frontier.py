@@ -14,7 +14,7 @@ from torch import nn
 from hilal.analog import extend_analog
 from hilal.data import Splits
 from hilal.evaluate import noisy_metrics
-from hilal.hardware import OBJECTIVES, mapping_cost
+from hilal.hardware import OBJECTIVES, make_chip, mapping_cost
 from hilal.mapping.config import COSTS, MappingConfig
 from hilal.mapping.methods import check_max_tiles
 from hilal.mapping.run import _Run, retrain
@@ -54,6 +54,9 @@ def energy_frontier(model: nn.Module, splits: Splits, cfg: MappingConfig | None 
     cfg = cfg or MappingConfig(objective="energy")
     check_choice("objective", cfg.objective, OBJECTIVES)
     check_max_tiles(cfg.max_tiles)
+    make_chip(cfg.chip, cfg.preset)
+    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+        raise HilalError(f"points must be a positive integer; got {points!r}")
     run = _Run("hilal-frontier", model, splits, cfg, progress)
     t = time.perf_counter()
     df = _metrics(run)
