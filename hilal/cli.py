@@ -62,9 +62,14 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def mapping_config(args: argparse.Namespace) -> MappingConfig:
     """The :class:`hilal.mapping.MappingConfig` that ``hilal map``'s options describe."""
-    from hilal.mapping import MappingConfig  # local: no torch or aihwkit until a subcommand runs
+    from hilal.hardware import OBJECTIVES  # local: no torch or aihwkit until a subcommand runs
+    from hilal.mapping import MappingConfig, check_max_tiles
+    from hilal.registry import check_choice
 
-    return MappingConfig(preset=args.preset, t_eval=args.t_eval, reps=args.reps, drop_threshold=args.drop_threshold,
+    check_choice("objective", args.objective, OBJECTIVES)
+    check_max_tiles(args.max_tiles)
+    return MappingConfig(preset=args.preset, objective=args.objective, max_tiles=args.max_tiles,
+                         t_eval=args.t_eval, reps=args.reps, drop_threshold=args.drop_threshold,
                          patience=args.patience, max_rounds=args.max_rounds, stages=args.stages, search=args.search,
                          robust_only=args.robust_only, cluster=args.cluster, ablation=args.ablation, layers=args.layers,
                          seed=args.seed,
@@ -94,6 +99,11 @@ def cmd_map(args: argparse.Namespace) -> None:
     print(f"{res.method}: {len(res.analog_layers)}/{x['n_layers']} analog layers, "
           f"analog MAC share {res.analog_mac_share:.3f}, {quality} at t={res.t_eval:g}s; search {t['search_s']:.1f}s, "
           f"mapping {t['mapping_s']:.1f}s, total {t['total_s']:.1f}s -> {args.out}")
+    hw = res.hardware
+    budget = f", {hw['budget']} budget of {hw['max_tiles']} tiles" if "budget" in hw else ""
+    print(f"hardware ({hw['chip']}): {hw['analog_tiles']} analog tiles of {hw['chip_tiles']}{budget}; per sample "
+          f"{hw['energy_uj']:.3g} µJ ({hw['energy_gain']:.2f}x less than all-digital), "
+          f"{hw['latency_us']:.3g} µs ({hw['latency_gain']:.2f}x)")
     if args.recheck:
         c = d["recheck"]
         print(f"recheck: {c['calib_mean']:.4f} ± {c['calib_se']:.4f} on {c['reps']} fresh programmings of the "
@@ -148,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these layers may go analog: names or shell-style patterns such as '*.attention.*' "
                         "(default: every mappable layer)")
     add_retraining_options(m)
+    m.add_argument("--objective", default="macs",
+                   help="HILAL knapsack: the saving weighed against expected loss: macs, energy or latency "
+                        "(per sample, on the chip of hilal.hardware)")
+    m.add_argument("--max-tiles", type=int, default=None,
+                   help="analog tiles the mapping may use at most (HILAL knapsack, lionheart and random keep it; "
+                        "the other methods report that they do not); default: no limit")
     m.add_argument("--recheck", type=int, default=0,
                    help="re-score the final mapping on this many programmings its search never drew (calibration "
                         "split) against the floor it was accepted at; 0: none")
@@ -164,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_reproduce)
 
     b = sub.add_parser("bench", help="side-by-side benchmarks")
-    b.add_argument("kind", help="hessian, search or analog")
+    b.add_argument("kind", help="hessian, search, analog or frontier")
     add_bench_options(b)
     b.set_defaults(fn=cmd_bench)
     return p

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-KINDS = ("hessian", "search", "analog")
+KINDS = ("hessian", "search", "analog", "frontier")
 
 
 @dataclass
@@ -38,9 +38,11 @@ class BenchConfig:
     t_inference: float = 86400.0
     """hessian/analog: inference time (s) of the noise samples and of the drift evaluation."""
     search_models: tuple[str, ...] = ("resnet8", "resnet20")
-    """search: models to map."""
+    """search, frontier: models to map."""
     mapping: dict[str, Any] = field(default_factory=dict)
-    """search: overrides of :class:`hilal.mapping.MappingConfig` (the same for both methods)."""
+    """search, frontier: overrides of :class:`hilal.mapping.MappingConfig` (the same for both methods)."""
+    frontier_points: int = 5
+    """frontier: sets taken along HILAL's knapsack frontier (:func:`hilal.mapping.energy_frontier`)."""
     mapping_seeds: tuple[int, ...] = (0,)
     """search: mapping seeds (noise, shuffling, evaluation programmings; same trained model), one record
     each; the table adds the median over seeds per model and method."""

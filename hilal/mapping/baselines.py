@@ -1,5 +1,7 @@
 """LionHeart and the plain baselines: IBM's greedy accept/reject loop over layers by descending MACs (and over a
-random order), nothing analog, and everything analog with and without one retraining stage."""
+random order), nothing analog, and everything analog with and without one retraining stage. The greedy loops
+keep a tile budget (``MappingConfig.max_tiles``) by skipping candidates that would exceed it; all-analog cannot,
+and its record says so (``hardware.budget``)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,16 @@ from hilal.mapping.run import _Run
 
 
 def _greedy(run: _Run, order: list[str]) -> MappingResult:
+    """LionHeart's accept/reject loop over ``order``; a candidate whose tiles would exceed ``max_tiles`` beside
+    the layers kept so far is skipped untried (listed in the result as ``over_budget``)."""
     ok = lambda s: s >= run.floor()  # noqa: E731
+    run.honours_budget, over = True, []
     for i, name in enumerate(tqdm(order, desc=run.method, disable=not run.progress, leave=False)):
+        if run.tiles[name] > run.tiles_left():
+            over.append(name)
+            continue
         run.stage(f"candidate-{i}", [name], ok)
-    return run.finish(order=order)
+    return run.finish(order=order, **({"over_budget": over} if run.cfg.max_tiles is not None else {}))
 
 
 def lionheart(run: _Run) -> MappingResult:
@@ -34,7 +42,8 @@ def random_order(run: _Run) -> MappingResult:
 
 
 def all_digital(run: _Run) -> MappingResult:
-    """Nothing analog: the floating-point reference."""
+    """Nothing analog: the floating-point reference (within any tile budget)."""
+    run.honours_budget = True
     return run.finish()
 
 

@@ -118,6 +118,17 @@ class MappingConfig:
     """Seed for noise, shuffling and random orders."""
     final_reps: int | None = None
     """Repetitions of the final test evaluation (default: ``reps``)."""
+    objective: str = "macs"
+    """HILAL ``knapsack``: the saving weighed against expected loss: ``macs`` (the analog MAC share), or the
+    energy or latency per sample that putting a layer on tiles saves on ``chip`` (hilal.hardware; a layer that
+    saves nothing there is never chosen for it)."""
+    max_tiles: int | None = None
+    """Analog tiles the mapping may use at most (None: no limit). HILAL's ``knapsack`` search, LionHeart and
+    ``random`` honour it; the other methods and searches report in the result's ``hardware.budget`` that they
+    do not."""
+    chip: dict[str, Any] = field(default_factory=dict)
+    """Overrides of :class:`hilal.hardware.Chip` fields (the HERMES-like defaults; the tile size comes from
+    ``preset``) for the ``hardware`` record and the ``energy`` / ``latency`` objectives."""
     workdir: str | None = None
     """Folder for the resumable journal; an interrupted run started again with the same settings and code
     skips finished rounds."""
@@ -156,6 +167,12 @@ class MappingResult:
             d["metrics"] = self.metrics.to_dict(orient="records")
         d.update(self.extra)
         return d
+
+    @property
+    def hardware(self) -> dict[str, Any] | None:
+        """The mapping's cost on the chip (:func:`hilal.hardware.mapping_cost`: tiles, latency, energy, gains) and
+        whether it keeps ``max_tiles`` (``budget``)."""
+        return self.extra.get("hardware")
 
 
 def _hessian_cfg(cfg: MappingConfig) -> Any:

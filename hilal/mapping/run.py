@@ -28,6 +28,7 @@ from hilal.analog import (
 )
 from hilal.data import Splits
 from hilal.evaluate import noisy_metrics, noisy_scores
+from hilal.hardware import chip_costs, make_chip, mapping_cost, savings
 from hilal.mapping.config import MappingConfig, MappingResult
 from hilal.mapping.journal import Journal, restore, snapshot
 from hilal.mapping.ledger import Ledger
@@ -118,6 +119,11 @@ class _Run:
         self.candidates = mappable_layers(model) if cfg.layers is None else select_layers(model, cfg.layers)
         """The layers this run may make analog (``cfg.layers``), in model order."""
         self.macs = count_macs(model, splits.example_input(2))
+        self.chip = make_chip(cfg.chip, cfg.preset)
+        self.costs = chip_costs(model, splits.example_input(2), self.chip)
+        self.tiles: dict[str, int] = {n: int(t) for n, t in zip(self.costs["layer"], self.costs["tiles"], strict=True)}
+        self.value = savings(self.costs, cfg.objective)  # what analog saves per layer, by ``objective``
+        self.honours_budget = False  # set by the methods that keep ``max_tiles``
         self.fp_metrics = evaluate(model, splits, "test")
         self.fp_test = float(self.fp_metrics["accuracy"])
         self.baseline = score(model, splits, "calib")
@@ -139,6 +145,12 @@ class _Run:
     def timed_search(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, its time counted as search (:meth:`Ledger.timed_search`)."""
         return self.ledger.timed_search(fn)
+
+    def tiles_left(self) -> float:
+        """Analog tiles the budget (``max_tiles``) leaves beside the current analog layers (inf: no budget)."""
+        if self.cfg.max_tiles is None:
+            return math.inf
+        return self.cfg.max_tiles - sum(self.tiles[n] for n in self.layers)
 
     def floor(self) -> float:
         """The lowest score accepted: the digital baseline less ``drop_threshold``, less 1e-9. Scores are means
@@ -275,6 +287,12 @@ class _Run:
                           else 0.0, f"fp_{k}": self.fp_metrics[k]}
         timings = self.ledger.close(time.perf_counter() - t)
         layers = [n for n in mappable_layers(self.digital) if n in set(analog_layers(self.model))]
+        hardware = mapping_cost(self.costs, layers, self.chip)
+        cap = self.cfg.max_tiles
+        if cap is not None:
+            hardware |= {"max_tiles": cap, "within_budget": hardware["analog_tiles"] <= cap,
+                         "budget": "honoured" if self.honours_budget else "not honoured"}
+        extra = {"objective": self.cfg.objective, "hardware": hardware, **extra}
         return MappingResult(
             method=self.method, analog_layers=layers, analog_mac_share=analog_share(self.macs, layers),
             accuracy_mean=float(scores.mean()), accuracy_std=float(scores.std(ddof=1)) if reps > 1 else 0.0,
