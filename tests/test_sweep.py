@@ -188,6 +188,8 @@ def test_slurm_and_pbs_job_scripts(tmp_path):
     assert "--nworkers 2" in worker and "--nthreads 2" in worker and "--memory-limit 7.45GiB" in worker
     pbs = job_script(load_grid({**spec, "cluster": {"kind": "pbs", "cores": 4, "memory": "16GB", "queue": "q"}}))
     assert "#PBS -q q" in pbs and "#PBS -l select=1:ncpus=4:mem=15GB" in pbs
+    paper = load_grid(SMOKE.with_name("paper.yaml"))
+    assert len(paper.runs()) == 180 and "#SBATCH --gres=gpu:1" in job_script(paper).splitlines()
     with pytest.raises(HilalError, match=r"unknown slurm job resource\(s\) \['gpus'\]"):
         job_script(load_grid({**spec, "cluster": {"kind": "slurm", "cores": 1, "memory": "1GB", "gpus": 1}}))
 
