@@ -189,7 +189,10 @@ def test_slurm_and_pbs_job_scripts(tmp_path):
     pbs = job_script(load_grid({**spec, "cluster": {"kind": "pbs", "cores": 4, "memory": "16GB", "queue": "q"}}))
     assert "#PBS -q q" in pbs and "#PBS -l select=1:ncpus=4:mem=15GB" in pbs
     paper = load_grid(SMOKE.with_name("paper.yaml"))
-    assert len(paper.runs()) == 180 and "#SBATCH --gres=gpu:1" in job_script(paper).splitlines()
+    assert len(paper.runs()) == 180
+    lines = job_script(paper).splitlines()
+    assert {"#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=4", "export OMP_NUM_THREADS=4"} <= set(lines)
+    assert "--nthreads 1" in lines[-1]  # one run at a time per job, on its 4 CPUs
     with pytest.raises(HilalError, match=r"unknown slurm job resource\(s\) \['gpus'\]"):
         job_script(load_grid({**spec, "cluster": {"kind": "slurm", "cores": 1, "memory": "1GB", "gpus": 1}}))
 
