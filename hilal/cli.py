@@ -104,7 +104,12 @@ def cmd_map(args: argparse.Namespace) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from hilal.reproduce import headlines, reproduce  # local: no torch or aihwkit until a subcommand runs
 
-    table = reproduce(args.profile, only=args.only, threads=args.threads)
+    if args.workers is not None and args.workers != 1:
+        from hilal.schedule import reproduce_parallel  # local: no papermill until the subcommand runs
+
+        table = reproduce_parallel(args.profile, workers=args.workers, only=args.only, threads=args.threads)
+    else:
+        table = reproduce(args.profile, only=args.only, threads=args.threads)
     print(headlines(table["notebook"].tolist()))
 
 
@@ -187,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", default=None, help="notebook number(s), e.g. 03 or 00,05")
     r.add_argument("--threads", type=int, default=None,
                    help="torch threads per notebook kernel (default: OMP_NUM_THREADS if set, else 1)")
+    r.add_argument("--workers", type=int, default=None,
+                   help="notebooks executed at a time, each in its own process (03 before 04, 05 before 06 and 07; "
+                        "default 1)")
     r.set_defaults(fn=cmd_reproduce)
 
     s = sub.add_parser("sweep", help="a grid of mapping runs on Dask, into one Parquet table")
