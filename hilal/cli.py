@@ -114,7 +114,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from hilal.sweep import bench_json, criteria, failed_runs, job_script, load_grid, medians, read_table, run
+    from hilal.sweep import bench_json, criteria, failed_runs, job_script, load_grid, medians, read_table, run, varied
 
     grid = load_grid(args.grid, workers=args.workers, out=args.out)  # the whole grid is checked before any work
     if args.job_script:
@@ -132,9 +132,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(medians(df).to_string(index=False))
-        if {"hilal", "lionheart"} <= set(df["method"]):
-            print(criteria(df).to_string(index=False))
+        for table in (medians(df), criteria(df) if {"hilal", "lionheart"} <= set(df["method"]) else None):
+            if table is not None:  # the settings column cut to what differs between comparisons
+                print(table.assign(settings=varied(table["settings"])).round(4).to_string(index=False))
     if args.bench_json:
         print(f"search records -> {bench_json(df, args.bench_json)}")
 

@@ -23,9 +23,9 @@ from hilal.sweep.cluster import connect, job_script
 from hilal.sweep.grid import CLUSTERS, Grid, Run, load_grid, mapping_config
 from hilal.sweep.runner import failed_runs, run
 from hilal.sweep.store import read_errors, read_table
-from hilal.sweep.summary import bench_json, criteria, medians, search_records
+from hilal.sweep.summary import bench_json, criteria, medians, search_records, varied
 from hilal.sweep.tasks import map_run, train_checkpoint
 
 __all__ = ["CLUSTERS", "Grid", "Run", "bench_json", "connect", "criteria", "failed_runs", "job_script", "load_grid",
            "map_run", "mapping_config", "medians", "read_errors", "read_table", "run", "search_records",
-           "train_checkpoint"]
+           "train_checkpoint", "varied"]

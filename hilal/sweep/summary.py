@@ -19,6 +19,15 @@ GROUP = ["dataset", "preset", "train_seed", "settings"]
 MEDIANS = ["analog_mac_share", "accuracy_mean", "fp_accuracy", "total_s", "search_s", "rounds"]
 
 
+def varied(settings: pd.Series) -> pd.Series:
+    """Each row's settings (JSON text) cut to the ones that differ between rows, as ``key=value`` text (``-``
+    when none differ): what tells the comparisons of a sweep apart, short enough for a printed table."""
+    parsed = [json.loads(v) for v in settings]
+    keys = sorted({k for d in parsed for k in d if len({json.dumps(x.get(k), sort_keys=True) for x in parsed}) > 1})
+    return pd.Series([", ".join(f"{k}={json.dumps(d.get(k))}" for k in keys) or "-" for d in parsed],
+                     index=settings.index)
+
+
 def _decoded(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     df["record"] = [json.loads(v) if isinstance(v, str) else v for v in df["record"]]
