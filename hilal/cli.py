@@ -122,7 +122,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print(job_script(replace(grid, cluster={**grid.cluster, "kind": kind})))
         return
     if not args.summary:
-        run(grid, scheduler=args.scheduler, cluster=args.cluster, progress=not args.quiet)
+        try:
+            run(grid, scheduler=args.scheduler, cluster=args.cluster, progress=not args.quiet)
+        except KeyboardInterrupt:  # every finished row is on disk already; the next run does the rest
+            print(f"hilal sweep: interrupted; finished runs are kept in {grid.folder()}; run again to finish",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
         missing = failed_runs(grid)
         if len(missing):
             print(missing.to_string(index=False))

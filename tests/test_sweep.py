@@ -221,3 +221,28 @@ def test_grid_errors_before_any_work(tmp_path, capsys, change, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("hilal sweep: error: ") and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_rows(tmp_path, client, resnet8_digits):
+    """SIGINT to `hilal sweep` after its first row: it exits 130, every row on disk reads, and a second run
+    does only the runs that had none."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(SMOKE.parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "hilal.cli", "sweep", str(SMOKE), "--out", str(out), "--quiet"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((out / "table").glob("*.parquet")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted; finished runs are kept" in err
+    kept = {p.stem: p.stat().st_mtime_ns for p in (out / "table").glob("*.parquet")}
+    assert 1 <= len(kept) < 8 and not list((out / "table").glob(".*.tmp"))
+    assert set(read_table(out)["run_id"]) == set(kept)
+    table = run(load_grid(SMOKE, out=str(out)), client=client, progress=False)
+    assert len(table) == 8
+    assert {p.stem: p.stat().st_mtime_ns for p in (out / "table").glob("*.parquet") if p.stem in kept} == kept
