@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/sweep.json")
     args = p.parse_args(argv)
 
+    import numpy as np
     import torch
 
     from hilal.paths import atomic_json_dump, provenance_source
@@ -49,17 +50,20 @@ def main(argv: list[str] | None = None) -> int:
                 outcomes.setdefault(w, _outcome(table))
                 print(f"[bench sweep] {w} worker(s), repeat {r + 1}: {times[w][-1]:.1f} s, {len(table)} rows",
                       flush=True)
-    med = {w: sorted(t)[len(t) // 2] for w, t in times.items()}
+    med = {w: float(np.median(t)) for w, t in times.items()}
     base = counts[0]
-    record = {"kind": "sweep", "complete": True, "grid": args.grid, "runs": len(grid.runs()),
-              "wall_s": {str(w): t for w, t in times.items()}, "median_s": {str(w): m for w, m in med.items()},
-              "speedup_vs_" + str(base): {str(w): med[base] / m for w, m in med.items()},
-              "same_rows": all(o == outcomes[base] for o in outcomes.values()),
-              "gpus": torch.cuda.device_count(), "load_before": list(load_before), "load_after": list(os.getloadavg()),
-              "finished": utc_now(), **provenance_source(threads=grid.threads)}
+    gpus = torch.cuda.device_count()
+    records = [{"grid": args.grid, "runs": len(grid.runs()), "workers": w, "gpus": gpus, "repeats": len(times[w]),
+                "wall_s": med[w], "speedup": med[base] / med[w], "same_rows": outcomes[w] == outcomes[base]}
+               for w in counts]
+    record = {"kind": "sweep", "complete": True, "records": records, "wall_s": {str(w): t for w, t in times.items()},
+              "load_before": list(load_before), "load_after": list(os.getloadavg()), "finished": utc_now(),
+              **provenance_source(threads=grid.threads)}
     atomic_json_dump(record, args.out)
-    print(f"[bench sweep] medians {med}; speed-up {record['speedup_vs_' + str(base)]}; same rows: "
-          f"{record['same_rows']}; load {load_before[0]:.1f} -> {record['load_after'][0]:.1f} -> {args.out}")
+    for r in records:
+        print(f"[bench sweep] {r['workers']} worker(s): median {r['wall_s']:.1f} s, {r['speedup']:.2f}x the "
+              f"{base}-worker time, same rows: {r['same_rows']}", flush=True)
+    print(f"[bench sweep] load average {load_before[0]:.1f} before, {record['load_after'][0]:.1f} after -> {args.out}")
     return 0
 
 
