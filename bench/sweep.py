@@ -1,8 +1,9 @@
 """Wall time of one sweep grid on 1 worker against N (default: the 8-run smoke grid, 1 against 2 workers), side
 by side in one run: each repeat runs every worker count from an empty folder on a fresh LocalCluster (its start
 included: what a user waits for), alternating the order between repeats. Records the wall times, the ratio of
-the medians, whether every worker count wrote the same rows (mappings and accuracies), the load average before
-and after, the machine, and the GPUs the workers shared.
+the medians, the seconds the runs themselves took (summed over runs: what contention for the cores adds),
+whether every worker count wrote the same rows (mappings and accuracies), the load average before and after,
+the machine, and the GPUs the workers shared.
 
 Usage: PYTHONPATH=. OMP_NUM_THREADS=1 python bench/sweep.py [--grid sweeps/smoke.yaml] [--workers 1,2]
 [--repeats 1] [--out bench/results/sweep.json]"""
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = load_grid(args.grid)
     times: dict[int, list[float]] = {w: [] for w in counts}
     outcomes: dict[int, dict[str, Any]] = {}
+    run_s: dict[int, list[float]] = {w: [] for w in counts}
     load_before = os.getloadavg()
     for r in range(args.repeats):
         for w in counts if r % 2 == 0 else counts[::-1]:
@@ -48,13 +50,15 @@ def main(argv: list[str] | None = None) -> int:
                 table = run(load_grid(args.grid, workers=w, out=str(Path(tmp) / "sweep")), progress=False)
                 times[w].append(time.perf_counter() - t0)
                 outcomes.setdefault(w, _outcome(table))
+                run_s[w].append(float(table["wall_s"].sum()))
                 print(f"[bench sweep] {w} worker(s), repeat {r + 1}: {times[w][-1]:.1f} s, {len(table)} rows",
                       flush=True)
     med = {w: float(np.median(t)) for w, t in times.items()}
     base = counts[0]
     gpus = torch.cuda.device_count()
     records = [{"grid": args.grid, "runs": len(grid.runs()), "workers": w, "gpus": gpus, "repeats": len(times[w]),
-                "wall_s": med[w], "speedup": med[base] / med[w], "same_rows": outcomes[w] == outcomes[base]}
+                "wall_s": med[w], "speedup": med[base] / med[w], "same_rows": outcomes[w] == outcomes[base],
+                "runs_s": float(np.median(run_s[w]))}
                for w in counts]
     record = {"kind": "sweep", "complete": True, "records": records, "wall_s": {str(w): t for w, t in times.items()},
               "load_before": list(load_before), "load_after": list(os.getloadavg()), "finished": utc_now(),

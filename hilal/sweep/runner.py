@@ -21,7 +21,7 @@ from hilal.paths import atomic_write_text
 from hilal.sweep.cluster import connect
 from hilal.sweep.grid import Grid, Run, load_grid
 from hilal.sweep.store import finished, read_errors, read_table
-from hilal.sweep.tasks import map_run, train_checkpoint
+from hilal.sweep.tasks import WorkerSetup, map_run, train_checkpoint
 
 
 def run(grid: Grid | str | Path | Mapping[str, Any], client: Any = None, scheduler: str | None = None,
@@ -62,6 +62,7 @@ def _as_yaml(grid: Grid) -> dict[str, Any]:
 
 def _execute(client: Any, grid: Grid, todo: list[Run], folder: Path, progress: bool) -> None:
     ckpts: dict[tuple[Any, ...], Any] = {}
+    client.register_plugin(WorkerSetup(grid.threads))  # workers present now and any that start later
 
     def checkpoint(run: Run) -> Any:
         key = run.checkpoint

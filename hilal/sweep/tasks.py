@@ -27,6 +27,11 @@ from hilal.runtime import utc_now
 from hilal.sweep.grid import Run, mapping_config
 from hilal.sweep.store import write_error, write_row
 
+try:  # the driver and the workers have distributed; the plugin's base class only where it is installed
+    from distributed.diagnostics.plugin import WorkerPlugin
+except ImportError:  # pragma: no cover
+    WorkerPlugin = object  # type: ignore[assignment,misc]
+
 RUNNING = "running"
 """Folder of ``<run_id>.json`` markers of the runs in progress (the progress display and the fault test)."""
 
@@ -58,6 +63,25 @@ def _device() -> str:
     device = index % torch.cuda.device_count()
     torch.cuda.set_device(device)
     return f"cuda:{device}"
+
+
+class WorkerSetup(WorkerPlugin):
+    """Set up every worker of a sweep when it starts (a restarted or late one too): the allocator setting of
+    :func:`hilal.runtime.keep_freed_memory`, ``threads`` torch threads, and the kit's modules imported. Why:
+    workers then import side by side while the first checkpoint trains, instead of each paying its imports in
+    its first run."""
+
+    name = "hilal-sweep-setup"
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads
+
+    def setup(self, worker: Any = None) -> None:
+        import hilal.api  # noqa: F401  (the mapping methods, aihwkit, the models)
+        from hilal.runtime import keep_freed_memory
+
+        keep_freed_memory()
+        torch.set_num_threads(self.threads)
 
 
 def _seed(seed: int, threads: int) -> None:
