@@ -52,10 +52,14 @@ def client():
 @pytest.fixture(scope="module")
 def swept(client, tmp_path_factory, resnet8_digits):
     """The smoke grid (8 runs) on the 2 workers."""
+    from distributed import get_task_stream
+
     folder = tmp_path_factory.mktemp("smoke")
     grid = load_grid(SMOKE, out=str(folder))
-    table = run(grid, client=client, progress=False)
-    return grid, table
+    with get_task_stream(client) as stream:
+        table = run(grid, client=client, progress=False)
+    keys = [str(t["key"]) for t in stream.data]
+    return grid, table, keys
 
 
 def _stable(record: dict) -> dict:
@@ -66,7 +70,9 @@ def _stable(record: dict) -> dict:
 
 
 def test_parallel_rows_match_serial_runs(swept, tmp_path):
-    grid, table = swept
+    grid, table, keys = swept
+    # the one digital checkpoint of the grid was made (here: found in the cache) by one task, not by each run
+    assert sum(k.startswith("train-") for k in keys) == 1 and sum(k.startswith("map-") for k in keys) == 8
     runs = grid.runs()
     assert len(runs) == 8 and len(table) == 8 and set(table["run_id"]) == {r.run_id for r in runs}
     assert table["pid"].nunique() == 2  # both worker processes mapped runs
@@ -85,7 +91,7 @@ def test_parallel_rows_match_serial_runs(swept, tmp_path):
 
 
 def test_resume_runs_only_missing_rows(swept, client):
-    grid, table = swept
+    grid, table, _ = swept
     victim = table.sort_values("run_id")["run_id"].iat[0]
     before = {p: p.stat().st_mtime_ns for p in (grid.folder() / "table").glob("*.parquet")}
     row_path(grid.folder(), victim).unlink()
@@ -97,6 +103,25 @@ def test_resume_runs_only_missing_rows(swept, client):
     old = table.set_index("run_id").loc[victim]
     new = again.set_index("run_id").loc[victim]
     assert list(new["analog_layers"]) == list(old["analog_layers"]) and new["accuracy_mean"] == old["accuracy_mean"]
+
+
+def test_command_on_a_running_scheduler(swept, client, tmp_path, capsys):
+    """`hilal sweep --scheduler ADDRESS` uses a cluster that is already up; a run gives the row it gave in the
+    full sweep (same settings, same id)."""
+    import yaml
+
+    _, table, _ = swept
+    spec = {**yaml.safe_load(SMOKE.read_text()), "mapping_seeds": [1], "vary": {"drop_threshold": [0.02]}}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out), "--scheduler", client.scheduler.address, "--quiet"]) == 0
+    assert "fast_seeds" in capsys.readouterr().out
+    mine = read_table(out).set_index("run_id")
+    assert len(mine) == 2 and set(mine.index) <= set(table["run_id"])
+    full = table.set_index("run_id").loc[mine.index]
+    assert list(mine["accuracy_mean"]) == list(full["accuracy_mean"])
+    assert [list(x) for x in mine["analog_layers"]] == [list(x) for x in full["analog_layers"]]
 
 
 def test_worker_killed_mid_run_leaves_one_row_per_run(client, tmp_path, resnet8_digits):
@@ -144,7 +169,7 @@ def test_failed_run_is_retried_and_recorded(client, tmp_path):
 def test_summary_matches_search_criteria(swept, tmp_path, capsys):
     from hilal.bench import search_criteria
 
-    grid, table = swept
+    grid, table, _ = swept
     recs = search_records(table)
     assert len(recs) == 4  # 2 mapping seeds x 2 drop thresholds, each with both methods
     for rec in recs:
