@@ -271,3 +271,20 @@ def test_ctrl_c_keeps_finished_rows(tmp_path, client, resnet8_digits):
     table = run(load_grid(SMOKE, out=str(out)), client=client, progress=False)
     assert len(table) == 8
     assert {p.stem: p.stat().st_mtime_ns for p in (out / "table").glob("*.parquet") if p.stem in kept} == kept
+
+
+def test_seed_table_and_figure_of_the_committed_smoke_sweep():
+    """Notebook 11's figure data: one row per run, HILAL's speed-up over LionHeart on the run with the same
+    settings and seed; the committed table is the one the notebook's smoke profile reads."""
+    from hilal.plots import seed_table, sweep_seeds
+
+    table = read_table(SMOKE.parents[1] / "tests" / "fixtures" / "sweep_smoke")
+    assert len(table) == 8 and set(table["run_id"]) == {r.run_id for r in load_grid(SMOKE).runs()}
+    data = seed_table(table)
+    assert len(data) == 8 and data["speedup"].notna().sum() == 4
+    for row in data.dropna(subset=["speedup"]).itertuples():
+        same = table[(table["settings"] == row.settings) & (table["mapping_seed"] == row.mapping_seed)]
+        by = dict(zip(same["method"], same["total_s"], strict=True))
+        assert row.method == "hilal" and row.speedup == pytest.approx(by["lionheart"] / by["hilal"])
+    fig, plotted = sweep_seeds(table, target=5.0)
+    assert len(fig.axes) == 3 and plotted.equals(data)

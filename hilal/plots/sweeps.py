@@ -44,13 +44,18 @@ def sweep_seeds(table: pd.DataFrame, reference: str = "lionheart", method: str =
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
         speed = data.dropna(subset=["speedup"])
         ax = axes[0]
-        if len(speed):
-            sns.stripplot(speed, x="model", y="speedup", order=models, color=sns.color_palette(PALETTE)[0],
-                          ax=ax, size=6, jitter=0.15)
-            med = speed.groupby("model")["speedup"].median().reindex(models)
-            ax.scatter(range(len(models)), med, marker="_", s=900, color="black", zorder=3, label="median")
-            ax.axhline(target, ls="--", color="grey", lw=1, label=f"target {target:g}×")
-            ax.legend(loc="best", fontsize=8)
+        color = sns.color_palette(PALETTE)[0]
+        for i, model in enumerate(models):  # a dot per run, spread sideways in a fixed order, the median a bar
+            ys = speed.loc[speed["model"] == model, "speedup"].to_numpy()
+            if len(ys):
+                ax.scatter(i + np.linspace(-0.15, 0.15, len(ys)) * (len(ys) > 1), ys, color=color, s=30, zorder=2)
+                ax.plot([i - 0.25, i + 0.25], [np.median(ys)] * 2, color="black", lw=2, zorder=3,
+                        label="median" if i == 0 else None)
+        ax.axhline(target, ls="--", color="grey", lw=1, label=f"target {target:g}×")
+        ax.set_xticks(range(len(models)), models)
+        ax.set_xlim(-0.6, len(models) - 0.4)
+        ax.set_xlabel("model")
+        ax.legend(loc="best", fontsize=8)
         ax.set_ylabel(f"{method} speed-up over {reference} (×)")
         ax.set_title("speed-up (total time)")
         for ax, col, label in ((axes[1], "analog_mac_share", "analog MAC share"),
@@ -66,5 +71,4 @@ def sweep_seeds(table: pd.DataFrame, reference: str = "lionheart", method: str =
         if axes[2].get_legend() is not None:
             sns.move_legend(axes[2], "lower right", fontsize=8, title=None)
         fig.suptitle(title)
-        fig.tight_layout()
     return fig, data
