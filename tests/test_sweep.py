@@ -222,6 +222,17 @@ def test_slurm_and_pbs_job_scripts(tmp_path):
         job_script(load_grid({**spec, "cluster": {"kind": "slurm", "cores": 1, "memory": "1GB", "gpus": 1}}))
 
 
+def test_jobqueue_cluster_needs_its_submit_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    out = tmp_path / "out"
+    assert main(["sweep", str(SMOKE.with_name("paper.yaml")), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hilal sweep: error: a slurm cluster submits jobs with 'sbatch'") and "\n" not in err
+    assert not out.exists()
+    assert main(["sweep", str(SMOKE), "--cluster", "pbs", "--out", str(out)]) == 2
+    assert "'qsub', which is not on this machine's PATH" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"models": ["resnet9"]}, r"unknown model 'resnet9'; valid choices: .*resnet8"),
     ({"methods": ["hilal", "greedy"]}, r"unknown method 'greedy'; valid choices: .*lionheart"),

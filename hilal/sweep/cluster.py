@@ -53,6 +53,23 @@ def _jobqueue(grid: Grid) -> Any:
     return PBSCluster(**resources)
 
 
+SUBMIT = {"slurm": "sbatch", "pbs": "qsub"}
+"""The command each jobqueue cluster kind submits its jobs with."""
+
+
+def check_submit(grid: Grid, kind: str | None = None) -> None:
+    """Raise a one-line HilalError, before any work, when the cluster of ``kind`` (default: the grid's) cannot
+    submit jobs from here (no ``sbatch`` / ``qsub`` on the PATH): the sweep would otherwise wait for workers that
+    never come."""
+    import shutil
+
+    kind = check_choice("cluster kind", kind or str(grid.cluster.get("kind", "local")), CLUSTERS)
+    if kind in SUBMIT and shutil.which(SUBMIT[kind]) is None:
+        raise HilalError(f"a {kind} cluster submits jobs with {SUBMIT[kind]!r}, which is not on this machine's PATH; "
+                         "run from a login node, give --scheduler ADDRESS, or use --cluster local "
+                         "(--job-script prints the job script)")
+
+
 def job_script(grid: Grid) -> str:
     """The batch script dask-jobqueue submits for one job of the grid's Slurm or PBS cluster (no scheduler of
     either kind is needed to see it)."""

@@ -18,7 +18,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from hilal.paths import atomic_write_text
-from hilal.sweep.cluster import connect
+from hilal.sweep.cluster import check_submit, connect
 from hilal.sweep.grid import Grid, Run, load_grid
 from hilal.sweep.store import finished, read_errors, read_table
 from hilal.sweep.tasks import WorkerSetup, map_run, train_checkpoint
@@ -33,6 +33,8 @@ def run(grid: Grid | str | Path | Mapping[str, Any], client: Any = None, schedul
     are tried ``grid.retries`` more times; those that still fail are left out of the table, their errors in
     :func:`hilal.sweep.read_errors`."""
     grid = grid if isinstance(grid, Grid) else load_grid(grid, **overrides)
+    if client is None and scheduler is None:
+        check_submit(grid, cluster)
     folder = grid.folder()
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(yaml.safe_dump(_as_yaml(grid), sort_keys=False), folder / "grid.yaml")
