@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
 from hilal.options import add_bench_options, add_retraining_options, retraining_overrides
@@ -114,8 +114,44 @@ def cmd_map(args: argparse.Namespace) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from hilal.reproduce import headlines, reproduce  # local: no torch or aihwkit until a subcommand runs
 
-    table = reproduce(args.profile, only=args.only, threads=args.threads)
+    if args.workers is not None and args.workers != 1:
+        from hilal.schedule import reproduce_parallel  # local: no papermill until the subcommand runs
+
+        table = reproduce_parallel(args.profile, workers=args.workers, only=args.only, threads=args.threads)
+    else:
+        table = reproduce(args.profile, only=args.only, threads=args.threads)
     print(headlines(table["notebook"].tolist()))
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from hilal.sweep import bench_json, criteria, failed_runs, job_script, load_grid, medians, read_table, run, varied
+
+    grid = load_grid(args.grid, workers=args.workers, out=args.out)  # the whole grid is checked before any work
+    if args.job_script:
+        kind = args.cluster or grid.cluster.get("kind", "local")
+        print(job_script(replace(grid, cluster={**grid.cluster, "kind": kind})))
+        return
+    if not args.summary:
+        try:
+            run(grid, scheduler=args.scheduler, cluster=args.cluster, progress=not args.quiet)
+        except KeyboardInterrupt:  # every finished row is on disk already; the next run does the rest
+            print(f"hilal sweep: interrupted; finished runs are kept in {grid.folder()}; run again to finish",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
+        missing = failed_runs(grid)
+        if len(missing):
+            print(missing.to_string(index=False))
+            raise HilalError(f"{len(missing)} of {len(grid.runs())} runs have no row (errors above; run again "
+                             "to retry them)")
+    df = read_table(grid.folder())
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        for table in (medians(df), criteria(df) if {"hilal", "lionheart"} <= set(df["method"]) else None):
+            if table is not None:  # the settings column cut to what differs between comparisons
+                print(table.assign(settings=varied(table["settings"])).round(4).to_string(index=False))
+    if args.bench_json:
+        print(f"search records -> {bench_json(df, args.bench_json)}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -177,7 +213,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", default=None, help="notebook number(s), e.g. 03 or 00,05")
     r.add_argument("--threads", type=int, default=None,
                    help="torch threads per notebook kernel (default: OMP_NUM_THREADS if set, else 1)")
+    r.add_argument("--workers", type=int, default=None,
+                   help="notebooks executed at a time, each in its own process (03 before 04, 05 before 06 and 07; "
+                        "default 1)")
     r.set_defaults(fn=cmd_reproduce)
+
+    s = sub.add_parser("sweep", help="a grid of mapping runs on Dask, into one Parquet table")
+    s.add_argument("grid", help="the sweep's YAML file (e.g. sweeps/smoke.yaml)")
+    s.add_argument("--workers", type=int, default=None, help="worker processes or jobs (default: the grid's)")
+    s.add_argument("--scheduler", default=None, help="address of a running Dask scheduler to use instead")
+    s.add_argument("--cluster", default=None, choices=("local", "slurm", "pbs"),
+                   help="where workers run (default: the grid's cluster kind, local)")
+    s.add_argument("--out", default=None, help="the sweep's folder (default: the grid's, runs/sweeps/NAME)")
+    s.add_argument("--summary", action="store_true",
+                   help="print the per-model medians and criteria of the finished runs instead of running")
+    s.add_argument("--bench-json", default=None, metavar="F",
+                   help="also write the runs as a search benchmark file (for python -m hilal.bench.report)")
+    s.add_argument("--job-script", action="store_true",
+                   help="print the Slurm/PBS job script dask-jobqueue would submit, and stop")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_sweep)
 
     b = sub.add_parser("bench", help="side-by-side benchmarks")
     b.add_argument("kind", help="hessian, search, analog or frontier")

@@ -178,6 +178,16 @@ def read_provenance(figures: str | os.PathLike | None = None) -> dict[str, dict[
 
 def write_provenance(notebook: str, entry: dict[str, Any], figures: str | os.PathLike | None = None) -> Path:
     """Replace ``notebook``'s entry in the figures folder's :data:`PROVENANCE`, keeping the others (atomic; an
-    unreadable file is started afresh)."""
-    entries = read_provenance(figures) | {notebook: entry}
-    return atomic_json_dump({"notebooks": dict(sorted(entries.items()))}, Path(figures or figures_dir()) / PROVENANCE)
+    unreadable file is started afresh). Read and write hold a lock on ``provenance.json.lock``, so that notebooks
+    finishing at once in parallel processes (``hilal reproduce --workers``) keep each other's entries."""
+    folder = Path(figures or figures_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{PROVENANCE}.lock", "a") as lock:
+        try:
+            import fcntl  # POSIX; elsewhere the notebooks run one at a time
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        entries = read_provenance(folder) | {notebook: entry}
+        return atomic_json_dump({"notebooks": dict(sorted(entries.items()))}, folder / PROVENANCE)

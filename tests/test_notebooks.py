@@ -32,6 +32,7 @@ FIGURES = {
     "08": ["08_layer_metrics", "08_mapping"],
     "09": ["09_layer_profile", "09_mapping_overview", "09_mapping_layers"],
     "10": ["10_energy_frontier"],
+    "11": ["11_sweep_seeds"],
 }
 MAX_LINES = 30
 OWN_MODEL = {"09"}
@@ -317,3 +318,17 @@ def test_10_energy_frontier_numbers(smoke):
         assert p["energy_uj"] < lh["energy_uj"] and p["accuracy_drop"] <= lh["accuracy_drop"] + 1e-12
     if s["chosen"] is not None:
         assert s["chosen"]["analog_tiles"] <= s["max_tiles"]
+def test_11_sweeps_numbers(smoke):
+    """The notebook's numbers are those of the sweep table it read (the committed smoke sweep), recomputed."""
+    from hilal.sweep import criteria, read_table
+
+    s = summary(smoke, "11")
+    table = read_table(rp.notebooks_dir().parent / "tests" / "fixtures" / "sweep_smoke")
+    assert s["runs"] == s["grid_runs"] == len(table) == 8
+    crit = criteria(table).groupby("model")
+    assert s["seeds"] == {m: int(g["seeds"].sum()) for m, g in crit} == {"resnet8": 4}
+    assert s["all_seeds"] == {m: int(g["all_seeds"].sum()) for m, g in crit}
+    hilal, lionheart = (table[table["method"] == m].sort_values(["settings", "mapping_seed"]) for m in
+                        ("hilal", "lionheart"))
+    speed = lionheart["total_s"].to_numpy() / hilal["total_s"].to_numpy()
+    assert s["median_speedup"]["resnet8"] == pytest.approx(float(pd.Series(speed).median()), abs=1e-3)

@@ -17,7 +17,10 @@ from hilal.registry import HilalError, check_choice
 
 def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The summary table of a benchmark's records (what is printed and shown in the README)."""
-    check_choice("kind", kind, KINDS)
+    check_choice("kind", kind, (*KINDS, "sweep"))
+    if kind == "sweep":  # bench/sweep.py: one grid on 1 worker against N
+        return pd.DataFrame(records, columns=["grid", "runs", "workers", "gpus", "repeats", "wall_s", "runs_s",
+                                              "speedup", "same_rows"])
     if kind == "hessian":
         cols = ["model", "layers", "curvature", "hvps_joint", "hvps_per_layer", "joint_s", "per_layer_s", "speedup",
                 "output_hvp_cost_ratio", "max_rel_diff", "max_z_trace", "max_z_eli", "se_ratio_trace", "se_ratio_eli",
