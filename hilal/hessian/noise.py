@@ -14,16 +14,12 @@ from aihwkit.nn import AnalogConv2d
 from torch import nn
 
 from hilal.analog import check_layers, to_analog
-from hilal.device import model_device
+from hilal.device import model_device, rng_state, set_rng_state
 from hilal.hessian.config import (
     _apply,
 )
 from hilal.hessian.gauss_newton import GaussNewton
-from hilal.hessian.graphs import (
-    held_groups,
-    rng_state,
-    set_rng_state,
-)
+from hilal.hessian.graphs import held_groups
 from hilal.hessian.operators import OutputOperator, OutputState
 from hilal.registry import HilalError
 
