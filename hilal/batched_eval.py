@@ -36,7 +36,7 @@ ENGINES = ("batched", "loop")
 """``batched``: :func:`per_programming`; ``loop``: one network pass per programming (the reference path)."""
 MAX_BYTES = 2.0**31
 """Default bound on one analog layer's batched activations: more programmings than fit run in turns."""
-PIECE_BYTES = {"cpu": 2.0**24, "cuda": 2.0**30}
+PIECE_BYTES = {"cpu": 2.0**22, "cuda": 2.0**30}
 """Unfolded input handled at once per analog layer, by device type: on a CPU pieces that stay in cache are
 faster than one large pass; on a GPU one large pass is."""
 
@@ -131,7 +131,7 @@ class _Run:
         key = tuple(id(p) for p in progs)
         if key != self.key:
             n = len(progs[0].weights)
-            self.weights = [torch.stack([p.weights[k] for p in progs]).transpose(1, 2) for k in range(n)]
+            self.weights = [torch.stack([p.weights[k] for p in progs]) for k in range(n)]
             self.alphas = [None if progs[0].alphas[k] is None else
                            torch.stack([p.alphas[k].reshape(()) for p in progs]) for k in range(n)]
             self.key = key
@@ -150,8 +150,10 @@ def _replicated(x: torch.Tensor, r: int) -> bool:
 def _layer_forward(layer: nn.Module, run: _Run, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for the R = ``len(run.progs)`` programmings, ``x`` holding their inputs one after the other
     along the batch dimension: aihwkit's forward of the layer per programming, in pieces of programmings
-    whose unfolded inputs stay within ``run.piece_bytes``; an input the same for all is unfolded and
-    prepared once."""
+    whose unfolded inputs stay within ``run.piece_bytes``; an input the same for all is unfolded, scaled and
+    quantized once for all.
+    Convolutions keep the unfolded fan-in before the positions (``unfold``'s own layout), so that no copy
+    is transposed and the product lands in the output's layout."""
     r, conv = len(run.progs), isinstance(layer, AnalogConv2d)
     if r > 1 and 4 * x.numel() * x.element_size() > run.max_bytes:
         raise _TooBig
@@ -160,7 +162,8 @@ def _layer_forward(layer: nn.Module, run: _Run, x: torch.Tensor) -> torch.Tensor
     run.fresh = False
     one = _unfold(layer, x[:b]) if shared else None
     per_rep = (one if one is not None else _unfold(layer, x[:1])).numel() * (1 if shared else b)
-    step = min(r, max(1, int(run.piece_bytes // max(per_rep * x.element_size(), 1))))
+    step = r if shared else min(r, max(1, int(run.piece_bytes // max(per_rep * x.element_size(), 1))))
+    axis = -2 if conv else -1
     outs = []
     for start in range(0, r, step):
         sl = slice(start, min(r, start + step))
@@ -168,24 +171,24 @@ def _layer_forward(layer: nn.Module, run: _Run, x: torch.Tensor) -> torch.Tensor
         cols = one if shared else _unfold(layer, xs)
         nm = _pooled_abs_max(layer, xs)
         n = 1 if shared else sl.stop - start
-        outs.append(_array_forward(layer.analog_module, run, sl, cols.reshape(n, -1, cols.shape[-1]), shared,
-                                   None if nm is None else nm.reshape(n, -1, 1)))
+        lead = (n, b) if conv else (n, -1)
+        outs.append(_array_forward(layer.analog_module, run, sl, cols.reshape(lead + cols.shape[axis:]),
+                                   shared, axis, None if nm is None else nm.reshape(n, b, 1, -1)))
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    out = out.reshape((r * b,) + tuple(cols.shape[1:-1]) + (out.shape[-1],))
     if conv:
         h = (x.shape[-2] + 2 * layer.padding[0] - layer.dilation[0] * (layer.kernel_size[0] - 1) - 1) \
             // layer.stride[0] + 1
-        return out.transpose(-1, -2).reshape(out.shape[0], layer.out_channels, h, -1)
-    return out
+        return out.reshape(r * b, layer.out_channels, h, -1)
+    return out.reshape(x.shape[:-1] + out.shape[-1:])
 
 
 def _unfold(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A conv layer's input as aihwkit's unfold path gives it to the tiles (samples x positions x fan-in);
-    other layers' input as it is."""
+    """A conv layer's input unfolded as aihwkit's unfold path does it (samples x fan-in x positions, before
+    its transpose); other layers' input as it is."""
     if not isinstance(layer, AnalogConv2d):
         return x
     return nn.functional.unfold(x, kernel_size=layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
-                                stride=layer.stride).transpose(-1, -2)
+                                stride=layer.stride)
 
 
 def _pooled_abs_max(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -203,23 +206,30 @@ def _pooled_abs_max(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return torch.clamp(peak, max=io.nm_thres) if io.nm_thres > 0.0 else peak
 
 
-def _array_forward(module: nn.Module, run: _Run, sl: slice, x: torch.Tensor, shared: bool,
+def _along(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """A per-output (or per-input) vector shaped to broadcast along ``axis`` of an ``ndim``-dim tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def _array_forward(module: nn.Module, run: _Run, sl: slice, x: torch.Tensor, shared: bool, axis: int,
                    nm: torch.Tensor | None = None) -> torch.Tensor:
-    """A tile or an aihwkit tile array for the programmings ``sl`` on ``x`` (programmings x rows x inputs, one
-    programming when ``shared``), as (programmings x rows x outputs); ``nm``: the rows' noise-management
-    scales where known (single tiles)."""
+    """A tile or an aihwkit tile array for the programmings ``sl`` on ``x`` (programmings first, one when
+    ``shared``; features along ``axis``), outputs along ``axis``; ``nm``: the rows' noise-management scales
+    where known (single tiles)."""
     if not hasattr(module, "array"):
-        return _tile_forward(module, run, sl, x, shared, nm)
+        return _tile_forward(module, run, sl, x, shared, axis, nm)
     result = None
-    for xs, row in zip(torch.split(x, module.in_sizes, dim=-1), module.array, strict=True):
-        part = torch.cat([_tile_forward(t, run, sl, xs, shared) for t in row], -1)
+    for xs, row in zip(torch.split(x, module.in_sizes, dim=axis), module.array, strict=True):
+        part = torch.cat([_tile_forward(t, run, sl, xs, shared, axis) for t in row], axis)
         result = part if result is None else result.add_(part)
     if module.bias is not None:
-        result = result + module.bias.view(1, 1, -1)
+        result = result + _along(module.bias, result.dim(), axis)
     return result
 
 
-def _tile_forward(tile: Any, run: _Run, sl: slice, x: torch.Tensor, shared: bool,
+def _tile_forward(tile: Any, run: _Run, sl: slice, x: torch.Tensor, shared: bool, axis: int,
                   nm: torch.Tensor | None = None) -> torch.Tensor:
     """One torch inference tile's forward in eval mode (aihwkit's order of operations: noise management,
     bound management rounds of input quantization, product, output noise and quantization; then mapping
@@ -227,32 +237,42 @@ def _tile_forward(tile: Any, run: _Run, sl: slice, x: torch.Tensor, shared: bool
     k = run.tiles[id(tile)]
     w, io = run.weights[k][sl], tile.rpu_config.forward
     if io.is_perfect or io.mv_type == AnalogMVType.IDEAL:
-        out = torch.matmul(x, w)
+        out = _product(x, w, axis)
     else:
-        out = _managed_product(x, w, io, run.gens[sl], shared, nm)
+        out = _managed_product(x, w, io, run.gens[sl], shared, axis, nm)
     if tile.mapping_scales is not None:
-        out = out * tile.get_mapping_scales().view(1, 1, -1)
+        out = out * _along(tile.get_mapping_scales(), out.dim(), axis)
     if run.alphas[k] is not None:
-        out = out * run.alphas[k][sl].to(out.dtype).view(-1, 1, 1)
+        out = out * run.alphas[k][sl].to(out.dtype).reshape((-1,) + (1,) * (out.dim() - 1))
     if tile.out_scaling_alpha is not None:
-        out = out * tile.out_scaling_alpha.view(1, 1, -1)
+        out = out * _along(tile.out_scaling_alpha, out.dim(), axis)
     if tile.digital_bias:
-        out = out + tile.bias.view(1, 1, -1)
+        out = out + _along(tile.bias, out.dim(), axis)
+    return out
+
+
+def _product(x: torch.Tensor, w: torch.Tensor, axis: int) -> torch.Tensor:
+    """Each programming's weights (programmings x outputs x inputs) times its inputs, features along ``axis``
+    (the same sums as aihwkit's ``input @ weight.T``)."""
+    if axis == -1:
+        return torch.matmul(x, w.transpose(-1, -2))
+    out = x.new_empty((w.shape[0], x.shape[1], w.shape[1], x.shape[-1]))
+    for i in range(w.shape[0]):  # one (outputs x inputs) @ (samples x inputs x positions) each: the fastest form
+        torch.matmul(w[i], x[0 if x.shape[0] == 1 else i], out=out[i])
     return out
 
 
 def _managed_product(x: torch.Tensor, w: torch.Tensor, io: Any, gens: Sequence[torch.Generator],
-                     shared: bool, nm: torch.Tensor | None = None) -> torch.Tensor:
+                     shared: bool, axis: int, nm: torch.Tensor | None = None) -> torch.Tensor:
     """aihwkit's IO-managed product (``AnalogMVM.matmul``) of each programming's weights, bound management
     judged per programming: a programming whose outputs clip goes another round with half the input scale,
     drawing its output noise again from its own stream."""
     r = w.shape[0]
     if nm is None:
-        nm = AnalogMVM._compute_noise_management(input_=x, nm_type=io.noise_management, io_pars=io)
+        nm = AnalogMVM._compute_noise_management(input_=x, nm_type=io.noise_management, io_pars=io, axis=axis)
     n_man = io.noise_management != NoiseManagementType.NONE
     b_man = io.bound_management != BoundManagementType.NONE
-    out = torch.zeros((r, x.shape[1], w.shape[-1]), dtype=x.dtype, device=x.device)
-    active = list(range(r))
+    active, out = list(range(r)), None
     if isinstance(nm, torch.Tensor):
         if io.inp_noise <= 0:  # an all-zero input gives zeros, no noise drawn
             zero = (nm == 0).reshape(nm.shape[0], -1).all(1).tolist()
@@ -271,9 +291,9 @@ def _managed_product(x: torch.Tensor, w: torch.Tensor, io: Any, gens: Sequence[t
             scale = scale / reduction if not isinstance(scale, torch.Tensor) else scale.div_(reduction)
         scaling = isinstance(scale, torch.Tensor) or scale != 1.0
         every = len(active) == r
-        xa = x if shared or every else x[active]
-        y = torch.matmul(_prepared(xa, scale, scaling, io), w if every else w[active])
-        clipped = _finalize(y, io, [gens[i] for i in active])
+        y = _product(_prepared(x if shared or every else x[active], scale, scaling, io), w if every else w[active],
+                     axis)
+        clipped = _finalize(y, io, [gens[i] for i in active], axis)
         done = [not c or not b_man or reduction > io.max_bm_factor
                 or (inp_res > 0.0 and reduction > io.max_bm_res / inp_res) for c in clipped]
         if scaling or io.out_scale != 1.0:
@@ -281,8 +301,12 @@ def _managed_product(x: torch.Tensor, w: torch.Tensor, io: Any, gens: Sequence[t
         keep = [j for j, d in enumerate(done) if d]
         if len(keep) == r:
             return y
+        if out is None:
+            out = torch.zeros((r,) + y.shape[1:], dtype=y.dtype, device=y.device)
         out[[active[j] for j in keep]] = y[keep]
         active = [a for a, d in zip(active, done, strict=True) if not d]
+    if out is None:  # every programming's input was zero
+        out = torch.zeros((r,) + _product(x[:1], w[:1], axis).shape[1:], dtype=x.dtype, device=x.device)
     return out
 
 
@@ -304,14 +328,16 @@ def _prepared(x: torch.Tensor, scale: Any, scaling: bool, io: Any) -> torch.Tens
     return v
 
 
-def _finalize(y: torch.Tensor, io: Any, gens: Sequence[torch.Generator]) -> list[bool]:
-    """Output asymmetry, noise (one draw per programming from its stream), quantization and clipping of
-    ``y`` in place; whether each programming's outputs clipped."""
+def _finalize(y: torch.Tensor, io: Any, gens: Sequence[torch.Generator], axis: int) -> list[bool]:
+    """Output asymmetry, noise (one draw per programming from its stream, in the loop's order of the
+    outputs), quantization and clipping of ``y`` in place; whether each programming's outputs clipped."""
     if io.out_asymmetry != 0.0:
         y[y < 0] *= 1.0 - io.out_asymmetry
     if io.out_noise > 0.0:
+        shape = y.shape[1:] if axis == -1 else y.shape[1:-2] + (y.shape[-1], y.shape[-2])
         for i, g in enumerate(gens):
-            y[i] += io.out_noise * torch.randn(y.shape[1:], generator=g, dtype=y.dtype, device=y.device)
+            noise = torch.randn(shape, generator=g, dtype=y.dtype, device=y.device)
+            y[i] += io.out_noise * (noise if axis == -1 else noise.transpose(-1, -2))
     if io.out_res > 0:
         _quantize(y, io.out_res, io.out_bound)
     bound = io.out_bound if io.out_bound > 0 else float("inf")
