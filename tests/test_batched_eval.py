@@ -117,3 +117,11 @@ def test_batched_scores_differ_between_programmings(digits):
     analog = _analog("resnet8", digits, "pcm_harsh")
     scores = noisy_metrics(analog, digits, reps=4)["accuracy"].to_numpy()
     assert np.isfinite(scores).all() and len(scores) == 4
+
+
+def test_mapping_engine_is_validated_and_keeps_the_key(digits):
+    from hilal.mapping import MappingConfig, run_mapping
+
+    assert MappingConfig(engine="loop").key() == MappingConfig().key()  # the same scores: the same journal
+    with pytest.raises(HilalError, match="unknown engine 'fast'"):
+        run_mapping("all-digital", _analog("resnet8", digits), digits, MappingConfig(engine="fast"), progress=False)

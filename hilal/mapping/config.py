@@ -113,6 +113,9 @@ class MappingConfig:
     """Seed for noise, shuffling and random orders."""
     final_reps: int | None = None
     """Repetitions of the final test evaluation (default: ``reps``)."""
+    engine: str = "batched"
+    """Evaluation engine of every evaluation (:data:`hilal.batched_eval.ENGINES`): ``batched`` or the reference
+    ``loop``; the same scores, so it is no part of :meth:`key`."""
     workdir: str | None = None
     """Folder for the resumable journal; an interrupted run started again with the same settings and code
     skips finished rounds."""
@@ -120,6 +123,7 @@ class MappingConfig:
     def key(self) -> str:
         d = asdict(self)
         d.pop("workdir")
+        d.pop("engine")
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from hilal.batched_eval import check_engine
 from hilal.data import Splits
 from hilal.mapping.baselines import all_analog, all_analog_ft, all_digital, lionheart, random_order
 from hilal.mapping.config import COSTS, ORDERS, SEARCHES, MappingConfig, MappingResult
@@ -35,4 +36,5 @@ def run_mapping(method: str, model: nn.Module, splits: Splits, cfg: MappingConfi
     check_choice("search", cfg.search, SEARCHES)
     check_choice("order", cfg.order, ORDERS)
     check_choice("cost", cfg.cost, tuple(COSTS))
+    check_engine(cfg.engine)
     return fn(_Run(method, model, splits, cfg, progress))
