@@ -282,12 +282,13 @@ def _finalize(y: torch.Tensor, io: Any, gens: Sequence[torch.Generator], axis: i
     if io.out_noise > 0.0:
         shape = y.shape[1:] if axis == -1 else y.shape[1:-2] + (y.shape[-1], y.shape[-2])
         for i, g in enumerate(gens):
-            noise = torch.randn(shape, generator=g, dtype=y.dtype, device=y.device)
-            y[i] += io.out_noise * (noise if axis == -1 else noise.transpose(-1, -2))
+            noise = torch.randn(shape, generator=g, dtype=y.dtype, device=y.device).mul_(io.out_noise)
+            y[i] += noise if axis == -1 else noise.transpose(-1, -2)
     if io.out_res > 0:
         _quantize(y, io.out_res, io.out_bound)
     bound = io.out_bound if io.out_bound > 0 else float("inf")
-    inside = ((y <= bound) & (y >= -bound)).reshape(y.shape[0], -1).all(1)
+    low, high = torch.aminmax(y.reshape(y.shape[0], -1), dim=1)  # NaN compares False: clipped, as in aihwkit
+    inside = (low >= -bound) & (high <= bound)
     y.clamp_(-bound, bound)
     return [not b for b in inside.tolist()]
 
