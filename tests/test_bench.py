@@ -241,6 +241,9 @@ def test_analog_bench_json(tmp_path, resnet8_digits):
     assert min(rec["digital_s"], rec["analog_s"], rec["drift_eval_s"]) > 0
     assert rec["overhead"] == pytest.approx(rec["analog_s"] / rec["digital_s"])
     assert rec["drift_eval_overhead"] == pytest.approx(rec["drift_eval_s"] / rec["digital_eval_s"])
+    for pre in ("", "cifar_"):  # both engines timed on the same programmings, with the same scores
+        assert rec[f"{pre}eval_equal"] is True and rec[f"{pre}eval_reps"] == 4
+        assert rec[f"{pre}eval_speedup"] == pytest.approx(rec[f"{pre}eval_loop_s"] / rec[f"{pre}eval_batched_s"])
 
 
 def test_train_seed_reaches_the_benchmark_config(tmp_path, monkeypatch):

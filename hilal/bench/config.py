@@ -52,6 +52,11 @@ class BenchConfig:
     it was accepted at. 0 turns it off."""
     forward_iters: int = 20
     """analog: forward passes per timed repeat."""
+    eval_reps: int = 10
+    """analog: programmings of the evaluation timed with each engine (``loop`` and ``batched``)."""
+    cifar_samples: int = 128
+    """analog: test samples of the CIFAR-shaped evaluation timing (random 3x32x32 inputs, untrained model of the
+    same architecture); 0 leaves it out."""
     batch_size: int = 256
     """analog: batch of test inputs for the forward timing."""
     device: str = "cpu"
@@ -63,10 +68,11 @@ class BenchConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
         """Smaller sizes for a quick look: 1 repeat, 16 probes, 8 noise samples, 256 calibration samples,
-        5 forward passes, 10 recheck programmings, and mappings with ``reps=5``, ``max_rounds=4``. ``overrides``
+        5 forward passes, 10 recheck programmings, 4 evaluation programmings on 16 CIFAR-shaped samples, and
+        mappings with ``reps=5``, ``max_rounds=4``. ``overrides``
         go on top (``mapping`` merged into those mapping settings)."""
         base = cls(repeats=1, probes=16, eli_samples=8, max_samples=256, forward_iters=5,
-                   recheck_reps=10, mapping={"reps": 5, "max_rounds": 4})
+                   recheck_reps=10, mapping={"reps": 5, "max_rounds": 4}, eval_reps=4, cifar_samples=16)
         if "mapping" in overrides:  # settings of the mapping go on top of the quick sizes
             overrides = {**overrides, "mapping": {**base.mapping, **overrides["mapping"]}}
         return replace(base, **overrides)

@@ -27,8 +27,11 @@ def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
                 "equal_error_speedup"]
         return pd.DataFrame([r if "equal_error_speedup" in r else agreement(dict(r)) for r in records], columns=cols)
     if kind == "analog":
-        return pd.DataFrame(records, columns=["model", "layers", "batch", "digital_s", "analog_s", "overhead",
-                                              "digital_eval_s", "drift_eval_s", "drift_eval_overhead"])
+        cols = ["model", "layers", "batch", "digital_s", "analog_s", "overhead", "digital_eval_s", "drift_eval_s",
+                "drift_eval_overhead"]
+        engines = ["eval_loop_s", "eval_batched_s", "eval_speedup", "cifar_eval_loop_s", "cifar_eval_batched_s",
+                   "cifar_eval_speedup"]
+        return pd.DataFrame(records, columns=cols + [c for c in engines if any(c in r for r in records)])
     if kind == "frontier":
         return frontier_table(records)
     rows = []

@@ -129,6 +129,9 @@ class MappingConfig:
     chip: dict[str, Any] = field(default_factory=dict)
     """Overrides of :class:`hilal.hardware.Chip` fields (the HERMES-like defaults; the tile size comes from
     ``preset``) for the ``hardware`` record and the ``energy`` / ``latency`` objectives."""
+    engine: str = "batched"
+    """Evaluation engine of every evaluation (:data:`hilal.batched_eval.ENGINES`): ``batched`` or the reference
+    ``loop``; the same scores, so it is no part of :meth:`key`."""
     workdir: str | None = None
     """Folder for the resumable journal; an interrupted run started again with the same settings and code
     skips finished rounds."""
@@ -136,6 +139,7 @@ class MappingConfig:
     def key(self) -> str:
         d = asdict(self)
         d.pop("workdir")
+        d.pop("engine")
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from hilal.batched_eval import check_engine
 from hilal.data import Splits
 from hilal.hardware import OBJECTIVES, make_chip
 from hilal.mapping.baselines import all_analog, all_analog_ft, all_digital, lionheart, random_order
@@ -39,6 +40,7 @@ def run_mapping(method: str, model: nn.Module, splits: Splits, cfg: MappingConfi
     check_choice("objective", cfg.objective, OBJECTIVES)
     check_max_tiles(cfg.max_tiles)
     make_chip(cfg.chip, cfg.preset)  # an unknown or invalid chip setting fails before any work
+    check_engine(cfg.engine)
     return fn(_Run(method, model, splits, cfg, progress))
 
 

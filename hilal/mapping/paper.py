@@ -74,6 +74,7 @@ def hilal_paper(run: _Run) -> MappingResult:
     for i, name in enumerate(robust):
         run.stage(f"robust-{i}", [name], drift=False)
     res = run.finish(metrics=df, robust=robust, ablation=cfg.ablation)
-    nodrift = noisy_scores(run.model, run.splits, 0.0, res.reps, cfg.seed + 2, split="test")
+    nodrift = noisy_scores(run.model, run.splits, 0.0, res.reps, cfg.seed + 2, split="test",
+                           engine=cfg.engine)
     res.extra["accuracy_t0_mean"] = float(nodrift.mean())
     return res

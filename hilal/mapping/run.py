@@ -92,7 +92,7 @@ def _in_loop_score(model: nn.Module, splits: Splits, cfg: MappingConfig, seed: i
     """The score a step is judged by: the mean over ``reps`` programmings at ``t_eval`` on the calibration split
     (with ``drift=False``, of the unprogrammed model)."""
     if drift:
-        return float(noisy_scores(model, splits, cfg.t_eval, cfg.reps, seed, split="calib").mean())
+        return float(noisy_scores(model, splits, cfg.t_eval, cfg.reps, seed, split="calib", engine=cfg.engine).mean())
     torch.manual_seed(seed)
     return float(np.mean([score(model, splits, "calib") for _ in range(cfg.reps)]))
 
@@ -261,7 +261,7 @@ class _Run:
             candidate = self._trimmed(layers) if retrained else extend_analog(self.model, layers, self.cfg.preset)
             stop = None if threshold is None else lambda x: _decided(x, threshold)
             x = noisy_scores(candidate, self.splits, self.cfg.t_eval, self.cfg.reps,
-                             self._step_seed(), split="calib", stop=stop)
+                             self._step_seed(), split="calib", stop=stop, engine=self.cfg.engine)
             s = float(x.mean())
             done = {"kept": False, "score": s, "rounds": 0, "seconds": time.perf_counter() - t, "zero_shot": s,
                     "zero_shot_se": _se(x), "reps": len(x)}
@@ -278,7 +278,8 @@ class _Run:
         the history and timings, ``metrics`` and ``extra`` (into ``MappingResult.extra``)."""
         t = time.perf_counter()
         reps = self.cfg.final_reps or self.cfg.reps
-        table = noisy_metrics(self.model, self.splits, self.cfg.t_eval, reps, self.cfg.seed + 1, split="test")
+        table = noisy_metrics(self.model, self.splits, self.cfg.t_eval, reps, self.cfg.seed + 1, split="test",
+                              engine=self.cfg.engine)
         scores = table["accuracy"].to_numpy(dtype=float)
         # QA: exact match and F1 of the final evaluation too (F1 is the score the search used)
         for k in ("em", "f1"):
