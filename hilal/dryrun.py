@@ -140,9 +140,10 @@ SIZE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     # so on "cpu" notebook 08 runs the SQuAD path (same files, tokenizer and windows) with mobilebert_tiny
     # (hilal.cost still measures full-size MobileBERT, per window); every method maps the query and value
     # projections of ViT-B/16's first block only (LionHeart and the paper variant retrain once per candidate: 74
-    # stages over the whole model), and its curvature takes batches of one sample: a batch of 4 holds about 4.5 GB
-    # of double-backward graph per operator, past 24 GB with both operators and a product in flight
-    "cpu": {"08": {"QA_MODEL": "mobilebert_tiny", "VIT_LAYERS": ["*.layers.0.attention.[qv]_proj"],
+    # stages over the whole model) and fine-tunes on 8 images a step (64 at 224x224 hold about 10 GB of
+    # activations); its curvature takes batches of one sample: a batch of 4 holds about 4.5 GB of double-backward
+    # graph per operator, past 24 GB with both operators and a product in flight
+    "cpu": {"08": {"QA_MODEL": "mobilebert_tiny", "VIT_LAYERS": ["*.layers.0.attention.[qv]_proj"], "FINETUNE_BATCH": 8,
                    "HESSIAN": {"probes": 2, "power_iters": 2, "eli_samples": 2, "first_order_samples": 2,
                                "max_samples": 2, "batch_size": 1}}},
 }
