@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-reproduce: $(STAMP)  ## main job: execute every notebook (smoke profile) and regenerate figures/
-	$(VENV)/bin/hilal reproduce --profile $(PROFILE)
+reproduce: $(STAMP)  ## main job: execute every notebook (smoke profile) and regenerate figures/ (WORKERS=N: N at a time)
+	$(VENV)/bin/hilal reproduce --profile $(PROFILE) $(if $(WORKERS),--workers $(WORKERS))
 
 test: $(STAMP)  ## lint, layer contracts, stripped-notebook check, unit tests, every notebook at the smoke profile
 	$(VENV)/bin/ruff check hilal tests bench

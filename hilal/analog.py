@@ -7,6 +7,7 @@ modifiers, clipping and remapping.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Iterable
 from copy import deepcopy
 from typing import Any
@@ -124,6 +125,20 @@ def check_layers(model: nn.Module, layers: Iterable[str]) -> list[str]:
     if bad:
         raise HilalError(f"unknown layer(s) {bad}; mappable layers of this model: {', '.join(valid)}")
     return layers
+
+
+def select_layers(model: nn.Module, patterns: Iterable[str]) -> list[str]:
+    """The mappable layers of ``model`` (in model order) whose names match any of ``patterns`` (exact names or
+    shell-style patterns, :mod:`fnmatch`); a pattern that matches no mappable layer is a HilalError listing them."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise HilalError(f"layers must be a non-empty list of layer names or patterns, got {patterns!r}")
+    valid = mappable_layers(model)
+    unmatched = [p for p in patterns if not fnmatch.filter(valid, p)]
+    if unmatched:
+        raise HilalError(f"layer pattern(s) {unmatched} match no mappable layer; mappable layers of this model: "
+                         f"{', '.join(valid)}")
+    return [n for n in valid if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def to_analog(model: nn.Module, layers: Iterable[str], preset: str | TorchInferenceRPUConfig = "pcm") -> nn.Module:

@@ -119,7 +119,9 @@ def allocate(model: nn.Module, data: str | Splits | Sequence[Any] | Mapping[str,
     ``all-analog``, ``all-analog-ft``, ``all-digital``). ``settings`` override
     :class:`~hilal.mapping.MappingConfig` fields (``drop_threshold``, ``t_eval``, ``reps``, ``finetune`` as a
     dict of :class:`~hilal.train.FinetuneConfig` fields, ...). Returns the :class:`~hilal.mapping.MappingResult`:
-    ``result.to_dict()`` is the record ``hilal map`` writes, ``result.model`` the mapped network. With
+    ``result.to_dict()`` is the record ``hilal map`` writes, ``result.model`` the mapped network,
+    ``result.hardware`` its tiles, energy and latency per sample on the chip (:mod:`hilal.hardware`;
+    ``objective="energy"`` and ``max_tiles=N`` make HILAL save energy within N tiles). With
     ``recheck_reps`` >= 2 the record gains ``recheck``: the final mapping re-scored on that many programmings
     its search never drew, against the floor it was accepted at.
 

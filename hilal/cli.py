@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from hilal.checks import check_finite_record
@@ -65,11 +65,17 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def mapping_config(args: argparse.Namespace) -> MappingConfig:
     """The :class:`hilal.mapping.MappingConfig` that ``hilal map``'s options describe."""
-    from hilal.mapping import MappingConfig  # local: no torch or aihwkit until a subcommand runs
+    from hilal.hardware import OBJECTIVES  # local: no torch or aihwkit until a subcommand runs
+    from hilal.mapping import MappingConfig, check_max_tiles
+    from hilal.registry import check_choice
 
-    return MappingConfig(preset=args.preset, t_eval=args.t_eval, reps=args.reps, drop_threshold=args.drop_threshold,
+    check_choice("objective", args.objective, OBJECTIVES)
+    check_max_tiles(args.max_tiles)
+    return MappingConfig(preset=args.preset, objective=args.objective, max_tiles=args.max_tiles,
+                         t_eval=args.t_eval, reps=args.reps, drop_threshold=args.drop_threshold,
                          patience=args.patience, max_rounds=args.max_rounds, stages=args.stages, search=args.search,
-                         robust_only=args.robust_only, cluster=args.cluster, ablation=args.ablation, seed=args.seed,
+                         robust_only=args.robust_only, cluster=args.cluster, ablation=args.ablation, layers=args.layers,
+                         seed=args.seed,
                          workdir=args.workdir, **retraining_overrides(args))
 
 
@@ -97,6 +103,11 @@ def cmd_map(args: argparse.Namespace) -> None:
     print(f"{res.method}: {len(res.analog_layers)}/{x['n_layers']} analog layers, "
           f"analog MAC share {res.analog_mac_share:.3f}, {quality} at t={res.t_eval:g}s; search {t['search_s']:.1f}s, "
           f"mapping {t['mapping_s']:.1f}s, total {t['total_s']:.1f}s -> {args.out}")
+    hw = res.hardware
+    budget = f", {hw['budget']} budget of {hw['max_tiles']} tiles" if "budget" in hw else ""
+    print(f"hardware ({hw['chip']}): {hw['analog_tiles']} analog tiles of {hw['chip_tiles']}{budget}; per sample "
+          f"{hw['energy_uj']:.3g} µJ ({hw['energy_gain']:.2f}x less than all-digital), "
+          f"{hw['latency_us']:.3g} µs ({hw['latency_gain']:.2f}x)")
     if args.recheck:
         c = d["recheck"]
         print(f"recheck: {c['calib_mean']:.4f} ± {c['calib_se']:.4f} on {c['reps']} fresh programmings of the "
@@ -112,8 +123,45 @@ _HEADLINE = ("analog_mac_share", "accuracy_mean", "accuracy_std", "fp_accuracy",
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from hilal.reproduce import headlines, reproduce  # local: no torch or aihwkit until a subcommand runs
 
-    table = reproduce(args.profile, only=args.only, threads=args.threads, out_dir=args.out_dir)
+    if args.workers is not None and args.workers != 1:
+        from hilal.schedule import reproduce_parallel  # local: no papermill until the subcommand runs
+
+        table = reproduce_parallel(args.profile, workers=args.workers, only=args.only, threads=args.threads,
+                                   out_dir=args.out_dir)
+    else:
+        table = reproduce(args.profile, only=args.only, threads=args.threads, out_dir=args.out_dir)
     print(headlines(table["notebook"].tolist()))
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from hilal.sweep import bench_json, criteria, failed_runs, job_script, load_grid, medians, read_table, run, varied
+
+    grid = load_grid(args.grid, workers=args.workers, out=args.out)  # the whole grid is checked before any work
+    if args.job_script:
+        kind = args.cluster or grid.cluster.get("kind", "local")
+        print(job_script(replace(grid, cluster={**grid.cluster, "kind": kind})))
+        return
+    if not args.summary:
+        try:
+            run(grid, scheduler=args.scheduler, cluster=args.cluster, progress=not args.quiet)
+        except KeyboardInterrupt:  # every finished row is on disk already; the next run does the rest
+            print(f"hilal sweep: interrupted; finished runs are kept in {grid.folder()}; run again to finish",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
+        missing = failed_runs(grid)
+        if len(missing):
+            print(missing.to_string(index=False))
+            raise HilalError(f"{len(missing)} of {len(grid.runs())} runs have no row (errors above; run again "
+                             "to retry them)")
+    df = read_table(grid.folder())
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        for table in (medians(df), criteria(df) if {"hilal", "lionheart"} <= set(df["method"]) else None):
+            if table is not None:  # the settings column cut to what differs between comparisons
+                print(table.assign(settings=varied(table["settings"])).round(4).to_string(index=False))
+    if args.bench_json:
+        print(f"search records -> {bench_json(df, args.bench_json)}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -159,7 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--robust-only", action="store_true")
     m.add_argument("--cluster", default="kmeans")
     m.add_argument("--ablation", default="eli-r", help="hilal-paper features")
+    m.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
+                   help="only these layers may go analog: names or shell-style patterns such as '*.attention.*' "
+                        "(default: every mappable layer)")
     add_retraining_options(m)
+    m.add_argument("--objective", default="macs",
+                   help="HILAL knapsack: the saving weighed against expected loss: macs, energy or latency "
+                        "(per sample, on the chip of hilal.hardware)")
+    m.add_argument("--max-tiles", type=int, default=None,
+                   help="analog tiles the mapping may use at most (HILAL knapsack, lionheart and random keep it; "
+                        "the other methods report that they do not); default: no limit")
     m.add_argument("--recheck", type=int, default=0,
                    help="re-score the final mapping on this many programmings its search never drew (calibration "
                         "split) against the floor it was accepted at; 0: none")
@@ -174,10 +231,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None,
                    help="torch threads per notebook kernel (default: OMP_NUM_THREADS if set, else 1)")
     r.add_argument("--out-dir", default=None, help="folder of the executed notebooks (default: runs/PROFILE-TIME)")
+    r.add_argument("--workers", type=int, default=None,
+                   help="notebooks executed at a time, each in its own process (03 before 04, 05 before 06 and 07; "
+                        "default 1)")
     r.set_defaults(fn=cmd_reproduce)
 
+    s = sub.add_parser("sweep", help="a grid of mapping runs on Dask, into one Parquet table")
+    s.add_argument("grid", help="the sweep's YAML file (e.g. sweeps/smoke.yaml)")
+    s.add_argument("--workers", type=int, default=None, help="worker processes or jobs (default: the grid's)")
+    s.add_argument("--scheduler", default=None, help="address of a running Dask scheduler to use instead")
+    s.add_argument("--cluster", default=None, choices=("local", "slurm", "pbs"),
+                   help="where workers run (default: the grid's cluster kind, local)")
+    s.add_argument("--out", default=None, help="the sweep's folder (default: the grid's, runs/sweeps/NAME)")
+    s.add_argument("--summary", action="store_true",
+                   help="print the per-model medians and criteria of the finished runs instead of running")
+    s.add_argument("--bench-json", default=None, metavar="F",
+                   help="also write the runs as a search benchmark file (for python -m hilal.bench.report)")
+    s.add_argument("--job-script", action="store_true",
+                   help="print the Slurm/PBS job script dask-jobqueue would submit, and stop")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_sweep)
+
     b = sub.add_parser("bench", help="side-by-side benchmarks")
-    b.add_argument("kind", help="hessian, search or analog")
+    b.add_argument("kind", help="hessian, search, analog or frontier")
     add_bench_options(b)
     b.set_defaults(fn=cmd_bench)
     for sp in (a, m, r, b):

@@ -292,6 +292,20 @@ def profile_counts(profile: str | Path = "paper", layers: Callable[[str, str], i
             if nb == "07":
                 rows.append(_evals(nb, m, d, len(p["METHODS"]) * len(p["TIMES"]) * p["DRIFT_REPS"], "test",
                                    "drift"))
+        elif nb == "10":  # LionHeart, one curvature pass, and POINTS + 1 sets each retrained once and judged
+            m, d = p["MODEL"], p["DATASET"]
+            train(nb, m, d, p["EPOCHS"])
+            rows += mapping_counts(nb, "lionheart", m, d, layers(m, d), p)
+            from hilal.mapping import MAPPING_HESSIAN
+
+            h = {**MAPPING_HESSIAN, **dict(p["HESSIAN"] or {})}
+            rows.append(_curvature(nb, m, d, h["probes"], h["power_iters"], h["eli_samples"],
+                                   min(h["max_samples"], SPLIT_SIZES[d]["calib"]), "frontier: curvature"))
+            sets, rounds = int(p["POINTS"]) + 1, int(p["MAX_ROUNDS"]) if p["RETRAIN"] else 0
+            steps = int(p["FINETUNE_STEPS"]) if int(p["FINETUNE_STEPS"]) > 0 else _steps_per_pass(d, 64)
+            rows += [_row(nb, m, d, "frontier: retraining", ft_steps=sets * rounds * steps),
+                     _evals(nb, m, d, sets * rounds * int(p["REPS"]), "calib", "frontier: in-loop"),
+                     _evals(nb, m, d, sets * int(p["REPS"]), "test", "frontier: judged")]
         elif nb == "08":
             from hilal.mapping import MAPPING_HESSIAN
 

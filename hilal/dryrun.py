@@ -31,11 +31,12 @@ from hilal.synthetic import cifar10_files, cifar100_files, imagenet_files, squad
 SIZES: dict[str, dict[str, int]] = {
     # the real datasets' counts: CIFAR 50,000 + 10,000 images, SQuAD v1.1 87,599 + 10,570 questions
     "paper": {"cifar_train": 50_000, "cifar_test": 10_000, "squad_train": 87_599, "squad_dev": 10_570,
-              "imagenet_classes": 4, "imagenet_train": 8, "imagenet_val": 3},
+              "imagenet_classes": 4, "imagenet_train": 32, "imagenet_val": 3},
     # counts a shared 2-core CPU gets through (every shape as in "paper"; 2,560 training images give a
-    # calibration split of 512, two curvature batches of 256)
+    # calibration split of 512, two curvature batches of 256); 32 ImageNet images a class: half of them are the
+    # calibration split, and the rest must hold one fine-tuning batch of 64
     "cpu": {"cifar_train": 2_560, "cifar_test": 512, "squad_train": 96, "squad_dev": 32,
-            "imagenet_classes": 4, "imagenet_train": 6, "imagenet_val": 2},
+            "imagenet_classes": 4, "imagenet_train": 32, "imagenet_val": 2},
 }
 """Sample counts of :func:`prepare` by size name."""
 
@@ -142,12 +143,13 @@ PROFILE = "dryrun"
 SIZE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {},
     # MobileBERT trains on 32 windows of 384 tokens a step: about 20 GB on a CPU, past a shared machine's memory,
-    # so on "cpu" notebook 08 runs the SQuAD path (same files, tokenizer and windows) with mobilebert_tiny, and
-    # maps with HILAL alone (LionHeart and the paper variant retrain once per layer: 74 stages of ViT-B/16);
-    # hilal.cost still measures full-size MobileBERT, per window
-    # and ViT-B/16's curvature takes batches of one sample: a batch of 4 holds about 4.5 GB of double-backward
+    # so on "cpu" notebook 08 runs the SQuAD path (same files, tokenizer and windows) with mobilebert_tiny
+    # (hilal.cost still measures full-size MobileBERT, per window); every method maps the query and value
+    # projections of ViT-B/16's first block only (LionHeart and the paper variant retrain once per candidate: 74
+    # stages over the whole model) and fine-tunes on 8 images a step (64 at 224x224 hold about 10 GB of
+    # activations); its curvature takes batches of one sample: a batch of 4 holds about 4.5 GB of double-backward
     # graph per operator, past 24 GB with both operators and a product in flight
-    "cpu": {"08": {"QA_MODEL": "mobilebert_tiny", "METHODS": ["hilal"],
+    "cpu": {"08": {"QA_MODEL": "mobilebert_tiny", "VIT_LAYERS": ["*.layers.0.attention.[qv]_proj"], "FINETUNE_BATCH": 8,
                    "HESSIAN": {"probes": 2, "power_iters": 2, "eli_samples": 2, "first_order_samples": 2,
                                "max_samples": 2, "batch_size": 1}}},
 }

@@ -175,7 +175,7 @@ def train_digital(model: nn.Module, splits: Splits, cfg: TrainConfig | None = No
     for epoch in bar:
         model.train()
         gen = epoch_generator(cfg.seed, epoch)
-        for batch in loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, drop_last=True):
+        for batch in _train_batches(splits, cfg.batch_size, cfg.seed + epoch, "digital training"):
             opt.zero_grad(set_to_none=True)
             loss = task_loss(model, train_batch(splits, batch, device, gen), loss_fn=splits.loss_fn)
             _check_finite(loss, f"digital training (epoch {epoch})")
@@ -190,6 +190,21 @@ def train_digital(model: nn.Module, splits: Splits, cfg: TrainConfig | None = No
     opt.zero_grad(set_to_none=True)  # a trained model carries no stale gradients
     model.eval()
     return model
+
+
+def _train_batches(splits: Splits, batch_size: int, seed: int, what: str) -> Any:
+    """One shuffled epoch of full training batches (the last partial one dropped); a training split smaller than
+    one batch is a HilalError, since the epoch would hold no step (training would do nothing, or never end)."""
+    batches = loader(splits.train, batch_size, shuffle=True, seed=seed, drop_last=True)
+    try:
+        empty = len(batches) == 0
+    except TypeError:  # an iterable-style loader of the user's: its length is unknown
+        return batches
+    if empty:
+        size = len(splits.train) if hasattr(splits.train, "__len__") else "too few"
+        raise HilalError(f"{what}: the training split holds {size} samples, fewer than one batch of {batch_size}; "
+                         f"lower the batch size or use more training data")
+    return batches
 
 
 def _rng_state() -> dict[str, Any]:
@@ -313,7 +328,7 @@ def finetune_round(model: nn.Module, splits: Splits, cfg: FinetuneConfig, optimi
     losses: list[float] = []
     epoch = 0
     while len(losses) < steps:
-        batches = loader(splits.train, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch, drop_last=True)
+        batches = _train_batches(splits, cfg.batch_size, seed * 1000 + epoch, "noise-injection fine-tuning")
         gen = epoch_generator(seed, epoch)
         for batch in tqdm(batches, desc="finetune", disable=not progress, leave=False):
             optimizer.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ from hilal.registry import HilalError, check_choice
 
 def validate_args(args: argparse.Namespace) -> None:
     """Check the parsed options of one ``hilal`` subcommand; a HilalError for the first bad one."""
-    check = {"analyze": _analyze, "map": _map, "reproduce": _reproduce, "bench": _bench}[args.command]
+    check = {"analyze": _analyze, "map": _map, "reproduce": _reproduce, "bench": _bench, "sweep": _sweep}[args.command]
     check(args)
 
 
@@ -72,7 +72,18 @@ def _reproduce(args: argparse.Namespace) -> None:
         check_count("--threads", args.threads)
     if args.out_dir is not None:
         check_folder(args.out_dir, "--out-dir")
+    if args.workers is not None:
+        check_count("--workers", args.workers)
     load_profile(args.profile)  # unknown name, missing file, unparsable YAML, unknown section
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    check_input_file(args.grid, "sweep grid")
+    if args.workers is not None:
+        check_count("--workers", args.workers)
+    if args.bench_json is not None:
+        check_output_file(args.bench_json, "--bench-json")
+    # the grid itself (names, settings, cluster) is checked by hilal.sweep.load_grid before any work
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -244,6 +244,9 @@ def test_analog_bench_json(tmp_path, resnet8_digits):
     assert min(rec["digital_s"], rec["analog_s"], rec["drift_eval_s"]) > 0
     assert rec["overhead"] == pytest.approx(rec["analog_s"] / rec["digital_s"])
     assert rec["drift_eval_overhead"] == pytest.approx(rec["drift_eval_s"] / rec["digital_eval_s"])
+    for pre in ("", "cifar_"):  # both engines timed on the same programmings, with the same scores
+        assert rec[f"{pre}eval_equal"] is True and rec[f"{pre}eval_reps"] == 4
+        assert rec[f"{pre}eval_speedup"] == pytest.approx(rec[f"{pre}eval_loop_s"] / rec[f"{pre}eval_batched_s"])
 
 
 def test_train_seed_reaches_the_benchmark_config(tmp_path, monkeypatch):
@@ -284,7 +287,7 @@ def test_retraining_options_reach_the_search_benchmark(tmp_path, monkeypatch, ca
     assert cli_main(["bench", "search", "--distill", "0.5", "--temperature", "0", "--out", out]) == 2
     assert "temperature must be positive" in capsys.readouterr().err
     assert script("hessian", ["--confirm", "--out", out]) == 2
-    assert "set how the search benchmark retrains; got kind 'hessian'" in capsys.readouterr().err
+    assert "set how the search and frontier benchmarks retrain; got kind 'hessian'" in capsys.readouterr().err
     assert len(seen) == n
     quick = BenchConfig.quick(mapping={"confirm": True})
     assert quick.mapping == {**BenchConfig.quick().mapping, "confirm": True}
@@ -403,3 +406,23 @@ def test_warm_up_model_leaves_model_and_random_state_as_they_were():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+
+
+def test_frontier_table_flags_the_points_that_beat_lionheart():
+    """Rows: the frontier's points, then LionHeart's mapping; a HILAL point beats LionHeart when it needs less
+    energy at no larger accuracy drop (here only the second: the first drops more, the third needs more)."""
+    from hilal.bench.tables import HARDWARE
+
+    def point(kind, n, acc, energy):
+        return {"kind": kind, "n_analog": n, "accuracy_mean": acc, "accuracy_drop": 0.9 - acc,
+                **dict.fromkeys(HARDWARE, 1.0), "energy_uj": energy}
+
+    rec = {"model": "m", "mapping_seed": 0,
+           "frontier": [point("all-digital", 0, 0.9, 10.0), point("hilal", 2, 0.80, 5.0),
+                        point("hilal", 3, 0.88, 6.0), point("hilal", 4, 0.89, 8.0), point("all-analog", 5, 0.5, 3.0)],
+           "lionheart": {"analog_layers": ["a", "b"], "accuracy_mean": 0.87, "fp_accuracy": 0.9,
+                         "hardware": {**dict.fromkeys(HARDWARE, 1.0), "energy_uj": 7.0}}}
+    t = table("frontier", [rec])
+    assert list(t["kind"]) == ["all-digital", "hilal", "hilal", "hilal", "all-analog", "lionheart"]
+    assert list(t["beats_lionheart"]) == [False, False, True, False, False, False]
+    assert t["accuracy_drop"].iloc[-1] == pytest.approx(0.03) and t["analog_layers"].iloc[-1] == 2

@@ -96,3 +96,19 @@ def test_reproduce_threads_reach_the_runner_and_bad_ones_are_refused(capsys):
     assert build_parser().parse_args(["reproduce"]).threads is None  # OMP_NUM_THREADS, else 1
     assert main(["reproduce", "--only", "00", "--threads", "0"]) == 2
     assert "--threads must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_map_objective_and_tile_budget(tmp_path, capsys, resnet8_digits):
+    """``--objective`` and ``--max-tiles`` reach the mapping (invalid ones fail before any work), and the record
+    and the printed line carry the hardware cost; all-analog cannot keep a budget and says so."""
+    for bad, needle in ((["--objective", "power"], "unknown objective 'power'"), (["--max-tiles", "0"], "max_tiles")):
+        assert main(["map", "--method", "all-digital", "--model", "resnet8", "--dataset", "digits", *bad,
+                     "--out", str(tmp_path / "x.json")]) == 2
+        assert needle in capsys.readouterr().err
+    out = tmp_path / "a.json"
+    assert main(["map", "--method", "all-analog", "--model", "resnet8", "--dataset", "digits", "--quiet", "--reps",
+                 "2", "--objective", "energy", "--max-tiles", "4", "--out", str(out)]) == 0
+    a = json.loads(out.read_text())
+    assert a["objective"] == "energy" and a["hardware"]["max_tiles"] == 4
+    assert a["hardware"]["budget"] == "not honoured" and a["hardware"]["analog_tiles"] > 4
+    assert f"{a['hardware']['analog_tiles']} analog tiles of 64, not honoured budget of 4" in capsys.readouterr().out

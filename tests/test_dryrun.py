@@ -13,6 +13,7 @@ import yaml
 from hilal import cost, dryrun, synthetic
 from hilal.paths import DRYRUN_MARKER
 from hilal.registry import HilalError
+from hilal.reproduce import list_notebooks
 
 SMALL = {"cifar_train": 500, "cifar_test": 20, "squad_train": 30, "squad_dev": 8, "imagenet_classes": 3,
          "imagenet_train": 4, "imagenet_val": 2}
@@ -224,7 +225,7 @@ def test_paper_counts_follow_the_profile():
     curv = counts[(counts.notebook == "03") & (counts.what == "curvature")].iloc[0]
     h = p["common"]["HESSIAN"]
     assert (curv.passes, curv.pass_samples) == (h["probes"] + h["power_iters"] + h["eli_samples"], h["max_samples"])
-    assert set(counts.notebook) == {"00", "01", "02", "03", "05", "07", "08"}  # 04 and 06 reuse 03's and 05's
+    assert set(counts.notebook) == {"00", "01", "02", "03", "05", "07", "08", "10"}  # 04 and 06 reuse 03's and 05's
 
 
 def test_cut_qa_split_scores_as_the_kit_does(small_root, monkeypatch):
@@ -247,13 +248,14 @@ def test_cut_qa_split_scores_as_the_kit_does(small_root, monkeypatch):
 
 @pytest.mark.paper
 def test_dry_run_end_to_end(tmp_path, monkeypatch):
-    """Every notebook of the dryrun profile on CPU-sized synthetic data, then the cost table (tens of minutes)."""
+    """Every notebook of the dryrun profile on CPU-sized synthetic data, then the cost table (hours on 2 CPU cores)."""
     for name in ("HILAL_DATA_DIR", "HILAL_OFFLINE"):  # the dry run sets them; restored afterwards
         monkeypatch.setenv(name, "unset")
     out = tmp_path / "cost.json"
     dryrun.main(["--size", "cpu", "--root", str(tmp_path / "data"), "--out", str(out), "--threads", "1"])
     rep = json.loads(out.read_text())
-    assert [r["status"] for r in rep["dryrun"]] == ["ok"] * 9
+    assert [r["notebook"] for r in rep["dryrun"]] == list(list_notebooks())
+    assert [r["status"] for r in rep["dryrun"]] == ["ok"] * len(rep["dryrun"])
     units = pd.DataFrame(rep["units"])
     assert (units["error"] == "").all()
     counts = pd.DataFrame(rep["counts"])
@@ -265,7 +267,7 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch):
     for nb, g in body.groupby("notebook"):
         row = table[(table.notebook == nb) & (table.model == "all")]
         assert row["hours"].iloc[0] == pytest.approx(g["hours"].sum())
-    assert set(body["notebook"]) == {"00", "01", "02", "03", "05", "07", "08"}
+    assert set(body["notebook"]) == {"00", "01", "02", "03", "05", "07", "08", "10"}
 
 
 def test_latest_runs_keep_each_notebooks_last_row(tmp_path):
@@ -278,3 +280,18 @@ def test_latest_runs_keep_each_notebooks_last_row(tmp_path):
     assert runs["notebook"].tolist() == ["00", "08"]  # read as text: "00" stays "00"
     assert runs["status"].tolist() == ["ok", "ok"] and runs["run"].tolist()[1] == "dryrun-20260102-000000"
     assert cost.latest_runs(tmp_path / "none").empty
+
+
+def test_paper_counts_of_the_energy_frontier():
+    """Notebook 10: LionHeart once per layer, one curvature pass, and POINTS + 1 sets (the frontier's and
+    all-analog) retrained for at most MAX_ROUNDS passes each and judged on REPS programmings."""
+    p = yaml.safe_load(open(cost.Path(cost.__file__).parent.parent / "notebooks/profiles/paper.yaml"))
+    counts = cost.profile_counts("paper", layers=lambda m, d: 7).set_index(["notebook", "what"])
+    per_epoch, rounds, reps = 45_000 // 64, p["common"]["MAX_ROUNDS"], p["common"]["REPS"]
+    sets = p["notebooks"]["10"]["POINTS"] + 1
+    assert counts.loc[("10", "map lionheart"), "ft_steps"] == 7 * rounds * per_epoch
+    assert counts.loc[("10", "frontier: retraining"), "ft_steps"] == sets * rounds * per_epoch
+    assert counts.loc[("10", "frontier: in-loop"), "evaluations"] == sets * rounds * reps
+    assert counts.loc[("10", "frontier: judged"), "eval_samples"] == sets * reps * 10_000
+    h = p["common"]["HESSIAN"]
+    assert counts.loc[("10", "frontier: curvature"), "passes"] == h["probes"] + h["power_iters"] + h["eli_samples"]

@@ -118,11 +118,16 @@ class KnapsackOracle:
     scores are pessimistic by ``lag`` with standard error ``se``, and retraining recovers the lag."""
 
     def __init__(self, loss: dict, macs: dict, budget: float, lag: float = 0.0, se: float = 0.0,
-                 trim: bool = True) -> None:
-        self.loss, self.macs, self.lag, self.se = loss, macs, lag, se
+                 trim: bool = True, tiles: dict | None = None, max_tiles: int | None = None) -> None:
+        self.loss, self.macs, self.value, self.lag, self.se = loss, macs, macs, lag, se
+        self.tiles = tiles or dict.fromkeys(loss, 1)
         self.layers, self.rows, self.stages, self.trims, self.rejected = [], [], 0, [], None
-        self.cfg = MappingConfig(search="knapsack", drop_threshold=budget, trim=trim)
+        self.cfg = MappingConfig(search="knapsack", drop_threshold=budget, trim=trim, max_tiles=max_tiles)
         self.baseline = 1.0
+
+    def tiles_left(self) -> float:
+        cap = self.cfg.max_tiles
+        return math.inf if cap is None else cap - sum(self.tiles[n] for n in self.layers)
 
     def floor(self) -> float:
         return self.baseline - self.cfg.drop_threshold
@@ -188,6 +193,58 @@ def test_knapsack_search_against_exhaustive(lag, trim, scan):
         else:  # pessimistic zero-shot: at least what fits the lagged budget (near misses may add more)
             assert got >= best_mac_share(names, loss, macs, budget - lag * budget, robust if robust_ok else ())
         assert bool(run.trims) <= trim
+
+
+def test_pareto_sets_under_a_capacity_against_every_subset():
+    """With a capacity, every frontier point fits, its totals are its items', no point beats another, and for
+    every subset that fits there is a point at most as costly with at least its value (the 2-D knapsack's
+    frontier is exact, negative costs and savings included)."""
+    rng = random.Random(3)
+    for _ in range(150):
+        n = rng.randint(0, 10)
+        cost = [rng.choice([0.0, rng.uniform(-0.1, 1.0)]) for _ in range(n)]
+        value = [rng.choice([-2, 1, 2, 3, 8]) for _ in range(n)]
+        weight = [rng.randint(1, 4) for _ in range(n)]
+        capacity = rng.randint(0, 12)
+        frontier = pareto_sets(cost, value, weight=weight, capacity=capacity)
+        for c, v, items in frontier:
+            assert c == pytest.approx(sum(cost[i] for i in items)) and v == sum(value[i] for i in items)
+            assert sum(weight[i] for i in items) <= capacity
+        assert all(a[0] < b[0] and a[1] < b[1] for a, b in itertools.pairwise(frontier))
+        for r in range(n + 1):
+            for sub in itertools.combinations(range(n), r):
+                if sum(weight[i] for i in sub) <= capacity:
+                    c, v = sum(cost[i] for i in sub), sum(value[i] for i in sub)
+                    assert any(fc <= c + 1e-12 and fv >= v for fc, fv, _ in frontier), (sub, frontier)
+    with pytest.raises(HilalError, match="weight"):
+        pareto_sets([1.0], [1.0], capacity=3)
+
+
+def test_knapsack_search_under_a_tile_budget_against_exhaustive():
+    """``max_tiles``: with exact zero-shot scores the search finds the subset with the most MACs among those
+    within both the loss budget and the tile budget (robust cluster forced when it fits both), by
+    exhaustive enumeration of up to 10 layers; it never exceeds the tile budget."""
+    rng = random.Random(4)
+    for _ in range(120):
+        n = rng.randint(1, 10)
+        names = [f"l{i}" for i in range(n)]
+        loss = {m: rng.choice([0.0, rng.uniform(0.0, 1.0)]) for m in names}
+        macs = {m: rng.choice([1, 2, 4, 8]) for m in names}
+        tiles = {m: rng.randint(1, 4) for m in names}
+        robust = sorted(names, key=loss.get)[: rng.randint(0, n)]
+        budget, max_tiles = rng.uniform(0.2, 2.0), rng.randint(1, 2 * n)
+        run = KnapsackOracle(loss, macs, budget, tiles=tiles, max_tiles=max_tiles)
+        _knapsack(run, dict(loss), robust, [m for m in names if m not in robust])
+        assert sum(tiles[m] for m in run.layers) <= max_tiles
+        forced = robust if sum(loss[m] for m in robust) <= budget and sum(tiles[m] for m in robust) <= max_tiles \
+            else ()
+        best = -1
+        for r in range(n + 1):
+            for sub in itertools.combinations(names, r):
+                if set(forced) <= set(sub) and sum(loss[m] for m in sub) <= budget \
+                        and sum(tiles[m] for m in sub) <= max_tiles:
+                    best = max(best, sum(macs[m] for m in sub))
+        assert sum(macs[m] for m in run.layers) == best and run.stages <= 1
 
 
 def test_knapsack_round_ends_when_its_cheapest_set_fails():
@@ -302,6 +359,37 @@ def test_lionheart_loop(resnet8_digits, digits):
     assert sorted(res.analog_layers) == sorted(kept)
     assert res.analog_mac_share == pytest.approx(sum(macs[n] for n in kept) / sum(macs.values()))
     assert sorted(analog_layers(res.model)) == sorted(kept)
+
+
+@pytest.mark.parametrize("method", ["lionheart", "all-analog", "hilal"])
+def test_layers_restricts_every_method_to_its_candidates(resnet8_digits, digits, method):
+    all_layers = mappable_layers(resnet8_digits)
+    patterns = ["layer2.*", all_layers[-1]]
+    want = [n for n in all_layers if n.startswith("layer2.") or n == all_layers[-1]]
+    assert 1 < len(want) < len(all_layers)
+    res = run_mapping(method, resnet8_digits, digits, tiny_cfg(layers=patterns, max_rounds=1,
+                                                               hessian={"probes": 2, "power_iters": 2,
+                                                                        "eli_samples": 2, "max_samples": 64}),
+                      progress=False)
+    assert res.extra["candidates"] == want
+    assert set(res.analog_layers) <= set(want) and set(analog_layers(res.model)) <= set(want)
+    if method == "lionheart":
+        macs = count_macs(resnet8_digits, digits.example_input(2))
+        assert res.extra["order"] == sorted(want, key=lambda n: -macs[n])
+    if method == "all-analog":
+        assert res.analog_layers == want
+    if method == "hilal":
+        assert res.metrics["layer"].tolist() == want
+    # the MAC share is of the whole network, not of the candidates
+    macs = count_macs(resnet8_digits, digits.example_input(2))
+    assert res.analog_mac_share == pytest.approx(sum(macs[n] for n in res.analog_layers) / sum(macs.values()))
+
+
+def test_layers_pattern_matching_nothing_is_named(resnet8_digits, digits):
+    with pytest.raises(HilalError, match=r"\['nope\.\*'\] match no mappable layer.*fc"):
+        run_mapping("lionheart", resnet8_digits, digits, tiny_cfg(layers=["layer1.*", "nope.*"]))
+    with pytest.raises(HilalError, match="non-empty list"):
+        run_mapping("lionheart", resnet8_digits, digits, tiny_cfg(layers=[]))
 
 
 def test_retrain_keeps_best_and_respects_patience(resnet8_digits, digits):
@@ -677,7 +765,7 @@ def test_confirmed_trim_tries_the_cleared_subsets_largest_first():
     macs = dict.fromkeys(cost, 1)
     for refuse, tried, kept in (((), [4], True), ((4,), [4, 3], True), ((3, 4), [4, 3], False)):
         run = Trims(set(refuse))
-        run.macs = macs
+        run.macs = run.value = macs
         assert _trim(run, "t", list(cost), cost, 0.5, 0.0) is kept
         assert [n for _, n in run.tried] == tried
         assert run.tried[0][0] == "t" and all(k.startswith("t-") and k.endswith("-adopt") for k, _ in run.tried[1:])

@@ -4,6 +4,7 @@ profile through ``hilal.reproduce`` (papermill, a real kernel) with its headline
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import math
 import re
@@ -17,7 +18,8 @@ from hilal.paths import read_provenance
 
 NOTEBOOKS = rp.list_notebooks()
 REQUIRED = ["00_quickstart", "01_digital_baselines", "02_analog_drift", "03_layer_sensitivity", "04_clustering",
-            "05_mapping", "06_runtime", "07_drift_per_method", "08_transformers", "09_your_own_model"]
+            "05_mapping", "06_runtime", "07_drift_per_method", "08_transformers", "09_your_own_model",
+            "10_energy_frontier"]
 FIGURES = {
     "00": ["00_quickstart_drift"],
     "01": ["01_digital_baselines"],
@@ -29,6 +31,8 @@ FIGURES = {
     "07": ["07_drift_per_method"],
     "08": ["08_layer_metrics", "08_mapping"],
     "09": ["09_layer_profile", "09_mapping_overview", "09_mapping_layers"],
+    "10": ["10_energy_frontier"],
+    "11": ["11_sweep_seeds"],
 }
 MAX_LINES = 30
 OWN_MODEL = {"09"}
@@ -297,3 +301,34 @@ def test_09_your_own_model_numbers(smoke):
         assert set(methods[name]["analog_layers"]) <= set(s["layers"])
         assert 0 < methods[name]["analog_mac_share"] < 1
     assert -1 <= s["spearman"]["eli"] <= 1
+
+
+@pytest.mark.slow
+def test_10_energy_frontier_numbers(smoke):
+    """The frontier runs from all-digital (no tile, gain 1) to all-analog, its sets grow in expected loss and
+    energy saved; the ringed point fits the budget; the HILAL points that beat LionHeart really do."""
+    s = summary(smoke, "10")
+    f, lh = s["frontier"], s["lionheart"]
+    assert f[0]["kind"] == "all-digital" and f[0]["analog_tiles"] == 0 and f[0]["energy_gain"] == pytest.approx(1)
+    assert f[-1]["kind"] == "all-analog" and f[-1]["n_analog"] == 22  # ResNet-20's mappable layers
+    hilal = [p for p in f if p["kind"] == "hilal"]
+    assert hilal and all(a["energy_uj"] > b["energy_uj"] for a, b in itertools.pairwise([f[0], *hilal]))
+    assert 0 < lh["n_analog"] < 22 and lh["energy_uj"] < f[0]["energy_uj"]
+    for p in s["beats_lionheart"]:
+        assert p["energy_uj"] < lh["energy_uj"] and p["accuracy_drop"] <= lh["accuracy_drop"] + 1e-12
+    if s["chosen"] is not None:
+        assert s["chosen"]["analog_tiles"] <= s["max_tiles"]
+def test_11_sweeps_numbers(smoke):
+    """The notebook's numbers are those of the sweep table it read (the committed smoke sweep), recomputed."""
+    from hilal.sweep import criteria, read_table
+
+    s = summary(smoke, "11")
+    table = read_table(rp.notebooks_dir().parent / "tests" / "fixtures" / "sweep_smoke")
+    assert s["runs"] == s["grid_runs"] == len(table) == 8
+    crit = criteria(table).groupby("model")
+    assert s["seeds"] == {m: int(g["seeds"].sum()) for m, g in crit} == {"resnet8": 4}
+    assert s["all_seeds"] == {m: int(g["all_seeds"].sum()) for m, g in crit}
+    hilal, lionheart = (table[table["method"] == m].sort_values(["settings", "mapping_seed"]) for m in
+                        ("hilal", "lionheart"))
+    speed = lionheart["total_s"].to_numpy() / hilal["total_s"].to_numpy()
+    assert s["median_speedup"]["resnet8"] == pytest.approx(float(pd.Series(speed).median()), abs=1e-3)

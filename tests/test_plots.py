@@ -307,3 +307,31 @@ def test_every_plots_name_the_notebooks_use_exists():
     assert len(used) >= 10  # the notebooks were found and read
     missing = {n: sorted(nb) for n, nb in used.items() if n not in plots.__all__ or not hasattr(plots, n)}
     assert not missing
+
+
+def test_hardware_columns_and_the_energy_frontier_plot():
+    """The mapping table carries each record's hardware cost (NaN without one); the frontier figure plots each
+    point and LionHeart's mapping at its energy and latency, and rings the chosen point."""
+    res = results_like()
+    res[0]["hardware"] = {"analog_tiles": 9, "energy_uj": 8.5, "energy_gain": 1.5, "latency_us": 190.0,
+                          "latency_gain": 0.4}
+    table = plots.mapping_table(res).set_index("method")
+    assert table.loc["lionheart", list(plots.HARDWARE_COLUMNS)].tolist() == [9, 8.5, 1.5, 190.0, 0.4]
+    assert table.loc["hilal", list(plots.HARDWARE_COLUMNS)].isna().all()
+    hw = {"analog_tiles": 0, "energy_gain": 1.0, "latency_gain": 1.0}
+    frontier = pd.DataFrame([
+        {"kind": "all-digital", "n_analog": 0, "accuracy_mean": 0.98, "accuracy_std": 0.0, "accuracy_drop": 0.0,
+         **hw, "energy_uj": 13.0, "latency_us": 75.0},
+        {"kind": "hilal", "n_analog": 2, "accuracy_mean": 0.97, "accuracy_std": 0.01, "accuracy_drop": 0.01,
+         **hw, "energy_uj": 9.0, "latency_us": 70.0},
+        {"kind": "all-analog", "n_analog": 3, "accuracy_mean": 0.6, "accuracy_std": 0.05, "accuracy_drop": 0.38,
+         **hw, "energy_uj": 4.0, "latency_us": 300.0}])
+    fig, data = plots.energy_frontier_plot(frontier, [res[0]], drop_threshold=0.02, chosen=frontier.iloc[1],
+                                           max_tiles=16)
+    assert data["kind"].tolist() == ["all-digital", "hilal", "all-analog", "lionheart"]
+    assert data["energy_uj"].tolist() == [13.0, 9.0, 4.0, 8.5] and data["accuracy_drop"].iloc[-1] == pytest.approx(0.02)
+    energy_ax, latency_ax = fig.get_axes()[:2]
+    assert energy_ax.get_xscale() == "log" and "energy" in energy_ax.get_xlabel()
+    ring = [c for c in latency_ax.collections if hasattr(c, "get_sizes") and list(c.get_sizes()) == [260]]
+    assert ring and tuple(ring[0].get_offsets()[0]) == (70.0, 0.97)
+    plt.close(fig)

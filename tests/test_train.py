@@ -304,3 +304,26 @@ def test_distillation_settings_are_checked(digits):
     cfg = FinetuneConfig(steps=1, distill=0.5)
     with pytest.raises(HilalError, match="needs the digital model as teacher"):
         finetune_round(student, digits, cfg, make_optimizer(student, cfg))
+
+
+def test_a_training_split_smaller_than_one_batch_is_refused(digits):
+    """With the last partial batch dropped, such a split has no step: training would do nothing (digital) or
+    loop forever (fine-tuning asks for a number of steps)."""
+    import dataclasses
+
+    n = len(digits.train)
+    small = dataclasses.replace(digits, train=torch.utils.data.Subset(digits.train, range(40)))
+    torch.manual_seed(0)
+    model = _MLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(HilalError, match="digital training: the training split holds 40 samples, fewer than one "
+                                         "batch of 64"):
+        train_digital(model, small, TrainConfig(epochs=1, batch_size=64), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    cfg = FinetuneConfig(steps=2, batch_size=64)
+    with pytest.raises(HilalError, match="fine-tuning: the training split holds 40 samples"):
+        finetune_round(model, small, cfg, make_optimizer(model, cfg))
+    # a batch that fits trains as before
+    assert n >= 64
+    train_digital(model, small, TrainConfig(epochs=1, batch_size=40), progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -1,4 +1,4 @@
-"""Side-by-side speed benchmarks (``hilal bench hessian|search|analog``).
+"""Side-by-side benchmarks (``hilal bench hessian|search|analog|frontier``).
 
 Both sides of every comparison run in the same process, interleaved within each repeat, and the reported
 ratio is the ratio of the medians over repeats, so background load affects both sides alike.
@@ -11,6 +11,8 @@ ratio is the ratio of the medians over repeats, so background load affects both 
   same number of probes and the same noise samples on both sides.
 - ``search``: ``run_mapping("hilal")`` versus ``run_mapping("lionheart")`` with one :class:`MappingConfig`.
 - ``analog``: forward time of the all-analog aihwkit model versus the digital one, and one drift evaluation.
+- ``frontier``: HILAL's energy frontier (:func:`hilal.mapping.energy_frontier`) versus LionHeart's mapping,
+  priced on the chip model of :mod:`hilal.hardware`: accuracy, tiles, energy and latency per sample.
 
 One concern per module, each importing only from those listed before it:
 
@@ -18,6 +20,7 @@ One concern per module, each importing only from those listed before it:
 - ``hessian``: the joint pass against PyHessian (:func:`bench_hessian`, :func:`agreement`)
 - ``search``: HILAL against LionHeart (:func:`bench_search`) and the untimed warm-ups
 - ``analog``: the aihwkit simulation overhead (:func:`bench_analog`)
+- ``frontier``: the energy frontier against LionHeart (:func:`bench_frontier`)
 - ``tables``: summary tables (:func:`table`, :func:`search_criteria`), result files, markdown
 - ``cli``: :func:`run_bench` and the argparse entry shared by ``hilal bench`` and ``bench/*.py``
 - ``report``: the benchmark tables in README.md and docs/benchmarks.md, generated from ``bench/results``
@@ -35,6 +38,7 @@ from __future__ import annotations
 from hilal.bench.analog import _analog_one, bench_analog
 from hilal.bench.cli import BENCHES, main, run_args, run_bench, script
 from hilal.bench.config import KINDS, BenchConfig
+from hilal.bench.frontier import bench_frontier
 from hilal.bench.hessian import _hessian_one, agreement, bench_hessian, hvp_costs, joint_estimates, pyhessian_estimates
 from hilal.bench.search import bench_search, warm_up, warm_up_model
 from hilal.bench.tables import (
@@ -49,7 +53,7 @@ from hilal.bench.tables import (
 
 __all__ = [
     "BENCHES", "KINDS", "TARGET_SPEEDUP", "BenchConfig", "_analog_one", "_hessian_one", "agreement", "bench_analog",
-    "bench_hessian", "bench_search", "hvp_costs", "joint_estimates", "load_bench", "main", "markdown",
+    "bench_frontier", "bench_hessian", "bench_search", "hvp_costs", "joint_estimates", "load_bench", "main", "markdown",
     "markdown_from_json", "pyhessian_estimates", "run_args", "run_bench", "script", "search_criteria",
     "search_records", "table", "warm_up", "warm_up_model",
 ]

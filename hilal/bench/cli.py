@@ -1,4 +1,4 @@
-"""Side-by-side speed benchmarks (``hilal bench hessian|search|analog``).
+"""Side-by-side benchmarks (``hilal bench hessian|search|analog|frontier``).
 
 The entry points: :func:`run_bench` (one benchmark, its table printed, its JSON written), the argparse front
 end :func:`main` / :func:`run_args` shared by ``hilal bench`` and the ``bench/*.py`` scripts (:func:`script`).
@@ -19,6 +19,7 @@ import torch
 
 from hilal.bench.analog import bench_analog
 from hilal.bench.config import KINDS, BenchConfig
+from hilal.bench.frontier import bench_frontier
 from hilal.bench.hessian import bench_hessian
 from hilal.bench.search import bench_search
 from hilal.bench.tables import markdown, search_criteria, search_records, table
@@ -29,7 +30,7 @@ from hilal.registry import HilalError, check_choice
 from hilal.runtime import keep_freed_memory, machine_info, utc_now
 
 BENCHES: dict[str, Callable[[BenchConfig, list[str], bool], Iterator[dict[str, Any]]]] = {
-    "hessian": bench_hessian, "search": bench_search, "analog": bench_analog}
+    "hessian": bench_hessian, "search": bench_search, "analog": bench_analog, "frontier": bench_frontier}
 
 
 def run_bench(kind: str, out: str | Path | None = None, quick: bool = False, progress: bool = True,
@@ -104,14 +105,14 @@ def run_args(a: argparse.Namespace) -> int:
             print("note:", n)
         return 0
     mapping = retraining_overrides(a)
-    if mapping and a.kind != "search":
-        raise HilalError(f"--confirm, --distill and --temperature set how the search benchmark retrains; got kind "
-                         f"{a.kind!r}")
+    if mapping and a.kind not in ("search", "frontier"):
+        raise HilalError(f"--confirm, --distill and --temperature set how the search and frontier benchmarks "
+                         f"retrain; got kind {a.kind!r}")
     keep_freed_memory()
 
     out = a.out or project_root() / "bench" / "results" / f"{a.kind}.json"
     models = tuple(a.models.split(",")) if a.models else None
-    key = "search_models" if a.kind == "search" else "models"
+    key = "search_models" if a.kind in ("search", "frontier") else "models"
     seeds = parse_ints("--seeds", a.seeds) if a.seeds else None
     run_bench(a.kind, out=out, quick=a.quick, repeats=a.repeats, threads=a.threads, probes=a.probes,
               eli_samples=a.samples, mapping_seeds=seeds, device=a.device, seed=a.train_seed, mapping=mapping or None,

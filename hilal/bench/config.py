@@ -15,7 +15,7 @@ from torch import nn
 from hilal.checks import check_count, check_number
 from hilal.registry import HilalError
 
-KINDS = ("hessian", "search", "analog")
+KINDS = ("hessian", "search", "analog", "frontier")
 
 
 @dataclass
@@ -41,9 +41,11 @@ class BenchConfig:
     t_inference: float = 86400.0
     """hessian/analog: inference time (s) of the noise samples and of the drift evaluation."""
     search_models: tuple[str, ...] = ("resnet8", "resnet20")
-    """search: models to map."""
+    """search, frontier: models to map."""
     mapping: dict[str, Any] = field(default_factory=dict)
-    """search: overrides of :class:`hilal.mapping.MappingConfig` (the same for both methods)."""
+    """search, frontier: overrides of :class:`hilal.mapping.MappingConfig` (the same for both methods)."""
+    frontier_points: int = 5
+    """frontier: sets taken along HILAL's knapsack frontier (:func:`hilal.mapping.energy_frontier`)."""
     mapping_seeds: tuple[int, ...] = (0,)
     """search: mapping seeds (noise, shuffling, evaluation programmings; same trained model), one record
     each; the table adds the median over seeds per model and method."""
@@ -53,6 +55,11 @@ class BenchConfig:
     it was accepted at. 0 turns it off."""
     forward_iters: int = 20
     """analog: forward passes per timed repeat."""
+    eval_reps: int = 10
+    """analog: programmings of the evaluation timed with each engine (``loop`` and ``batched``)."""
+    cifar_samples: int = 128
+    """analog: test samples of the CIFAR-shaped evaluation timing (random 3x32x32 inputs, untrained model of the
+    same architecture); 0 leaves it out."""
     batch_size: int = 256
     """analog: batch of test inputs for the forward timing."""
     device: str = "cpu"
@@ -75,10 +82,11 @@ class BenchConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
         """Smaller sizes for a quick look: 1 repeat, 16 probes, 8 noise samples, 256 calibration samples,
-        5 forward passes, 10 recheck programmings, and mappings with ``reps=5``, ``max_rounds=4``. ``overrides``
+        5 forward passes, 10 recheck programmings, 4 evaluation programmings on 16 CIFAR-shaped samples, and
+        mappings with ``reps=5``, ``max_rounds=4``. ``overrides``
         go on top (``mapping`` merged into those mapping settings)."""
         base = cls(repeats=1, probes=16, eli_samples=8, max_samples=256, forward_iters=5,
-                   recheck_reps=10, mapping={"reps": 5, "max_rounds": 4})
+                   recheck_reps=10, mapping={"reps": 5, "max_rounds": 4}, eval_reps=4, cifar_samples=16)
         if "mapping" in overrides:  # settings of the mapping go on top of the quick sizes
             overrides = {**overrides, "mapping": {**base.mapping, **overrides["mapping"]}}
         return replace(base, **overrides)

@@ -17,15 +17,23 @@ from hilal.registry import HilalError, check_choice
 
 def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The summary table of a benchmark's records (what is printed and shown in the README)."""
-    check_choice("kind", kind, KINDS)
+    check_choice("kind", kind, (*KINDS, "sweep"))
+    if kind == "sweep":  # bench/sweep.py: one grid on 1 worker against N
+        return pd.DataFrame(records, columns=["grid", "runs", "workers", "gpus", "repeats", "wall_s", "runs_s",
+                                              "speedup", "same_rows"])
     if kind == "hessian":
         cols = ["model", "layers", "curvature", "hvps_joint", "hvps_per_layer", "joint_s", "per_layer_s", "speedup",
                 "output_hvp_cost_ratio", "max_rel_diff", "max_z_trace", "max_z_eli", "se_ratio_trace", "se_ratio_eli",
                 "equal_error_speedup"]
         return pd.DataFrame([r if "equal_error_speedup" in r else agreement(dict(r)) for r in records], columns=cols)
     if kind == "analog":
-        return pd.DataFrame(records, columns=["model", "layers", "batch", "digital_s", "analog_s", "overhead",
-                                              "digital_eval_s", "drift_eval_s", "drift_eval_overhead"])
+        cols = ["model", "layers", "batch", "digital_s", "analog_s", "overhead", "digital_eval_s", "drift_eval_s",
+                "drift_eval_overhead"]
+        engines = ["eval_loop_s", "eval_batched_s", "eval_speedup", "cifar_eval_loop_s", "cifar_eval_batched_s",
+                   "cifar_eval_speedup"]
+        return pd.DataFrame(records, columns=cols + [c for c in engines if any(c in r for r in records)])
+    if kind == "frontier":
+        return frontier_table(records)
     rows = []
     for r in records:
         for method in ("hilal", "lionheart"):
@@ -37,7 +45,8 @@ def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
                          "analog_mac_share": d["analog_mac_share"], "accuracy_mean": d["accuracy_mean"],
                          "accuracy_std": d["accuracy_std"], "fp_accuracy": d["fp_accuracy"],
                          "floor_margin": d.get("recheck", {}).get("margin", np.nan),
-                         "speedup": r["speedup"] if method == "hilal" else 1.0})
+                         "speedup": r["speedup"] if method == "hilal" else 1.0,
+                         **{k: d["hardware"][k] for k in HARDWARE if "hardware" in d}})
     df = pd.DataFrame(rows)
     if df["seed"].nunique() > 1:  # the median over mapping seeds, per model and method
         num = ["search_s", "mapping_s", "total_s", "rounds", "analog_mac_share", "accuracy_mean", "accuracy_std",
@@ -45,6 +54,30 @@ def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
         med = df.groupby(["model", "method"], sort=False)[num].median().reset_index()
         df = pd.concat([df, med.assign(seed="median", analog_layers="")], ignore_index=True)[df.columns]
     return df
+
+
+HARDWARE = ("analog_tiles", "energy_uj", "energy_gain", "latency_us", "latency_gain")
+"""The hardware record's columns (:func:`hilal.hardware.mapping_cost`) the search and frontier tables show; a
+search record from before the record existed shows none."""
+
+
+def frontier_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per frontier point and per LionHeart mapping of ``frontier`` records: model, seed, kind (all-digital,
+    hilal, all-analog, lionheart), analog layers, test accuracy and its drop from floating point, the hardware
+    columns, and whether the point beats LionHeart (less energy at no larger drop)."""
+    rows = []
+    for r in records:
+        lh = r["lionheart"]
+        lh_drop = lh["fp_accuracy"] - lh["accuracy_mean"]
+        for p in [*r["frontier"], {"kind": "lionheart", "n_analog": len(lh["analog_layers"]),
+                                   "accuracy_mean": lh["accuracy_mean"], "accuracy_drop": lh_drop,
+                                   **lh["hardware"]}]:
+            rows.append({"model": r["model"], "seed": r.get("mapping_seed", 0), "kind": p["kind"],
+                         "analog_layers": p["n_analog"], "accuracy_mean": p["accuracy_mean"],
+                         "accuracy_drop": p["accuracy_drop"], **{k: p[k] for k in HARDWARE},
+                         "beats_lionheart": p["kind"] == "hilal" and p["energy_uj"] < lh["hardware"]["energy_uj"]
+                         and p["accuracy_drop"] <= lh_drop + 1e-12})
+    return pd.DataFrame(rows)
 
 
 TARGET_SPEEDUP = 5.0

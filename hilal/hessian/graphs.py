@@ -231,18 +231,6 @@ class PerBatch(Sequence[T]):
         return self._get(b % self._count)
 
 
-def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The global random state torch's CPU generator and, on CUDA, the device's generator are in."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    """Restores a state from :func:`rng_state`."""
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 def held_groups(draws: Iterable[T], nbytes: Callable[[T], int], hold_bytes: float) -> Iterator[list[T]]:
     """The draws in consecutive groups of at most ``hold_bytes`` (at least one draw each)."""
     group: list[T] = []

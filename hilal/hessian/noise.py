@@ -5,25 +5,20 @@ inputs (:class:`WeightOutputErrors`), and the whole analog error of each layer's
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from aihwkit.nn import AnalogConv2d
 from torch import nn
 
 from hilal.analog import check_layers, to_analog
-from hilal.device import model_device
+from hilal.batched_tile import fixed_input_forward, unfolded_bytes
+from hilal.device import model_device, rng_state, set_rng_state
 from hilal.hessian.config import (
     _apply,
 )
 from hilal.hessian.gauss_newton import GaussNewton
-from hilal.hessian.graphs import (
-    held_groups,
-    rng_state,
-    set_rng_state,
-)
+from hilal.hessian.graphs import held_groups
 from hilal.hessian.operators import OutputOperator, OutputState
 from hilal.registry import HilalError
 
@@ -191,36 +186,3 @@ def output_error_stream(model: nn.Module, op: OutputOperator | GaussNewton, pres
     ``cache_bytes``; the rest unfold per draw. :func:`output_loss_increase` takes it piece by piece
     (:class:`AnalogOutputErrors`), one programming per draw and piece."""
     return AnalogOutputErrors(model, op, preset, t_inference, samples, seed, cache_bytes)
-
-
-def _unfolds(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether aihwkit's forward of ``module`` on ``x`` is an ``AnalogConv2d`` on its unfold path (the torch
-    tiles' only one): the module's own ``use_indexed``, or when it leaves that open, aihwkit's rule."""
-    if not isinstance(module, AnalogConv2d) or x.dim() != 4:
-        return False
-    indexed = module.use_indexed
-    if indexed is None:
-        indexed = module.analog_module.is_cuda
-    return not indexed
-
-
-def unfolded_bytes(module: nn.Module, x: torch.Tensor, out_shape: torch.Size) -> int:
-    """Bytes of ``x`` unfolded for ``module`` (positions x fan-in per sample) where it unfolds, else 0."""
-    if not _unfolds(module, x):
-        return 0
-    positions = math.prod(out_shape[2:])
-    return x.shape[0] * positions * module.in_channels * math.prod(module.kernel_size) * x.element_size()
-
-
-def fixed_input_forward(module: nn.Module, x: torch.Tensor, out_shape: torch.Size,
-                        cache: bool = True) -> Callable[[], torch.Tensor]:
-    """A function that returns ``module(x)`` (of shape ``out_shape``) for an input that stays fixed while the
-    module's tiles are programmed again and again: with ``cache``, an aihwkit ``AnalogConv2d`` on its unfold
-    path gets its input unfolded once (:func:`unfolded_bytes` held) instead of at every call, then runs exactly
-    the operations of its own forward on it (the same result to the bit, from the same random state); any
-    other module, or any module without ``cache``, is simply called."""
-    if not cache or not _unfolds(module, x):
-        return lambda: module(x)
-    cols = nn.functional.unfold(x, kernel_size=module.kernel_size, dilation=module.dilation,
-                                padding=module.padding, stride=module.stride).transpose(-1, -2)
-    return lambda: module.analog_module(cols).transpose(-1, -2).view(out_shape)

@@ -20,6 +20,7 @@ One concern per module, each importing only from those listed before it:
 - ``paper``: the paper's variant (:func:`hilal_paper`) and its ablations
 - ``baselines``: LionHeart and the plain baselines
 - ``methods``: the :data:`METHODS` registry and :func:`run_mapping`
+- ``frontier``: :func:`energy_frontier`, accuracy against hardware cost along HILAL's knapsack frontier
 
 Import from ``hilal.mapping``; to replace a function in a test, patch it in the module that calls it (e.g.
 ``hilal.mapping.run._in_loop_score``), not here.
@@ -29,17 +30,19 @@ from __future__ import annotations
 
 from hilal.mapping.baselines import all_analog, all_analog_ft, all_digital, lionheart, random_order
 from hilal.mapping.config import COSTS, MAPPING_HESSIAN, ORDERS, SEARCHES, MappingConfig, MappingResult, _hessian_cfg
+from hilal.mapping.frontier import beats, budget_choice, energy_frontier, frontier_sets
 from hilal.mapping.journal import Journal, restore, snapshot
-from hilal.mapping.methods import METHODS, run_mapping
+from hilal.mapping.methods import METHODS, check_max_tiles, run_mapping
 from hilal.mapping.paper import ABLATIONS, hilal_paper, paper_clusters, paper_descriptors
 from hilal.mapping.recheck import RECHECK_SEED, fresh_pass_rate, recheck
 from hilal.mapping.run import CONFIRM_SEED, Round, _decided, _Run, retrain
 from hilal.mapping.search import _extend_prefix, _knapsack, _scan, _screened, _trim, hilal, pareto_sets
 
 __all__ = [
-    "ABLATIONS", "CONFIRM_SEED", "COSTS", "MAPPING_HESSIAN", "METHODS", "ORDERS", "RECHECK_SEED", "SEARCHES",
-    "Journal", "MappingConfig", "MappingResult", "Round", "_Run", "_decided", "_extend_prefix", "_hessian_cfg",
-    "_knapsack", "_scan", "_screened", "_trim", "all_analog", "all_analog_ft", "all_digital", "fresh_pass_rate",
-    "hilal", "hilal_paper", "lionheart", "paper_clusters", "paper_descriptors", "pareto_sets", "random_order",
-    "recheck", "restore", "retrain", "run_mapping", "snapshot",
+    "ABLATIONS", "CONFIRM_SEED", "COSTS", "Journal", "MAPPING_HESSIAN", "METHODS", "MappingConfig", "MappingResult",
+    "ORDERS", "RECHECK_SEED", "Round", "SEARCHES", "_Run", "_decided", "_extend_prefix", "_hessian_cfg", "_knapsack",
+    "_scan", "_screened", "_trim", "all_analog", "all_analog_ft", "all_digital", "beats", "budget_choice",
+    "check_max_tiles", "energy_frontier", "fresh_pass_rate", "frontier_sets", "hilal", "hilal_paper", "lionheart",
+    "paper_clusters", "paper_descriptors", "pareto_sets", "random_order", "recheck", "restore", "retrain",
+    "run_mapping", "snapshot",
 ]

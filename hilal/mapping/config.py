@@ -12,9 +12,11 @@ import pandas as pd
 from torch import nn
 
 from hilal.analog import PRESETS
+from hilal.batched_eval import ENGINES
 from hilal.checks import check_count, check_folder, check_number
 from hilal.cluster import METHODS as CLUSTER_METHODS
 from hilal.evaluate import ONE_DAY
+from hilal.hardware import OBJECTIVES
 from hilal.hessian import HessianConfig
 from hilal.registry import HilalError, check_choice
 from hilal.train import FinetuneConfig
@@ -110,6 +112,11 @@ class MappingConfig:
     as ``best_round``. HILAL's ``trim`` likewise keeps a subset only if a fresh evaluation clears the floor
     (its screen score stays as ``zero_shot``). Off by default, as LionHeart accepts; one more evaluation per
     stage or trimmed subset."""
+    layers: list[str] | None = None
+    """The layers that may go analog, as names or shell-style patterns (``*.attention.*``); the others stay
+    digital for every method (HILAL measures and ranks only these). ``None``: every mappable layer. Why: keep
+    layers digital that a chip would not host (an embedding projection, a classifier head), or cut a paper-size
+    model to a few candidates for a quick look or the dry run."""
     cluster: str = "kmeans"
     """Clustering method (hilal.cluster)."""
     hessian: dict[str, Any] = field(default_factory=dict)
@@ -126,6 +133,20 @@ class MappingConfig:
     """Seed for noise, shuffling and random orders."""
     final_reps: int | None = None
     """Repetitions of the final test evaluation (default: ``reps``)."""
+    objective: str = "macs"
+    """HILAL ``knapsack``: the saving weighed against expected loss: ``macs`` (the analog MAC share), or the
+    energy or latency per sample that putting a layer on tiles saves on ``chip`` (hilal.hardware; a layer that
+    saves nothing there is never chosen for it)."""
+    max_tiles: int | None = None
+    """Analog tiles the mapping may use at most (None: no limit). HILAL's ``knapsack`` search, LionHeart and
+    ``random`` honour it; the other methods and searches report in the result's ``hardware.budget`` that they
+    do not."""
+    chip: dict[str, Any] = field(default_factory=dict)
+    """Overrides of :class:`hilal.hardware.Chip` fields (the HERMES-like defaults; the tile size comes from
+    ``preset``) for the ``hardware`` record and the ``energy`` / ``latency`` objectives."""
+    engine: str = "batched"
+    """Evaluation engine of every evaluation (:data:`hilal.batched_eval.ENGINES`): ``batched`` or the reference
+    ``loop``; the same scores, so it is no part of :meth:`key`."""
     workdir: str | None = None
     """Folder for the resumable journal; an interrupted run started again with the same settings and code
     skips finished rounds."""
@@ -136,6 +157,7 @@ class MappingConfig:
     def key(self) -> str:
         d = asdict(self)
         d.pop("workdir")
+        d.pop("engine")
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -167,6 +189,12 @@ class MappingResult:
             d["metrics"] = self.metrics.to_dict(orient="records")
         d.update(self.extra)
         return d
+
+    @property
+    def hardware(self) -> dict[str, Any] | None:
+        """The mapping's cost on the chip (:func:`hilal.hardware.mapping_cost`: tiles, latency, energy, gains) and
+        whether it keeps ``max_tiles`` (``budget``)."""
+        return self.extra.get("hardware")
 
 
 def validate_mapping_config(cfg: MappingConfig) -> None:
@@ -207,6 +235,15 @@ def validate_mapping_config(cfg: MappingConfig) -> None:
                          f"{', '.join(f.name for f in fields(HessianConfig))}")
     if cfg.workdir is not None:
         check_folder(cfg.workdir, "workdir")
+    check_choice("engine", cfg.engine, ENGINES)
+    check_choice("objective", cfg.objective, OBJECTIVES)
+    if cfg.max_tiles is not None:
+        check_count("max_tiles", cfg.max_tiles)
+    if not isinstance(cfg.chip, dict):
+        raise HilalError(f"chip must be a dict of hilal.hardware.Chip fields; got {type(cfg.chip).__name__}")
+    if cfg.layers is not None and (isinstance(cfg.layers, str) or not isinstance(cfg.layers, (list, tuple))
+                                   or not cfg.layers or not all(isinstance(x, str) and x for x in cfg.layers)):
+        raise HilalError(f"layers must be None or a non-empty list of layer names or patterns; got {cfg.layers!r}")
 
 
 def _hessian_cfg(cfg: MappingConfig) -> Any:

@@ -8,13 +8,15 @@ from collections.abc import Callable
 
 from torch import nn
 
+from hilal.batched_eval import check_engine
 from hilal.data import Splits
+from hilal.hardware import OBJECTIVES, make_chip
 from hilal.mapping.baselines import all_analog, all_analog_ft, all_digital, lionheart, random_order
 from hilal.mapping.config import COSTS, ORDERS, SEARCHES, MappingConfig, MappingResult
 from hilal.mapping.paper import hilal_paper
 from hilal.mapping.run import _Run
 from hilal.mapping.search import hilal
-from hilal.registry import Registry, check_choice
+from hilal.registry import HilalError, Registry, check_choice
 
 METHODS: Registry[Callable[..., MappingResult]] = Registry("method")
 """Method name -> the function that maps a run (``hilal map --method``, ``run_mapping``'s first argument)."""
@@ -35,4 +37,15 @@ def run_mapping(method: str, model: nn.Module, splits: Splits, cfg: MappingConfi
     check_choice("search", cfg.search, SEARCHES)
     check_choice("order", cfg.order, ORDERS)
     check_choice("cost", cfg.cost, tuple(COSTS))
+    check_choice("objective", cfg.objective, OBJECTIVES)
+    check_max_tiles(cfg.max_tiles)
+    make_chip(cfg.chip, cfg.preset)  # an unknown or invalid chip setting fails before any work
+    check_engine(cfg.engine)
     return fn(_Run(method, model, splits, cfg, progress))
+
+
+def check_max_tiles(max_tiles: object) -> None:
+    """``max_tiles`` is None (no limit) or a positive whole number of tiles; otherwise a one-line HilalError."""
+    if max_tiles is not None and (isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1):
+        raise HilalError(f"max_tiles must be a positive whole number of analog tiles, or None for no limit; "
+                         f"got {max_tiles!r}")

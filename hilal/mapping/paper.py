@@ -28,7 +28,7 @@ def paper_descriptors(run: _Run) -> pd.DataFrame:
     batches = [train_batch(run.splits, next(it), device, gen) for _ in range(cfg.sensitivity_batches)]  # augmented
     hcfg = _hessian_cfg(cfg)
     hcfg.eli_samples = hcfg.first_order_samples = 0  # the paper's ELI uses isotropic noise, below
-    df = layer_metrics(run.digital, batches, cfg.preset, hcfg, progress=run.progress)
+    df = layer_metrics(run.digital, batches, cfg.preset, hcfg, layers=run.candidates, progress=run.progress)
     mods = dict(run.digital.named_modules())
     wmax = np.array([float(mods[n].weight.detach().abs().max()) for n in df["layer"]])
     df["eli_norm"] = 0.5 * (cfg.gamma * wmax) ** 2 * df["trace"] / df["params"]
@@ -65,6 +65,7 @@ def hilal_paper(run: _Run) -> MappingResult:
     for i, name in enumerate(robust):
         run.stage(f"robust-{i}", [name], drift=False)
     res = run.finish(metrics=df, robust=robust, ablation=cfg.ablation)
-    nodrift = noisy_scores(run.model, run.splits, 0.0, res.reps, cfg.seed + 2, split="test")
+    nodrift = noisy_scores(run.model, run.splits, 0.0, res.reps, cfg.seed + 2, split="test",
+                           engine=cfg.engine)
     res.extra["accuracy_t0_mean"] = float(nodrift.mean())
     return res

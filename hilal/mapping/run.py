@@ -24,9 +24,11 @@ from hilal.analog import (
     extend_analog,
     mappable_layers,
     revert_to_digital,
+    select_layers,
 )
 from hilal.data import Splits
 from hilal.evaluate import noisy_metrics, noisy_scores
+from hilal.hardware import chip_costs, make_chip, mapping_cost, savings
 from hilal.mapping.config import MappingConfig, MappingResult
 from hilal.mapping.journal import Journal, restore, snapshot
 from hilal.mapping.ledger import Ledger
@@ -90,7 +92,7 @@ def _in_loop_score(model: nn.Module, splits: Splits, cfg: MappingConfig, seed: i
     """The score a step is judged by: the mean over ``reps`` programmings at ``t_eval`` on the calibration split
     (with ``drift=False``, of the unprogrammed model)."""
     if drift:
-        return float(noisy_scores(model, splits, cfg.t_eval, cfg.reps, seed, split="calib").mean())
+        return float(noisy_scores(model, splits, cfg.t_eval, cfg.reps, seed, split="calib", engine=cfg.engine).mean())
     torch.manual_seed(seed)
     return float(np.mean([score(model, splits, "calib") for _ in range(cfg.reps)]))
 
@@ -114,7 +116,14 @@ class _Run:
         if analog_layers(model):
             raise HilalError("pass the digital model to run_mapping; it already has analog layers")
         model.eval()
+        self.candidates = mappable_layers(model) if cfg.layers is None else select_layers(model, cfg.layers)
+        """The layers this run may make analog (``cfg.layers``), in model order."""
         self.macs = count_macs(model, splits.example_input(2))
+        self.chip = make_chip(cfg.chip, cfg.preset)
+        self.costs = chip_costs(model, splits.example_input(2), self.chip)
+        self.tiles: dict[str, int] = {n: int(t) for n, t in zip(self.costs["layer"], self.costs["tiles"], strict=True)}
+        self.value = savings(self.costs, cfg.objective)  # what analog saves per layer, by ``objective``
+        self.honours_budget = False  # set by the methods that keep ``max_tiles``
         self.fp_metrics = evaluate(model, splits, "test")
         self.fp_test = float(self.fp_metrics["accuracy"])
         self.baseline = score(model, splits, "calib")
@@ -136,6 +145,12 @@ class _Run:
     def timed_search(self, fn: Callable[[], Any]) -> Any:
         """``fn()``, its time counted as search (:meth:`Ledger.timed_search`)."""
         return self.ledger.timed_search(fn)
+
+    def tiles_left(self) -> float:
+        """Analog tiles the budget (``max_tiles``) leaves beside the current analog layers (inf: no budget)."""
+        if self.cfg.max_tiles is None:
+            return math.inf
+        return self.cfg.max_tiles - sum(self.tiles[n] for n in self.layers)
 
     def floor(self) -> float:
         """The lowest score accepted: the digital baseline less ``drop_threshold``, less 1e-9. Scores are means
@@ -246,7 +261,7 @@ class _Run:
             candidate = self._trimmed(layers) if retrained else extend_analog(self.model, layers, self.cfg.preset)
             stop = None if threshold is None else lambda x: _decided(x, threshold)
             x = noisy_scores(candidate, self.splits, self.cfg.t_eval, self.cfg.reps,
-                             self._step_seed(), split="calib", stop=stop)
+                             self._step_seed(), split="calib", stop=stop, engine=self.cfg.engine)
             s = float(x.mean())
             done = {"kept": False, "score": s, "rounds": 0, "seconds": time.perf_counter() - t, "zero_shot": s,
                     "zero_shot_se": _se(x), "reps": len(x)}
@@ -263,7 +278,8 @@ class _Run:
         the history and timings, ``metrics`` and ``extra`` (into ``MappingResult.extra``)."""
         t = time.perf_counter()
         reps = self.cfg.final_reps or self.cfg.reps
-        table = noisy_metrics(self.model, self.splits, self.cfg.t_eval, reps, self.cfg.seed + 1, split="test")
+        table = noisy_metrics(self.model, self.splits, self.cfg.t_eval, reps, self.cfg.seed + 1, split="test",
+                              engine=self.cfg.engine)
         scores = table["accuracy"].to_numpy(dtype=float)
         # QA: exact match and F1 of the final evaluation too (F1 is the score the search used)
         for k in ("em", "f1"):
@@ -272,6 +288,12 @@ class _Run:
                           else 0.0, f"fp_{k}": self.fp_metrics[k]}
         timings = self.ledger.close(time.perf_counter() - t)
         layers = [n for n in mappable_layers(self.digital) if n in set(analog_layers(self.model))]
+        hardware = mapping_cost(self.costs, layers, self.chip)
+        cap = self.cfg.max_tiles
+        if cap is not None:
+            hardware |= {"max_tiles": cap, "within_budget": hardware["analog_tiles"] <= cap,
+                         "budget": "honoured" if self.honours_budget else "not honoured"}
+        extra = {"objective": self.cfg.objective, "hardware": hardware, **extra}
         return MappingResult(
             method=self.method, analog_layers=layers, analog_mac_share=analog_share(self.macs, layers),
             accuracy_mean=float(scores.mean()), accuracy_std=float(scores.std(ddof=1)) if reps > 1 else 0.0,
@@ -280,4 +302,4 @@ class _Run:
             history=pd.DataFrame(self.rows), metrics=metrics, model=self.model,
             extra={"n_layers": len(self.macs), "baseline_calib": self.baseline, "floor": self.floor(),
                    "preset": self.cfg.preset,
-                   **extra})
+                   **({"candidates": list(self.candidates)} if self.cfg.layers is not None else {}), **extra})

@@ -25,7 +25,8 @@ def _metrics(run: _Run) -> pd.DataFrame:
     cached = run.journal.get("metrics")
     if cached is not None:
         return pd.DataFrame(cached)
-    df = layer_metrics(run.digital, run.splits, run.cfg.preset, _hessian_cfg(run.cfg), progress=run.progress)
+    df = layer_metrics(run.digital, run.splits, run.cfg.preset, _hessian_cfg(run.cfg), layers=run.candidates,
+                       progress=run.progress)
     df = cluster_layers(df, method=run.cfg.cluster, seed=run.cfg.seed)
     run.journal.put("metrics", df.to_dict(orient="records"))
     return df
@@ -60,13 +61,65 @@ def hilal(run: _Run) -> MappingResult:
     return run.finish(metrics=df, robust=robust, sensitive=sensitive)
 
 
-def pareto_sets(cost: Sequence[float], value: Sequence[float], max_points: int = 4096
+def pareto_sets(cost: Sequence[float], value: Sequence[float], max_points: int = 4096,
+                weight: Sequence[int] | None = None, capacity: float | None = None
                 ) -> list[tuple[float, float, tuple[int, ...]]]:
     """The 0/1-knapsack Pareto frontier of items with ``cost`` and ``value``: (total cost, total value, item
     indices) of every set that has more value than any set of lower or equal cost, in increasing cost (and
-    value). Items of cost <= 0 are in every set. Nemhauser-Ullmann list merging; past ``max_points`` the
-    list is thinned to the cheapest set per value bin (1/max_points of the value range) and the largest."""
-    free = tuple(i for i, c in enumerate(cost) if c <= 0)
+    value). Items of cost <= 0 are in every set if their value is positive, in none otherwise (a saving of
+    0 or less is never worth it). Nemhauser-Ullmann list merging; past ``max_points`` the
+    list is thinned to the cheapest set per value bin (1/max_points of the value range) and the largest.
+
+    With ``capacity``, only sets whose integer ``weight`` (e.g. analog tiles) sums to at most ``capacity``
+    count (a 2-D knapsack): the merging then keeps every set no other beats in cost, value and weight at
+    once, items of cost <= 0 are ordinary items, and the frontier is taken over the sets that fit."""
+    if capacity is None:
+        return _pareto_2d(cost, value, max_points)
+    if weight is None or len(weight) != len(cost):
+        raise HilalError("pareto_sets: a capacity needs one weight per item")
+    points = [(0.0, 0.0, 0, ())]
+    for i, (ci, vi, wi) in enumerate(zip(cost, value, weight, strict=True)):
+        ci, wi = float(ci), int(wi)
+        grown = [(c + ci, v + vi, w + wi, s + (i,)) for c, v, w, s in points if w + wi <= capacity]
+        points = _undominated(points + grown, int(capacity), max_points)
+    frontier, best = [], -math.inf
+    for c, v, _, s in sorted(points, key=lambda p: (p[0], -p[1])):
+        if v > best:
+            frontier.append((c, v, tuple(sorted(s))))
+            best = v
+    return frontier
+
+
+def _undominated(points: list, capacity: int, max_points: int) -> list:
+    """The (cost, value, weight, items) points no other point matches or beats in all three (lower cost, higher
+    value, lower weight); past ``max_points``, the cheapest per (value bin, weight). Points sorted by cost
+    are checked against the best value seen at each weight or below (weights are integers <= ``capacity``)."""
+    best = [-math.inf] * (capacity + 1)  # best[w]: the highest value of a kept point of weight <= w
+    kept = []
+    for p in sorted(points, key=lambda p: (p[0], -p[1], p[2])):
+        if best[p[2]] >= p[1]:
+            continue
+        kept.append(p)
+        for w in range(p[2], capacity + 1):
+            if best[w] >= p[1]:
+                break
+            best[w] = p[1]
+    if len(kept) > max_points:
+        lo, hi = min(p[1] for p in kept), max(p[1] for p in kept)
+        width, seen, thinned = (hi - lo) / max_points or 1.0, set(), []
+        for p in kept:  # in increasing cost: the first of each bin and weight is its cheapest
+            b = (math.floor(p[1] / width), p[2])
+            if b not in seen:
+                seen.add(b)
+                thinned.append(p)
+        kept = thinned
+    return kept
+
+
+def _pareto_2d(cost: Sequence[float], value: Sequence[float], max_points: int
+               ) -> list[tuple[float, float, tuple[int, ...]]]:
+    """:func:`pareto_sets` without a capacity."""
+    free = tuple(i for i, (c, v) in enumerate(zip(cost, value, strict=True)) if c <= 0 < v)
     points = [(float(sum(cost[i] for i in free)), float(sum(value[i] for i in free)), free)]
     for i, (ci, vi) in enumerate(zip(cost, value, strict=True)):
         if ci <= 0:
@@ -104,21 +157,33 @@ def _knapsack(run: _Run, cost: dict[str, float], robust: list[str], sensitive: l
     screened first, and if it fails, so would every costlier one: the round ends after one screen, which
     after a kept stage is the usual case), a rejected one caps the total ELI of later sets. Recovery is not
     extrapolated from one stage to the next: a stage's best score is the maximum of noisy evaluations, which
-    overstates it. ``cost`` maps every layer to its expected loss (the ``MappingConfig.cost`` chosen)."""
+    overstates it. ``cost`` maps every layer to its expected loss (the ``MappingConfig.cost`` chosen).
+
+    What a set carries is its saving under ``MappingConfig.objective`` (``run.value``: MACs, or energy or
+    latency on the chip); with ``max_tiles`` only sets whose analog tiles fit beside the kept layers are
+    candidates (a 2-D knapsack: :func:`pareto_sets` with a capacity), and a robust cluster that alone exceeds
+    the budget is not forced into them."""
     cfg, base, floor = run.cfg, run.baseline, run.floor()
+    value, tiles = run.value, run.tiles
+    total = sum(v for v in value.values() if v > 0)
+    run.honours_budget = True
     candidates_pool = robust + sensitive
     rho, cap, it = cfg.recovery_prior, math.inf, 0
     thr = (floor - rho * base) / (1 - rho)  # z + rho * (base - z) >= floor
     while True:
         # near misses for the first stage only; a standard error from fewer than 5 repetitions is too rough
         margin = cfg.near_miss if cfg.reps >= 5 and not run.layers else 0.0
-        forced = [n for n in robust if n not in run.layers] if it == 0 else []
+        forced = [n for n in robust if n not in run.layers and value[n] > 0] if it == 0 else []
+        if sum(tiles[n] for n in forced) > run.tiles_left():  # the robust cluster alone exceeds the budget
+            forced = []
         rest = [n for n in candidates_pool if n not in run.layers and n not in forced]
         spent, forced_cost = sum(cost[n] for n in run.layers), sum(cost[n] for n in forced)
+        room = run.tiles_left() - sum(tiles[n] for n in forced)
         cands = [forced + [rest[i] for i in idx] for c, _, idx in
-                 pareto_sets([cost[n] for n in rest], [run.macs[n] for n in rest]) if spent + forced_cost + c < cap]
-        gain = cfg.min_gain * sum(run.macs.values()) if run.layers else 0.0
-        cands = [c for c in cands if c and sum(run.macs[n] for n in c) >= gain]
+                 pareto_sets([cost[n] for n in rest], [value[n] for n in rest], weight=[tiles[n] for n in rest],
+                             capacity=None if math.isinf(room) else room) if spent + forced_cost + c < cap]
+        gain = cfg.min_gain * total if run.layers else 0.0
+        cands = [c for c in cands if c and sum(value[n] for n in c) >= max(gain, 1e-300)]
         if not cands:
             return
         z: dict[int, float] = {}
@@ -136,8 +201,9 @@ def _knapsack(run: _Run, cost: dict[str, float], robust: list[str], sensitive: l
             continue
         if lo < 0 and run.layers and cfg.scan:  # a later round where no frontier set clears: single layers
             tried = {tuple(c) for k, c in enumerate(cands) if k in z and len(c) == 1}
-            singles = [n for n in rest if (n,) not in tried and run.macs[n] >= gain and spent + cost[n] < cap]
-            singles = sorted(singles, key=lambda n: cost[n] / run.macs[n])[: cfg.scan]
+            singles = [n for n in rest if (n,) not in tried and value[n] >= max(gain, 1e-300)
+                       and spent + cost[n] < cap and tiles[n] <= run.tiles_left()]
+            singles = sorted(singles, key=lambda n: cost[n] / value[n])[: cfg.scan]
             if _scan(run, f"single-{it}", singles, floor):
                 it += 1
                 continue
@@ -186,8 +252,8 @@ def _trim(run: _Run, key: str, layers: list[str], cost: dict[str, float], floor:
     Returns whether a subset was kept."""
     full = set(layers)
     subsets = [[layers[i] for i in idx] for _, _, idx in
-               pareto_sets([cost[n] for n in layers], [run.macs[n] for n in layers])]
-    subsets = [x for x in subsets if x and set(x) != full and sum(run.macs[n] for n in x) >= gain]
+               pareto_sets([cost[n] for n in layers], [run.value[n] for n in layers])]
+    subsets = [x for x in subsets if x and set(x) != full and sum(run.value[n] for n in x) >= gain]
     z: dict[int, float] = {}
     lo, hi = -1, len(subsets) - 1
     while lo < hi:

@@ -14,6 +14,9 @@ One concern per module, each importing only from those listed before it:
   :func:`sensitivity_scatter`) and the clusters (:func:`cluster_plane`)
 - ``comparison``: mapping methods side by side (:func:`mapping_table`, :func:`mapping_overview`,
   :func:`layer_heatmap`, :func:`recheck_plot`, :func:`runtime_bars`, :func:`speedup`)
+- ``hardware``: accuracy against energy and latency per sample along HILAL's frontier
+  (:func:`energy_frontier_plot`, :func:`frontier_table`)
+- ``sweeps``: a sweep's runs across seeds per model and method (:func:`sweep_seeds`, :func:`seed_table`)
 - ``transformer``: projections block by block (:func:`projection_groups`, :func:`transformer_layers`) and
   :func:`transformer_mapping`
 
@@ -33,6 +36,7 @@ from hilal.plots.base import (
     time_axis,
 )
 from hilal.plots.comparison import (
+    HARDWARE_COLUMNS,
     layer_heatmap,
     layer_matrix,
     mapping_overview,
@@ -44,13 +48,16 @@ from hilal.plots.comparison import (
     speedup,
 )
 from hilal.plots.drift import accuracy_bars, drift_curves, headline, share_labels
+from hilal.plots.hardware import energy_frontier_plot, frontier_summary, frontier_table
 from hilal.plots.layers import METRIC_LABELS, cluster_plane, layer_profile, rank_correlations, sensitivity_scatter
+from hilal.plots.sweeps import seed_table, sweep_seeds
 from hilal.plots.transformer import projection_groups, transformer_layers, transformer_mapping
 
 __all__ = [
-    "CLUSTER_COLORS", "METHOD_ORDER", "METRIC_LABELS", "PALETTE", "accuracy_bars", "cluster_plane", "drift_curves",
-    "headline", "layer_heatmap", "layer_matrix", "layer_profile", "mapping_overview", "mapping_summary",
-    "mapping_table", "projection_groups", "rank_correlations", "recheck_plot", "recheck_table", "runtime_bars",
-    "save_summary", "savefig", "sensitivity_scatter", "share_labels", "speedup", "style", "time_axis",
+    "CLUSTER_COLORS", "HARDWARE_COLUMNS", "METHOD_ORDER", "METRIC_LABELS", "PALETTE", "accuracy_bars",
+    "cluster_plane", "drift_curves", "energy_frontier_plot", "frontier_summary", "frontier_table", "headline",
+    "layer_heatmap", "layer_matrix", "layer_profile", "mapping_overview", "mapping_summary", "mapping_table",
+    "projection_groups", "rank_correlations", "recheck_plot", "recheck_table", "runtime_bars", "save_summary",
+    "savefig", "seed_table", "sensitivity_scatter", "share_labels", "speedup", "style", "sweep_seeds", "time_axis",
     "transformer_layers", "transformer_mapping",
 ]

@@ -19,18 +19,24 @@ from hilal.registry import HilalError
 
 # ---------------------------------------------------------------- mapping comparison (05, 06)
 
+HARDWARE_COLUMNS = ("analog_tiles", "energy_uj", "energy_gain", "latency_us", "latency_gain")
+"""The :func:`hilal.hardware.mapping_cost` fields the mapping tables show."""
+
+
 def mapping_table(results: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per mapping result (``MappingResult.to_dict()`` form): method, analog layers and MAC share,
-    accuracy mean/std, drop from floating point, and timings."""
+    accuracy mean/std, drop from floating point, timings, and the hardware cost (:data:`HARDWARE_COLUMNS`; NaN
+    for a record without one)."""
     rows = []
     for r in results:
-        t = r.get("timings", {})
+        t, hw = r.get("timings", {}), r.get("hardware") or {}
         rows.append({"method": r["method"], "analog_layers": len(r["analog_layers"]),
                      "analog_mac_share": float(r["analog_mac_share"]), "accuracy_mean": float(r["accuracy_mean"]),
                      "accuracy_std": float(r["accuracy_std"]), "fp_accuracy": float(r["fp_accuracy"]),
                      "accuracy_drop": float(r["fp_accuracy"]) - float(r["accuracy_mean"]),
                      "search_s": float(t.get("search_s", np.nan)), "mapping_s": float(t.get("mapping_s", np.nan)),
-                     "total_s": float(t.get("total_s", np.nan)), "rounds": int(r.get("rounds", 0))})
+                     "total_s": float(t.get("total_s", np.nan)), "rounds": int(r.get("rounds", 0)),
+                     **{k: float(hw[k]) if hw.get(k) is not None else np.nan for k in HARDWARE_COLUMNS}})
     df = pd.DataFrame(rows)
     order = _order(df["method"], METHOD_ORDER)
     return df.set_index("method").loc[order].reset_index()
@@ -38,7 +44,7 @@ def mapping_table(results: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
 def mapping_summary(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Headline numbers per method for :func:`save_summary`: analog layer names and MAC share, accuracy mean,
-    std and drop from floating point, rounds and total seconds."""
+    std and drop from floating point, rounds, total seconds and the hardware cost (None without a record)."""
     results = list(results)
     table = mapping_table(results).set_index("method")
     out = {}
@@ -47,7 +53,8 @@ def mapping_summary(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str,
         out[r["method"]] = {"analog_layers": list(r["analog_layers"]), "analog_mac_share": row["analog_mac_share"],
                             "accuracy_mean": row["accuracy_mean"], "accuracy_std": row["accuracy_std"],
                             "accuracy_drop": row["accuracy_drop"], "rounds": int(row["rounds"]),
-                            "total_s": row["total_s"]}
+                            "total_s": row["total_s"],
+                            **{k: None if pd.isna(row[k]) else row[k] for k in HARDWARE_COLUMNS}}
     return out
 
 
