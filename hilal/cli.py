@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("kind", help="hessian, search, analog or frontier")
     add_bench_options(b)
     b.set_defaults(fn=cmd_bench)
-    for sp in (a, m, r, b):
+    for sp in (a, m, r, s, b):
         sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
 

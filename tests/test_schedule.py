@@ -61,4 +61,4 @@ def test_workers_checked_before_any_work(capsys):
         reproduce_parallel("smoke", workers=0)
     assert main(["reproduce", "--workers", "-1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert re.match(r"hilal( reproduce)?: error: workers must be a positive integer", err) and "\n" not in err
+    assert re.match(r"hilal( reproduce)?: error: --workers must be a whole number >= 1", err) and "\n" not in err
