@@ -21,6 +21,7 @@ from hilal.registry import HilalError
 MODES = ("joint", "per_layer")
 GAUSS_NEWTON = ("auto", "off")
 NOISE_SPACES = ("weight", "output")
+NOISE_DRAWS = ("batched", "loop")
 COLUMNS = ["layer", "params", "macs", "trace", "trace_se", "lambda_max", "concentration", "eli", "eli_first",
            "eli_second", "eli_se"]
 
@@ -77,6 +78,10 @@ class HessianConfig:
     ``off``: always HVPs."""
     seed: int = 0
     """Seed of the probes, power-iteration starts and noise samples."""
+    noise_draws: str = "batched"
+    """How the weight-noise draws are taken from aihwkit: ``batched`` replays groups of programmings at once
+    (:func:`hilal.hessian.draws.batched_weight_noise`), ``loop`` programs the converted model once per draw
+    (the reference); the same draws to the bit."""
 
 
 def _batch_size_of(batch: Any) -> int:

@@ -21,6 +21,7 @@ from hilal.hessian.config import (
     COLUMNS,
     GAUSS_NEWTON,
     MODES,
+    NOISE_DRAWS,
     NOISE_SPACES,
     HessianConfig,
     _batch_size_of,
@@ -75,6 +76,7 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
     check_choice("mode", cfg.mode, MODES)
     check_choice("noise", cfg.noise, NOISE_SPACES)
     check_choice("gauss_newton", cfg.gauss_newton, GAUSS_NEWTON)
+    check_choice("noise_draws", cfg.noise_draws, NOISE_DRAWS)
     _check_strata(cfg.strata)
     budget = GraphBudget(cfg.graph_bytes)
     all_layers = mappable_layers(model)
@@ -149,10 +151,11 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
                 errors = output_error_stream(model, out_op, preset, cfg.t_inference, draws, cfg.seed)
             else:
                 errors = weight_output_errors(
-                    out_op, weight_noise_stream(model, layers, preset, cfg.t_inference, draws, cfg.seed))
+                    out_op, weight_noise_stream(model, layers, preset, cfg.t_inference, draws, cfg.seed,
+                                                cfg.noise_draws))
             eli = output_loss_increase(out_op, errors, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples)
         else:  # per_layer mode, weight noise
-            noise = weight_noise_stream(model, layers, preset, cfg.t_inference, draws, cfg.seed)
+            noise = weight_noise_stream(model, layers, preset, cfg.t_inference, draws, cfg.seed, cfg.noise_draws)
             eli = expected_loss_increase(op, noise, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples)
         hv_eli = hvps() - hv_trace - hv_eig
         timings["eli_s"] = time.perf_counter() - t0

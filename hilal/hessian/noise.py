@@ -17,10 +17,11 @@ from hilal.device import model_device, rng_state, set_rng_state
 from hilal.hessian.config import (
     _apply,
 )
+from hilal.hessian.draws import DRAW_MODES, batched_weight_noise, draws_unsupported
 from hilal.hessian.gauss_newton import GaussNewton
 from hilal.hessian.graphs import held_groups
 from hilal.hessian.operators import OutputOperator, OutputState
-from hilal.registry import HilalError
+from hilal.registry import HilalError, check_choice
 
 
 def _analog_weight(layer: nn.Module) -> torch.Tensor:
@@ -47,16 +48,22 @@ def _analog_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def weight_noise_stream(model: nn.Module, layers: Sequence[str], preset: Any = "pcm",
-                        t_inference: float = 86400.0, samples: int = 16, seed: int = 0) -> Iterator[list[torch.Tensor]]:
+                        t_inference: float = 86400.0, samples: int = 16, seed: int = 0,
+                        draws: str = "batched") -> Iterator[list[torch.Tensor]]:
     """Draws of dw_l = (effective analog weight at ``t_inference``) - (digital weight) for every named layer,
     sampled through aihwkit: the layers are converted once with the preset, and each draw is a seeded
     ``program_analog_weights`` + ``drift_analog_weights`` (programming noise, drift, read noise and the
     drift compensation measured with the preset's IO). Yields one list per draw, tensors shaped like the
-    digital weights, on the model's device and dtype."""
+    digital weights, on the model's device and dtype. ``draws="batched"`` replays groups of draws at once
+    (:func:`hilal.hessian.draws.batched_weight_noise`, the same numbers), ``"loop"`` programs one at a time."""
     from hilal.evaluate import inference_state, program_repetition
 
+    check_choice("draws", draws, DRAW_MODES)
     layers = check_layers(model, layers)
     analog = to_analog(model, layers, preset)
+    if draws == "batched" and draws_unsupported(analog, layers) is None:
+        yield from batched_weight_noise(model, layers, preset, t_inference, samples, seed, analog=analog)
+        return
     mods, amods = dict(model.named_modules()), dict(analog.named_modules())
     ref = [mods[n].weight.detach() for n in layers]
     with inference_state(analog):
@@ -67,9 +74,10 @@ def weight_noise_stream(model: nn.Module, layers: Sequence[str], preset: Any = "
 
 
 def sample_weight_noise(model: nn.Module, layers: Sequence[str], preset: Any = "pcm",
-                        t_inference: float = 86400.0, samples: int = 16, seed: int = 0) -> list[list[torch.Tensor]]:
+                        t_inference: float = 86400.0, samples: int = 16, seed: int = 0,
+                        draws: str = "batched") -> list[list[torch.Tensor]]:
     """``samples`` draws of :func:`weight_noise_stream` as a list (samples x layers)."""
-    return list(weight_noise_stream(model, layers, preset, t_inference, samples, seed))
+    return list(weight_noise_stream(model, layers, preset, t_inference, samples, seed, draws))
 
 
 def _draw_bytes(draw: Sequence[torch.Tensor]) -> int:
