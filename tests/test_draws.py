@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -71,3 +72,75 @@ def test_noise_draws_option_is_checked():
                       cfg=HessianConfig(noise_draws="fast"), progress=False)
     with pytest.raises(HilalError, match="draws"):
         next(weight_noise_stream(_Net(), ["head"], "pcm", 60.0, 1, draws="fast"))
+
+
+class _Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.fc = nn.Linear(36, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def _small_case() -> tuple[nn.Module, list, list[str]]:
+    torch.manual_seed(0)
+    model = _Small().eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(24, 2, 5, 5, generator=g), torch.randint(0, 5, (24,), generator=g)
+    return model, [(x[:16], y[:16]), (x[16:], y[16:])], ["conv", "fc"]
+
+
+def test_sequential_eli_without_stopping_is_the_one_pass_estimate_and_stops_on_a_prefix():
+    from hilal.hessian import OutputOperator, output_loss_increase, weight_output_errors
+    from hilal.hessian.sequential import eli_summary, sequential_loss_increase
+
+    model, batches, layers = _small_case()
+    op = OutputOperator(model, batches, layers)
+
+    def errors(start: int, count: int):
+        return weight_output_errors(op, weight_noise_stream(model, layers, "pcm_harsh", 3600.0, count, 2,
+                                                            start=start))
+
+    whole = output_loss_increase(op, errors(0, 20), "joint", 1, quadratic_samples=4)
+    seq, taken = sequential_loss_increase(op, errors, 20, 4, "joint", 1, rtol=0.0, block=3)
+    assert taken == 20
+    for k in whole:
+        np.testing.assert_array_equal(seq[k], whole[k])
+    # a tolerance every layer meets at once: the first block only, the estimates of that prefix
+    seq, taken = sequential_loss_increase(op, errors, 20, 4, "joint", 1, rtol=1e9, block=6)
+    assert taken == 6
+    part = output_loss_increase(op, errors(0, 6), "joint", 1, quadratic_samples=4, return_samples=True)
+    for k, v in eli_summary(part["first"], part["quadratic"]).items():
+        np.testing.assert_array_equal(seq[k], v)
+    # an unreachable one: every draw
+    assert sequential_loss_increase(op, errors, 20, 4, "joint", 1, rtol=1e-12, block=6)[1] == 20
+
+
+def test_settled_needs_a_small_error_against_the_value_or_the_gap():
+    from hilal.hessian.sequential import settled
+
+    eli = np.array([1.0, 1.05, 10.0, -0.001])
+    se = np.array([0.05, 0.05, 0.5, 0.05])
+    # 0: 5 % of its value; 1 likewise; 2: 5 % of its value; 3: tiny value but far (1.001) from the rest
+    assert settled(eli, se, 0.06).tolist() == [True, True, True, True]
+    assert settled(eli, se, 0.04).tolist() == [False, False, False, False]
+    assert settled(np.array([0.0, 0.0]), np.array([0.1, 0.1]), 1.0).tolist() == [False, False]
+    assert settled(np.array([1.0]), np.array([np.nan]), 1.0).tolist() == [False]
+
+
+def test_layer_metrics_reports_the_draws_and_checks_the_rule():
+    model, batches, layers = _small_case()
+    cfg = HessianConfig(probes=4, power_iters=3, eli_samples=4, first_order_samples=40, eli_block=4)
+    df = layer_metrics(model, batches, "pcm_harsh", cfg, progress=False)
+    assert 4 <= df.attrs["eli_draws"] <= 40
+    full = layer_metrics(model, batches, "pcm_harsh", HessianConfig(**{**cfg.__dict__, "eli_rtol": 0.0}),
+                         progress=False)
+    assert full.attrs["eli_draws"] == 40
+    loop = layer_metrics(model, batches, "pcm_harsh",
+                         HessianConfig(**{**cfg.__dict__, "eli_rtol": 0.0, "noise_draws": "loop"}), progress=False)
+    np.testing.assert_array_equal(full["eli"].to_numpy(), loop["eli"].to_numpy())
+    for bad in ({"eli_rtol": -1.0}, {"eli_rtol": float("nan")}, {"eli_block": 0}):
+        with pytest.raises(HilalError, match=next(iter(bad))):
+            layer_metrics(model, batches, "pcm_harsh", HessianConfig(**{**cfg.__dict__, **bad}), progress=False)

@@ -43,6 +43,13 @@ class HessianConfig:
     first_order_samples: int = 128
     """Noise samples for the first-order ELI term g . dw (no HVP, only a programming each; its Monte-Carlo
     error dominates otherwise). The larger of this and ``eli_samples`` is drawn."""
+    eli_rtol: float = 0.1
+    """Sequential rule for the first-order draws (weight noise): after the quadratic draws (at least
+    ``eli_block``), more come ``eli_block`` at a time only while some layer's ELI standard error exceeds
+    ``eli_rtol`` times the larger of |ELI| and its gap to the nearest other layer's ELI; the larger of
+    ``first_order_samples`` and ``eli_samples`` stays the upper bound. 0 always takes them all."""
+    eli_block: int = 16
+    """Draws per step of the sequential rule (``eli_rtol``)."""
     t_inference: float = 86400.0
     """Inference time in seconds after programming at which the weight noise is sampled."""
     max_samples: int = 512

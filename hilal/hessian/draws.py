@@ -195,11 +195,13 @@ def group_size(model: nn.Module, layers: Sequence[str], hold_bytes: float) -> in
 
 def batched_weight_noise(model: nn.Module, layers: Sequence[str], preset: Any = "pcm",
                          t_inference: float = 86400.0, samples: int = 16, seed: int = 0,
-                         hold_bytes: float = 2**30, analog: nn.Module | None = None) -> Iterator[list[torch.Tensor]]:
+                         hold_bytes: float = 2**30, analog: nn.Module | None = None, start: int = 0
+                         ) -> Iterator[list[torch.Tensor]]:
     """The draws of :func:`hilal.hessian.weight_noise_stream` (dw_l per layer, digital-weight shaped), equal to
     them to the bit, replayed in groups of draws (:func:`group_size`) instead of one aihwkit programming at a
-    time. ``analog``: the layers already converted with the preset. Tiles :func:`draws_unsupported` names a
-    reason for are a :class:`HilalError` (``weight_noise_stream`` runs the loop for them)."""
+    time, draws ``start`` to ``start + samples - 1``. ``analog``: the layers already converted with the
+    preset. Tiles :func:`draws_unsupported` names a reason for are a :class:`HilalError`
+    (``weight_noise_stream`` runs the loop for them)."""
     layers = check_layers(model, layers)
     analog = analog if analog is not None else to_analog(model, layers, preset)
     reason = draws_unsupported(analog, layers)
@@ -211,8 +213,8 @@ def batched_weight_noise(model: nn.Module, layers: Sequence[str], preset: Any = 
     plans = [_plan(t) for t in layer_tiles(analog)]  # aihwkit's order: module order
     step = group_size(model, layers, hold_bytes)
     with torch.no_grad():
-        for start in range(0, samples, step):
-            reps = range(start, min(samples, start + step))
+        for first in range(start, start + samples, step):
+            reps = range(first, min(start + samples, first + step))
             device = plans[0].targets[0].device
             gens = [torch.Generator(device=device).manual_seed(seed * 100_003 + r) for r in reps]
             programmed = [_program(p, gens) for p in plans]  # aihwkit programs every tile, then drifts every tile

@@ -49,25 +49,27 @@ def _analog_weight(layer: nn.Module) -> torch.Tensor:
 
 def weight_noise_stream(model: nn.Module, layers: Sequence[str], preset: Any = "pcm",
                         t_inference: float = 86400.0, samples: int = 16, seed: int = 0,
-                        draws: str = "batched") -> Iterator[list[torch.Tensor]]:
+                        draws: str = "batched", start: int = 0) -> Iterator[list[torch.Tensor]]:
     """Draws of dw_l = (effective analog weight at ``t_inference``) - (digital weight) for every named layer,
     sampled through aihwkit: the layers are converted once with the preset, and each draw is a seeded
     ``program_analog_weights`` + ``drift_analog_weights`` (programming noise, drift, read noise and the
     drift compensation measured with the preset's IO). Yields one list per draw, tensors shaped like the
     digital weights, on the model's device and dtype. ``draws="batched"`` replays groups of draws at once
-    (:func:`hilal.hessian.draws.batched_weight_noise`, the same numbers), ``"loop"`` programs one at a time."""
+    (:func:`hilal.hessian.draws.batched_weight_noise`, the same numbers), ``"loop"`` programs one at a time.
+    ``start``: the number of the first draw (draws ``start`` to ``start + samples - 1`` of the seed's stream)."""
     from hilal.evaluate import inference_state, program_repetition
 
     check_choice("draws", draws, DRAW_MODES)
     layers = check_layers(model, layers)
     analog = to_analog(model, layers, preset)
     if draws == "batched" and draws_unsupported(analog, layers) is None:
-        yield from batched_weight_noise(model, layers, preset, t_inference, samples, seed, analog=analog)
+        yield from batched_weight_noise(model, layers, preset, t_inference, samples, seed, analog=analog,
+                                        start=start)
         return
     mods, amods = dict(model.named_modules()), dict(analog.named_modules())
     ref = [mods[n].weight.detach() for n in layers]
     with inference_state(analog):
-        for s in range(samples):
+        for s in range(start, start + samples):
             program_repetition(analog, t_inference, seed, s)
             yield [_analog_weight(amods[n]).to(device=r.device, dtype=r.dtype).reshape(r.shape) - r
                    for n, r in zip(layers, ref, strict=True)]

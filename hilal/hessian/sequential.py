@@ -1,0 +1,61 @@
+"""The ELI's noise draws spent where they matter (:func:`sequential_loss_increase`): the first-order term's
+draws come in blocks, and drawing stops once every layer's ELI is known well enough, its standard error small
+against its value or against the gap to its neighbours in the ranking (:func:`settled`), the settings' count
+the upper bound. The draws taken are a prefix of the full count's, so a rule that never stops gives exactly
+the estimates of one pass over all draws."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from hilal.hessian.config import _se
+from hilal.hessian.estimators import output_loss_increase
+from hilal.hessian.gauss_newton import GaussNewton
+from hilal.hessian.noise import WeightOutputErrors
+from hilal.hessian.operators import OutputOperator
+from hilal.registry import HilalError
+
+
+def eli_summary(first: np.ndarray, quad: np.ndarray) -> dict[str, np.ndarray]:
+    """``eli``, ``eli_first``, ``eli_second`` and ``eli_se`` from per-draw terms (draws x layers), as
+    :func:`hilal.hessian.output_loss_increase` combines them."""
+    if len(quad) == 0:
+        raise HilalError("the expected loss increase needs at least one noise sample")
+    se = np.sqrt(_se(first) ** 2 + _se(quad) ** 2)
+    return {"eli": first.mean(0) + quad.mean(0), "eli_first": first.mean(0), "eli_second": quad.mean(0),
+            "eli_se": se}
+
+
+def settled(eli: np.ndarray, se: np.ndarray, rtol: float) -> np.ndarray:
+    """Per layer, whether its ELI is known well enough: standard error at most ``rtol`` times the larger of
+    |ELI| and the distance to the nearest other layer's ELI (its neighbours in the ranking). Why: a layer
+    either has a precise value or a rank no draw will change."""
+    gap = np.full(len(eli), np.inf)
+    if len(eli) > 1:
+        order = np.argsort(eli)
+        d = np.diff(eli[order])
+        gap[order] = np.minimum(np.concatenate([[np.inf], d]), np.concatenate([d, [np.inf]]))
+    scale = np.maximum(np.abs(eli), np.where(np.isfinite(gap), gap, 0.0))
+    return np.isfinite(se) & (se <= rtol * scale)
+
+
+def sequential_loss_increase(op: OutputOperator | GaussNewton, errors: Callable[[int, int], WeightOutputErrors],
+                             samples: int, quadratic_samples: int, mode: str = "joint", seed: int = 0,
+                             rtol: float = 0.0, block: int = 16) -> tuple[dict[str, np.ndarray], int]:
+    """The output-space ELI of :func:`hilal.hessian.output_loss_increase` over at most ``samples`` draws, the
+    first ``quadratic_samples`` (at least ``block``) together, then ``block`` more at a time while some layer is
+    not :func:`settled` (``rtol`` 0: all ``samples``). ``errors(start, count)``: the error source of draws
+    ``start`` to ``start + count - 1``. Returns the estimates and the draws taken."""
+    head = min(samples, max(quadratic_samples, block if rtol > 0 else samples))
+    out = output_loss_increase(op, errors(0, head), mode, seed, quadratic_samples, return_samples=True)
+    first, quad = out["first"], out["quadratic"]
+    while len(first) < samples and len(quad) > 0:
+        est = eli_summary(first, quad)
+        if rtol > 0 and settled(est["eli"], est["eli_se"], rtol).all():
+            break
+        count = min(samples - len(first), block if rtol > 0 else samples)
+        more = output_loss_increase(op, errors(len(first), count), mode, seed, 0, return_samples=True)
+        first = np.concatenate([first, more["first"]])
+    return eli_summary(first, quad), len(first)
