@@ -99,23 +99,23 @@ def test_sequential_eli_without_stopping_is_the_one_pass_estimate_and_stops_on_a
     model, batches, layers = _small_case()
     op = OutputOperator(model, batches, layers)
 
-    def errors(start: int, count: int):
+    def errors(start: int, count: int, only: list[int] | None = None):
         return weight_output_errors(op, weight_noise_stream(model, layers, "pcm_harsh", 3600.0, count, 2,
                                                             start=start))
 
     whole = output_loss_increase(op, errors(0, 20), "joint", 1, quadratic_samples=4)
     seq, taken = sequential_loss_increase(op, errors, 20, 4, "joint", 1, rtol=0.0, block=3)
-    assert taken == 20
+    assert taken.tolist() == [20, 20]
     for k in whole:
         np.testing.assert_array_equal(seq[k], whole[k])
     # a tolerance every layer meets at once: the first block only, the estimates of that prefix
     seq, taken = sequential_loss_increase(op, errors, 20, 4, "joint", 1, rtol=1e9, block=6)
-    assert taken == 6
+    assert taken.tolist() == [6, 6]
     part = output_loss_increase(op, errors(0, 6), "joint", 1, quadratic_samples=4, return_samples=True)
     for k, v in eli_summary(part["first"], part["quadratic"]).items():
         np.testing.assert_array_equal(seq[k], v)
     # an unreachable one: every draw
-    assert sequential_loss_increase(op, errors, 20, 4, "joint", 1, rtol=1e-12, block=6)[1] == 20
+    assert sequential_loss_increase(op, errors, 20, 4, "joint", 1, rtol=1e-12, block=6)[1].tolist() == [20, 20]
 
 
 def test_settled_needs_a_small_error_against_the_value_or_the_gap():
@@ -134,10 +134,10 @@ def test_layer_metrics_reports_the_draws_and_checks_the_rule():
     model, batches, layers = _small_case()
     cfg = HessianConfig(probes=4, power_iters=3, eli_samples=4, first_order_samples=40, eli_block=4)
     df = layer_metrics(model, batches, "pcm_harsh", cfg, progress=False)
-    assert 4 <= df.attrs["eli_draws"] <= 40
+    assert all(4 <= d <= 40 for d in df.attrs["eli_draws"])
     full = layer_metrics(model, batches, "pcm_harsh", HessianConfig(**{**cfg.__dict__, "eli_rtol": 0.0}),
                          progress=False)
-    assert full.attrs["eli_draws"] == 40
+    assert full.attrs["eli_draws"] == [40, 40]
     loop = layer_metrics(model, batches, "pcm_harsh",
                          HessianConfig(**{**cfg.__dict__, "eli_rtol": 0.0, "noise_draws": "loop"}), progress=False)
     np.testing.assert_array_equal(full["eli"].to_numpy(), loop["eli"].to_numpy())

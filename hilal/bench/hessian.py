@@ -133,9 +133,9 @@ def hvp_costs(model: nn.Module, batch: Any, layers: Sequence[str], repeats: int 
 def curvature_pass(model: nn.Module, splits: Any, cfg: BenchConfig) -> dict[str, Any]:
     """:func:`hilal.hessian.layer_metrics` at its default settings, noise draws batched and stopped by the
     sequential rule (``batched``) against one aihwkit programming per draw, all of them (``loop``, the path
-    before both): each side's pass and ELI seconds, the ELI's share of the pass, its draws (every layer
-    takes the same), and the ELI's agreement in units of the combined standard error (the sides share the
-    first draws, so the z-scores are conservative only for the draws they do not share)."""
+    before both): each side's pass and ELI seconds, the ELI's share of the pass, its draws (the mean over
+    layers; per layer in ``pass_estimates``), and the ELI's agreement in units of the combined standard
+    error (the sides share their first draws, so these z-scores understate a disagreement)."""
     from hilal.hessian import HessianConfig, layer_metrics  # local: the report loads hilal.bench without the kit
 
     base = {"max_samples": cfg.max_samples, "t_inference": cfg.t_inference, "seed": cfg.seed}
@@ -147,14 +147,16 @@ def curvature_pass(model: nn.Module, splits: Any, cfg: BenchConfig) -> dict[str,
         tables[side] = df
         out.update({f"pass_{side}_s": t, f"eli_{side}_s": df.attrs["eli_s"],
                     f"eli_share_{side}": df.attrs["eli_s"] / df.attrs["total_s"],
-                    f"eli_draws_{side}": int(df.attrs["eli_draws"])})
+                    f"eli_draws_{side}": float(np.mean(df.attrs["eli_draws"]))})
     b, lp = tables["batched"], tables["loop"]
     z = _z(b["eli"].to_numpy(), b["eli_se"].to_numpy(), lp["eli"].to_numpy(), lp["eli_se"].to_numpy())
     out.update({"pass_speedup": out["pass_loop_s"] / out["pass_batched_s"], "pass_max_z_eli": float(z.max()),
                 "pass_median_z_eli": float(np.median(z)),
                 "pass_estimates": pd.DataFrame({"layer": b["layer"], "eli_batched": b["eli"],
                                                 "eli_batched_se": b["eli_se"], "eli_loop": lp["eli"],
-                                                "eli_loop_se": lp["eli_se"], "z": z}).to_dict(orient="records")})
+                                                "eli_loop_se": lp["eli_se"], "z": z,
+                                                "draws_batched": b.attrs["eli_draws"],
+                                                "draws_loop": lp.attrs["eli_draws"]}).to_dict(orient="records")})
     return out
 
 
@@ -176,6 +178,9 @@ def _hessian_one(name: str, splits: Any, cfg: BenchConfig, progress: bool) -> di
 
     model = _trained(name, splits, cfg.seed, cfg.device)
     layers = mappable_layers(model)
+    if not cfg.pyhessian:
+        return {"model": name, "dataset": cfg.dataset, "preset": cfg.preset, "layers": len(layers),
+                "samples": cfg.max_samples, **(curvature_pass(model, splits, cfg) if cfg.curvature_pass else {})}
     (batch,) = calibration_batches(splits, HessianConfig(max_samples=cfg.max_samples, batch_size=cfg.max_samples))
     batch = to_device(batch, torch.device(cfg.device))
     noise_s, noise = _clock(lambda: sample_weight_noise(model, layers, cfg.preset, cfg.t_inference,

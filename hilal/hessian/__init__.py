@@ -39,6 +39,7 @@ One concern per module, each importing only from those listed before it (``a | b
 - ``noise``: aihwkit weight and output noise (:func:`weight_noise_stream`, :func:`output_error_stream`),
   fixed-input analog forwards and their unfold cache
 - ``estimators``: traces, top eigenvalues, the ELI in weight and output space, :func:`probe_counts`
+- ``sequential``: the ELI's first-order draws in blocks until every layer's estimate is settled
 - ``metrics``: the table, :func:`layer_metrics`
 
 Import from ``hilal.hessian``; to replace a function in a test, patch it in the module that calls it (e.g.

@@ -4,7 +4,8 @@ group of draws, each draw from its own generator seeded as the loop seeds it, so
 bit. What does not depend on the draw (conductance targets, programming-noise spreads, drift-coefficient means
 and spreads) is computed once per tile, and the drift-compensation read-outs of a group run as one batched
 product (:func:`hilal.batched_tile._managed_product`). Noise models the replay does not cover fall back to the
-loop (:func:`draws_unsupported` says why)."""
+loop (:func:`draws_unsupported` says why). :func:`layer_noise` draws chosen layers alone, each from a stream
+of its own (the sequential ELI's extra draws)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,14 @@ def _plan(tile: Any) -> _Tile:
     return _Tile(tile, targets, params["scale_ratio"], prog, mus, sigs)
 
 
+def _diagonal_product(x: torch.Tensor, w: torch.Tensor, axis: int) -> torch.Tensor:
+    """``x @ w^T`` for diagonal inputs ``x`` (the one-hot read-out after the tile's input scaling and
+    quantization): every output is one product plus exact zeros, so this is the matmul's result to the bit."""
+    d, wt = x.diagonal(0, -2, -1).unsqueeze(-1), w.transpose(-1, -2)
+    out = wt.new_empty((max(d.shape[0], wt.shape[0]),) + wt.shape[1:])  # contiguous, as the matmul's
+    return torch.mul(d, wt, out=out)
+
+
 def _readout(tile: Any, w: torch.Tensor, gens: Sequence[torch.Generator]) -> list[torch.Tensor] | None:
     """The drift compensation's read-out forward (one-hot inputs through the tile's IO) of each draw's tile
     weights ``w`` (draws x outputs x inputs), each draw's output noise from its generator."""
@@ -94,7 +103,7 @@ def _readout(tile: Any, w: torch.Tensor, gens: Sequence[torch.Generator]) -> lis
     if io.is_perfect or io.mv_type == AnalogMVType.IDEAL:
         y = torch.matmul(eye, w.transpose(-1, -2))
     else:
-        y = _managed_product(eye[None], w, io, gens, True, -1)
+        y = _managed_product(eye[None], w, io, gens, True, -1, product=_diagonal_product)
     return [y[r] for r in range(len(gens))]
 
 
@@ -217,14 +226,57 @@ def batched_weight_noise(model: nn.Module, layers: Sequence[str], preset: Any = 
             reps = range(first, min(start + samples, first + step))
             device = plans[0].targets[0].device
             gens = [torch.Generator(device=device).manual_seed(seed * 100_003 + r) for r in reps]
-            programmed = [_program(p, gens) for p in plans]  # aihwkit programs every tile, then drifts every tile
-            eff: dict[int, torch.Tensor] = {}
-            for i, p in enumerate(plans):
-                w, nus, baseline = programmed[i]
-                programmed[i] = None
-                eff[id(p.tile)] = _effective(p, *_drift(p, w, nus, baseline, t_inference, gens))
-            layer_w = [_assemble(m, eff) for m in modules]
-            eff = {}
+            layer_w = _replay(plans, modules, gens, t_inference)
             for j in range(len(reps)):
                 yield [w[j].to(device=r.device, dtype=r.dtype).reshape(r.shape) - r
                        for w, r in zip(layer_w, ref, strict=True)]
+
+
+def _replay(plans: list[_Tile], modules: Sequence[nn.Module], gens: Sequence[torch.Generator],
+            t_inference: float) -> list[torch.Tensor]:
+    """Every tile of ``plans`` programmed, then every tile drifted, as aihwkit does, each draw from its
+    generator; the effective weights of ``modules`` (draws first)."""
+    programmed: list[Any] = [_program(p, gens) for p in plans]
+    eff: dict[int, torch.Tensor] = {}
+    for i, p in enumerate(plans):
+        w, nus, baseline = programmed[i]
+        programmed[i] = None
+        eff[id(p.tile)] = _effective(p, *_drift(p, w, nus, baseline, t_inference, gens))
+    return [_assemble(m, eff) for m in modules]
+
+
+LAYER_STREAM = 2**40
+"""Offset of a layer's own stream in :func:`layer_noise`: draw ``r`` of layer ``i`` is seeded with
+``seed * 100_003 + r + (i + 1) * LAYER_STREAM``, apart from every per-draw seed of the loop."""
+
+
+def layer_noise(model: nn.Module, layers: Sequence[str], active: Sequence[str], preset: Any = "pcm",
+                t_inference: float = 86400.0, samples: int = 16, seed: int = 0, start: int = 0,
+                hold_bytes: float = 2**30, analog: nn.Module | None = None
+                ) -> Iterator[list[torch.Tensor | None]]:
+    """Draws of dw_l like :func:`batched_weight_noise`'s, but only for the ``active`` layers (``None`` for the
+    others), each layer's tiles from a stream of their own (:data:`LAYER_STREAM`): aihwkit's noise model and
+    compensation, and so its distribution, per layer (aihwkit's draws of different tiles are independent),
+    without the arithmetic of the layers left out. Not the loop's numbers: its draws pass through every tile."""
+    layers = check_layers(model, layers)
+    analog = analog if analog is not None else to_analog(model, layers, preset)
+    reason = draws_unsupported(analog, layers)
+    if reason is not None:
+        raise HilalError(f"batched noise draws do not support {reason}")
+    mods, amods = dict(model.named_modules()), dict(analog.named_modules())
+    want = set(active)
+    chosen = [(i, n) for i, n in enumerate(layers) if n in want]
+    plans = {n: [_plan(t) for t in _tiles_of(amods[n].analog_module)] for _, n in chosen}
+    step = group_size(model, [n for _, n in chosen], hold_bytes) if chosen else max(samples, 1)
+    with torch.no_grad():
+        for first in range(start, start + samples, step):
+            reps = range(first, min(start + samples, first + step))
+            out: list[list[torch.Tensor | None]] = [[None] * len(layers) for _ in reps]
+            for i, n in chosen:
+                device, ref = plans[n][0].targets[0].device, mods[n].weight.detach()
+                gens = [torch.Generator(device=device).manual_seed(seed * 100_003 + r + (i + 1) * LAYER_STREAM)
+                        for r in reps]
+                (w,) = _replay(plans[n], [amods[n].analog_module], gens, t_inference)
+                for j in range(len(reps)):
+                    out[j][i] = w[j].to(device=ref.device, dtype=ref.dtype).reshape(ref.shape) - ref
+            yield from out

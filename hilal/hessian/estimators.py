@@ -288,7 +288,8 @@ def output_loss_increase(op: OutputOperator | GaussNewton,
     source holds (one for analog errors; weight draws by their ``hold_bytes``), with the signs drawn in the
     order draws, batches, layers and redrawn per piece from the generator state recorded for them.
     ``return_samples``: the per-draw terms instead, ``first`` (draws x layers) and ``quadratic`` (the
-    quadratic draws x layers, halved), possibly without a quadratic draw."""
+    quadratic draws x layers, halved), possibly without a quadratic draw; a layer a draw left out (``None``
+    errors, first-order draws only) has NaN there."""
     check_choice("mode", mode, MODES)
     source = errors if isinstance(errors, (AnalogOutputErrors, WeightOutputErrors)) else _ListErrors(op, errors)
     exact = isinstance(op, GaussNewton)
@@ -311,7 +312,8 @@ def output_loss_increase(op: OutputOperator | GaussNewton,
             st = op.state(c)
             w, fr = op.batch_weights[b], op.frac[c]
             for s, err in source.chunk_errors(c, st, group):
-                f[s] += w * (fr * np.array([_dot(gi.detach(), ei) for gi, ei in zip(st.grads, err, strict=True)]))
+                f[s] += w * (fr * np.array([np.nan if ei is None else _dot(gi.detach(), ei)
+                                            for gi, ei in zip(st.grads, err, strict=True)]))
                 if s not in q:
                     continue
                 if exact:

@@ -15,7 +15,7 @@ import pandas as pd
 from torch import nn
 from tqdm.auto import tqdm
 
-from hilal.analog import ANALOG_TYPES, check_layers, count_macs, mappable_layers
+from hilal.analog import ANALOG_TYPES, check_layers, count_macs, mappable_layers, to_analog
 from hilal.data import LossFn, Splits
 from hilal.device import model_device, to_device
 from hilal.hessian.config import (
@@ -29,6 +29,7 @@ from hilal.hessian.config import (
     _truncate,
     calibration_batches,
 )
+from hilal.hessian.draws import draws_unsupported, layer_noise
 from hilal.hessian.estimators import (
     expected_loss_increase,
     hutchinson_traces,
@@ -146,10 +147,11 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         hv_eig = hvps() - hv_trace
         bar.update()
         t0 = time.perf_counter()
-        draws = eli_draws = max(cfg.first_order_samples, cfg.eli_samples)
+        draws = max(cfg.first_order_samples, cfg.eli_samples)
+        eli_draws = np.full(len(layers), draws)
         if draws == 0 or cfg.eli_samples == 0:  # curvature only
             eli = {k: np.full(len(layers), np.nan) for k in ("eli", "eli_first", "eli_second", "eli_se")}
-            eli_draws = 0
+            eli_draws = np.zeros(len(layers), int)
         elif out_op is not None or cfg.noise == "output":
             op.release()  # no more weight-space products
             if out_op is None:
@@ -158,9 +160,16 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
                 errors = output_error_stream(model, out_op, preset, cfg.t_inference, draws, cfg.seed)
                 eli = output_loss_increase(out_op, errors, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples)
             else:
-                def weight_errors(start: int, count: int, op: Any = out_op) -> Any:
-                    return weight_output_errors(op, weight_noise_stream(
-                        model, layers, preset, cfg.t_inference, count, cfg.seed, cfg.noise_draws, start))
+                analog = to_analog(model, layers, preset)
+                own = cfg.noise_draws == "batched" and draws_unsupported(analog, layers) is None
+
+                def weight_errors(start: int, count: int, only: list[int] | None, op: Any = out_op) -> Any:
+                    if only is None or not own:  # the loop's stream, every layer
+                        return weight_output_errors(op, weight_noise_stream(
+                            model, layers, preset, cfg.t_inference, count, cfg.seed, cfg.noise_draws, start))
+                    return weight_output_errors(op, layer_noise(model, layers, [layers[i] for i in only], preset,
+                                                                cfg.t_inference, count, cfg.seed, start,
+                                                                analog=analog))
 
                 eli, eli_draws = sequential_loss_increase(out_op, weight_errors, draws, cfg.eli_samples, cfg.mode,
                                                           cfg.seed, cfg.eli_rtol, cfg.eli_block)
@@ -198,6 +207,6 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
                      "gauss_newton_mismatch": check, "strata": used_strata, "samples": samples,
                      "graph_builds": builds_w + builds_o, "graph_builds_weight": builds_w,
                      "graph_builds_output": builds_o, "graph_bytes": cfg.graph_bytes,
-                     "graph_bytes_kept": budget.peak, "eli_draws": eli_draws, **timings,
+                     "graph_bytes_kept": budget.peak, "eli_draws": [int(d) for d in eli_draws], **timings,
                      "total_s": sum(timings.values())})
     return df

@@ -82,8 +82,12 @@ def sample_weight_noise(model: nn.Module, layers: Sequence[str], preset: Any = "
     return list(weight_noise_stream(model, layers, preset, t_inference, samples, seed, draws))
 
 
-def _draw_bytes(draw: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in draw)
+def _draw_bytes(draw: Sequence[torch.Tensor | None]) -> int:
+    return sum(t.numel() * t.element_size() for t in draw if t is not None)
+
+
+def _error(m: nn.Module, x: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor | None:
+    return None if d is None else _apply(m, x, d.to(x))
 
 
 class WeightOutputErrors:
@@ -91,7 +95,8 @@ class WeightOutputErrors:
     weight-shaped), a source of errors for :func:`output_loss_increase`: the weight-space ELI in output space,
     whose joint pass draws its signs per sample (the quadratic terms are equal: H_ll = X_l^T H_{z_l} X_l).
     The draws are read once, held in groups of at most ``hold_bytes``, and applied to each piece of
-    calibration samples in turn. Iterating it instead yields every draw's errors as (batches x layers)."""
+    calibration samples in turn. Iterating it instead yields every draw's errors as (batches x layers). A draw
+    may leave layers out (``None``, as :func:`hilal.hessian.draws.layer_noise` does): their errors are ``None``."""
 
     def __init__(self, op: OutputOperator | GaussNewton, noise: Iterable[Sequence[torch.Tensor]],
                  hold_bytes: float = 2**30) -> None:
@@ -112,13 +117,12 @@ class WeightOutputErrors:
         """(draw, errors of piece ``c``'s samples per layer) for every draw of ``group``."""
         with torch.no_grad():
             for s in group:
-                yield s, [_apply(m, x, d.to(x)) for m, x, d in zip(self.op.modules, st.inputs, self.held[s],
-                                                                     strict=True)]
+                yield s, [_error(m, x, d) for m, x, d in zip(self.op.modules, st.inputs, self.held[s], strict=True)]
 
     def __iter__(self) -> Iterator[list[list[torch.Tensor]]]:
         for dw in self.noise:
             with torch.no_grad():
-                yield [[_apply(m, x, d.to(x)) for m, x, d in zip(self.op.modules, xs, dw, strict=True)]
+                yield [[_error(m, x, d) for m, x, d in zip(self.op.modules, xs, dw, strict=True)]
                        for xs in self.op.inputs]
 
 

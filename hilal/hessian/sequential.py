@@ -18,14 +18,20 @@ from hilal.hessian.operators import OutputOperator
 from hilal.registry import HilalError
 
 
-def eli_summary(first: np.ndarray, quad: np.ndarray) -> dict[str, np.ndarray]:
-    """``eli``, ``eli_first``, ``eli_second`` and ``eli_se`` from per-draw terms (draws x layers), as
-    :func:`hilal.hessian.output_loss_increase` combines them."""
+def eli_summary(first: np.ndarray | list[np.ndarray], quad: np.ndarray) -> dict[str, np.ndarray]:
+    """``eli``, ``eli_first``, ``eli_second`` and ``eli_se`` from per-draw terms (draws x layers, or one array of
+    draws per layer), as :func:`hilal.hessian.output_loss_increase` combines them."""
     if len(quad) == 0:
         raise HilalError("the expected loss increase needs at least one noise sample")
-    se = np.sqrt(_se(first) ** 2 + _se(quad) ** 2)
-    return {"eli": first.mean(0) + quad.mean(0), "eli_first": first.mean(0), "eli_second": quad.mean(0),
-            "eli_se": se}
+    if not isinstance(first, np.ndarray) and len({len(f) for f in first}) == 1:
+        first = np.stack(first, 1)  # one count: the column means of one pass, to the bit
+    if isinstance(first, np.ndarray):
+        mean, se_f = first.mean(0), _se(first)
+    else:
+        mean = np.array([f.mean() for f in first])
+        se_f = np.array([_se(f[:, None])[0] for f in first])
+    se = np.sqrt(se_f**2 + _se(quad) ** 2)
+    return {"eli": mean + quad.mean(0), "eli_first": mean, "eli_second": quad.mean(0), "eli_se": se}
 
 
 def settled(eli: np.ndarray, se: np.ndarray, rtol: float) -> np.ndarray:
@@ -41,21 +47,30 @@ def settled(eli: np.ndarray, se: np.ndarray, rtol: float) -> np.ndarray:
     return np.isfinite(se) & (se <= rtol * scale)
 
 
-def sequential_loss_increase(op: OutputOperator | GaussNewton, errors: Callable[[int, int], WeightOutputErrors],
+def sequential_loss_increase(op: OutputOperator | GaussNewton,
+                             errors: Callable[[int, int, list[int] | None], WeightOutputErrors],
                              samples: int, quadratic_samples: int, mode: str = "joint", seed: int = 0,
-                             rtol: float = 0.0, block: int = 16) -> tuple[dict[str, np.ndarray], int]:
-    """The output-space ELI of :func:`hilal.hessian.output_loss_increase` over at most ``samples`` draws, the
-    first ``quadratic_samples`` (at least ``block``) together, then ``block`` more at a time while some layer is
-    not :func:`settled` (``rtol`` 0: all ``samples``). ``errors(start, count)``: the error source of draws
-    ``start`` to ``start + count - 1``. Returns the estimates and the draws taken."""
+                             rtol: float = 0.0, block: int = 16) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The output-space ELI of :func:`hilal.hessian.output_loss_increase` over at most ``samples`` draws per
+    layer: the first ``quadratic_samples`` (at least ``block``) for all layers together, then ``block`` more
+    at a time for each layer not yet :func:`settled` (``rtol`` 0: all ``samples`` in one pass, the estimates of
+    :func:`hilal.hessian.output_loss_increase` to the bit). ``errors(start, count, layers)``: the error source
+    of draws ``start`` to ``start + count - 1`` of the layers numbered (``None``: all, the common stream;
+    else each layer's own). Returns the estimates and the draws each layer took."""
     head = min(samples, max(quadratic_samples, block if rtol > 0 else samples))
-    out = output_loss_increase(op, errors(0, head), mode, seed, quadratic_samples, return_samples=True)
-    first, quad = out["first"], out["quadratic"]
-    while len(first) < samples and len(quad) > 0:
+    out = output_loss_increase(op, errors(0, head, None), mode, seed, quadratic_samples, return_samples=True)
+    quad = out["quadratic"]
+    first = [out["first"][:, i] for i in range(out["first"].shape[1])]
+    while len(quad) > 0 and rtol > 0:
         est = eli_summary(first, quad)
-        if rtol > 0 and settled(est["eli"], est["eli_se"], rtol).all():
+        done = settled(est["eli"], est["eli_se"], rtol)
+        todo = [i for i, ok in enumerate(done) if not ok and len(first[i]) < samples]
+        if not todo:
             break
-        count = min(samples - len(first), block if rtol > 0 else samples)
-        more = output_loss_increase(op, errors(len(first), count), mode, seed, 0, return_samples=True)
-        first = np.concatenate([first, more["first"]])
-    return eli_summary(first, quad), len(first)
+        start = min(len(first[i]) for i in todo)
+        count = min(block, samples - start)
+        todo = [i for i in todo if len(first[i]) == start]
+        more = output_loss_increase(op, errors(start, count, todo), mode, seed, 0, return_samples=True)["first"]
+        for i in todo:
+            first[i] = np.concatenate([first[i], more[:, i]])
+    return eli_summary(first, quad), np.array([len(f) for f in first])
