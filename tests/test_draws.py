@@ -144,3 +144,43 @@ def test_layer_metrics_reports_the_draws_and_checks_the_rule():
     for bad in ({"eli_rtol": -1.0}, {"eli_rtol": float("nan")}, {"eli_block": 0}):
         with pytest.raises(HilalError, match=next(iter(bad))):
             layer_metrics(model, batches, "pcm_harsh", HessianConfig(**{**cfg.__dict__, **bad}), progress=False)
+
+
+@pytest.mark.parametrize("t", [60.0, 86400.0])
+def test_layer_streams_follow_the_loop_draws_distribution(t):
+    """Each layer's own stream (the sequential ELI's extra draws) against the loop's draws, per layer and time:
+    two statistics per draw (a fixed projection, like the first-order term, and the mean square), a
+    two-sample Kolmogorov-Smirnov test (p > 1e-3), means within 4 standard errors, spreads within 2x."""
+    from scipy.stats import ks_2samp
+
+    from hilal.hessian.draws import layer_noise
+
+    torch.manual_seed(0)
+    model = _Net()
+    layers = ["small", "conv", "fc", "head"]
+    n = 30
+    loop = list(weight_noise_stream(model, layers, "pcm_harsh", t, n, seed=0, draws="loop"))
+    own = list(layer_noise(model, layers, layers, "pcm_harsh", t, n, seed=0, start=n))
+    g = torch.Generator().manual_seed(1)
+    for i in range(len(layers)):
+        proj = torch.randn(loop[0][i].shape, generator=g)
+        for stat in (lambda d, p=proj: float((d * p).sum()), lambda d: float(d.pow(2).mean())):
+            a, b = np.array([stat(d[i]) for d in loop]), np.array([stat(d[i]) for d in own])
+            assert ks_2samp(a, b).pvalue > 1e-3, (layers[i], t)
+            assert abs(a.mean() - b.mean()) <= 4 * np.hypot(a.std(ddof=1), b.std(ddof=1)) / np.sqrt(n)
+            assert 0.5 < b.std(ddof=1) / a.std(ddof=1) < 2
+
+
+def test_layer_streams_draw_only_the_layers_asked_for():
+    from hilal.hessian import OutputOperator, output_loss_increase, weight_output_errors
+    from hilal.hessian.draws import layer_noise
+
+    model, batches, layers = _small_case()
+    draws = list(layer_noise(model, layers, ["fc"], "pcm", 3600.0, 3, seed=0, start=16))
+    assert all(d[0] is None and d[1].shape == model.fc.weight.shape for d in draws)
+    # the same layer's draws whatever else is drawn beside it
+    both = list(layer_noise(model, layers, layers, "pcm", 3600.0, 3, seed=0, start=16))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(draws, both, strict=True))
+    op = OutputOperator(model, batches, layers)
+    out = output_loss_increase(op, weight_output_errors(op, draws), "joint", 0, 0, return_samples=True)
+    assert out["first"].shape == (3, 2) and np.isnan(out["first"][:, 0]).all() and np.isfinite(out["first"][:, 1]).all()

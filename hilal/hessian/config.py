@@ -44,10 +44,12 @@ class HessianConfig:
     """Noise samples for the first-order ELI term g . dw (no HVP, only a programming each; its Monte-Carlo
     error dominates otherwise). The larger of this and ``eli_samples`` is drawn."""
     eli_rtol: float = 0.1
-    """Sequential rule for the first-order draws (weight noise): after the quadratic draws (at least
-    ``eli_block``), more come ``eli_block`` at a time only while some layer's ELI standard error exceeds
-    ``eli_rtol`` times the larger of |ELI| and its gap to the nearest other layer's ELI; the larger of
-    ``first_order_samples`` and ``eli_samples`` stays the upper bound. 0 always takes them all."""
+    """Sequential rule for the first-order draws (weight noise, ``joint`` mode): after the quadratic draws (at
+    least ``eli_block``), each layer whose ELI standard error exceeds ``eli_rtol`` times the larger of |ELI| and
+    its gap to the nearest other layer's ELI gets ``eli_block`` more, from a stream of its own
+    (:func:`hilal.hessian.draws.layer_noise`), until it does not; the larger of ``first_order_samples`` and
+    ``eli_samples`` stays the upper bound. 0 takes them all from the loop's stream (the estimates before the
+    rule, to the bit)."""
     eli_block: int = 16
     """Draws per step of the sequential rule (``eli_rtol``)."""
     t_inference: float = 86400.0
