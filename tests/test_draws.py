@@ -99,7 +99,7 @@ def test_sequential_eli_without_stopping_is_the_one_pass_estimate_and_stops_on_a
     model, batches, layers = _small_case()
     op = OutputOperator(model, batches, layers)
 
-    def errors(start: int, count: int, only: list[int] | None = None):
+    def errors(start: int, count: int):
         return weight_output_errors(op, weight_noise_stream(model, layers, "pcm_harsh", 3600.0, count, 2,
                                                             start=start))
 
@@ -149,8 +149,8 @@ def test_layer_metrics_reports_the_draws_and_checks_the_rule():
 @pytest.mark.parametrize("t", [60.0, 86400.0])
 def test_layer_streams_follow_the_loop_draws_distribution(t):
     """Each layer's own stream (the sequential ELI's extra draws) against the loop's draws, per layer and time:
-    two statistics per draw (a fixed projection, like the first-order term, and the mean square), a
-    two-sample Kolmogorov-Smirnov test (p > 1e-3), means within 4 standard errors, spreads within 2x."""
+    two statistics per draw (a fixed projection, like the first-order term, and the mean square: the first and
+    second moments), a two-sample Kolmogorov-Smirnov test (p > 1e-3) and means within 4 standard errors."""
     from scipy.stats import ks_2samp
 
     from hilal.hessian.draws import layer_noise
@@ -168,7 +168,6 @@ def test_layer_streams_follow_the_loop_draws_distribution(t):
             a, b = np.array([stat(d[i]) for d in loop]), np.array([stat(d[i]) for d in own])
             assert ks_2samp(a, b).pvalue > 1e-3, (layers[i], t)
             assert abs(a.mean() - b.mean()) <= 4 * np.hypot(a.std(ddof=1), b.std(ddof=1)) / np.sqrt(n)
-            assert 0.5 < b.std(ddof=1) / a.std(ddof=1) < 2
 
 
 def test_layer_streams_draw_only_the_layers_asked_for():
@@ -184,3 +183,25 @@ def test_layer_streams_draw_only_the_layers_asked_for():
     op = OutputOperator(model, batches, layers)
     out = output_loss_increase(op, weight_output_errors(op, draws), "joint", 0, 0, return_samples=True)
     assert out["first"].shape == (3, 2) and np.isnan(out["first"][:, 0]).all() and np.isfinite(out["first"][:, 1]).all()
+
+
+def test_first_order_terms_from_weight_gradients_equal_the_output_space_ones():
+    from hilal.hessian import OutputOperator, gauss_newton, output_loss_increase, weight_output_errors
+    from hilal.hessian.sequential import sequential_loss_increase, weight_gradients
+
+    model, batches, layers = _small_case()
+    draws = list(weight_noise_stream(model, layers, "pcm_harsh", 3600.0, 4, seed=1))
+    for op in (OutputOperator(model, batches, layers), gauss_newton(model, batches, layers)):
+        out = output_loss_increase(op, weight_output_errors(op, draws), "joint", 0, 0, return_samples=True)
+        grads = weight_gradients(op)
+        dots = np.array([[float((g * d.double()).sum()) for g, d in zip(grads, dw, strict=True)] for dw in draws])
+        np.testing.assert_allclose(dots, out["first"], rtol=1e-4, atol=1e-9)
+    # the sequential rule with its extra draws from the layers' own streams: counts within the bounds
+    from hilal.hessian.draws import layer_noise
+
+    seq, taken = sequential_loss_increase(
+        op, lambda a, n: weight_output_errors(op, weight_noise_stream(model, layers, "pcm_harsh", 3600.0, n, 1,
+                                                                      start=a)),
+        24, 4, "joint", 0, rtol=0.05, block=4,
+        draws=lambda a, n, only: layer_noise(model, layers, [layers[i] for i in only], "pcm_harsh", 3600.0, n, 1, a))
+    assert all(4 <= t <= 24 for t in taken) and np.isfinite(seq["eli"]).all() and np.isfinite(seq["eli_se"]).all()

@@ -163,16 +163,17 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
                 analog = to_analog(model, layers, preset)
                 own = cfg.noise_draws == "batched" and draws_unsupported(analog, layers) is None
 
-                def weight_errors(start: int, count: int, only: list[int] | None, op: Any = out_op) -> Any:
-                    if only is None or not own:  # the loop's stream, every layer
-                        return weight_output_errors(op, weight_noise_stream(
-                            model, layers, preset, cfg.t_inference, count, cfg.seed, cfg.noise_draws, start))
-                    return weight_output_errors(op, layer_noise(model, layers, [layers[i] for i in only], preset,
-                                                                cfg.t_inference, count, cfg.seed, start,
-                                                                analog=analog))
+                def weight_errors(start: int, count: int, op: Any = out_op) -> Any:
+                    return weight_output_errors(op, weight_noise_stream(
+                        model, layers, preset, cfg.t_inference, count, cfg.seed, cfg.noise_draws, start))
+
+                def layer_draws(start: int, count: int, only: list[int]) -> Any:
+                    return layer_noise(model, layers, [layers[i] for i in only], preset, cfg.t_inference, count,
+                                       cfg.seed, start, analog=analog)
 
                 eli, eli_draws = sequential_loss_increase(out_op, weight_errors, draws, cfg.eli_samples, cfg.mode,
-                                                          cfg.seed, cfg.eli_rtol, cfg.eli_block)
+                                                          cfg.seed, cfg.eli_rtol, cfg.eli_block,
+                                                          layer_draws if own else None)
         else:  # per_layer mode, weight noise
             noise = weight_noise_stream(model, layers, preset, cfg.t_inference, draws, cfg.seed, cfg.noise_draws)
             eli = expected_loss_increase(op, noise, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples)
