@@ -209,10 +209,14 @@ def _product(x: torch.Tensor, w: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def _managed_product(x: torch.Tensor, w: torch.Tensor, io: Any, gens: Sequence[torch.Generator],
-                     shared: bool, axis: int, nm: torch.Tensor | None = None) -> torch.Tensor:
+                     shared: bool, axis: int, nm: torch.Tensor | None = None,
+                     product: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+                     ) -> torch.Tensor:
     """aihwkit's IO-managed product (``AnalogMVM.matmul``) of each programming's weights, bound management
     judged per programming: a programming whose outputs clip goes another round with half the input scale,
-    drawing its output noise again from its own stream."""
+    drawing its output noise again from its own stream. ``product``: a replacement of :func:`_product` that
+    gives its results to the bit on the inputs at hand (e.g. a diagonal input's)."""
+    product = product or _product
     r = w.shape[0]
     if nm is None:
         nm = AnalogMVM._compute_noise_management(input_=x, nm_type=io.noise_management, io_pars=io, axis=axis)
@@ -237,8 +241,8 @@ def _managed_product(x: torch.Tensor, w: torch.Tensor, io: Any, gens: Sequence[t
             scale = scale / reduction if not isinstance(scale, torch.Tensor) else scale.div_(reduction)
         scaling = isinstance(scale, torch.Tensor) or scale != 1.0
         every = len(active) == r
-        y = _product(_prepared(x if shared or every else x[active], scale, scaling, io), w if every else w[active],
-                     axis)
+        y = product(_prepared(x if shared or every else x[active], scale, scaling, io), w if every else w[active],
+                    axis)
         clipped = _finalize(y, io, [gens[i] for i in active], axis)
         done = [not c or not b_man or reduction > io.max_bm_factor
                 or (inp_res > 0.0 and reduction > io.max_bm_res / inp_res) for c in clipped]

@@ -61,6 +61,11 @@ def test_hessian_bench_json(tmp_path, resnet8_digits):
     # ResNet-8 is piecewise linear in every weight: exact Gauss-Newton blocks, one check HVP per layer
     assert rec["curvature"] == "gauss-newton" and rec["gauss_newton_mismatch"] < 1e-4
     assert rec["hvps_joint"] == n_layers
+    # the curvature pass at default settings: the loop takes every draw, the sequential rule at most as many
+    assert rec["eli_draws_loop"] == 128 and 16 <= rec["eli_draws_batched"] <= 128
+    assert all(16 <= e["draws_batched"] <= 128 for e in rec["pass_estimates"])
+    assert 0 < rec["eli_share_batched"] < 1 and rec["pass_batched_s"] > 0
+    assert len(rec["pass_estimates"]) == n_layers and rec["pass_max_z_eli"] < 4
     assert rec["hvps_per_layer"] == n_layers * (16 + 2)
     assert len(rec["joint_times"]) == len(rec["per_layer_times"]) == 2
     assert rec["joint_s"] == pytest.approx(np.median(rec["joint_times"]))

@@ -38,6 +38,12 @@ class BenchConfig:
     """hessian: noise samples for the ELI (both sides)."""
     max_samples: int = 512
     """hessian: calibration samples (one batch, both sides)."""
+    pyhessian: bool = True
+    """hessian: time the joint estimates against PyHessian one layer at a time (off: the curvature pass only)."""
+    curvature_pass: bool = True
+    """hessian: also time :func:`hilal.hessian.layer_metrics` at its default settings (on the preset, calibration
+    samples and seed) with the batched, sequential noise draws against the loop of every draw (untimed
+    agreement: z-scores of the ELI)."""
     t_inference: float = 86400.0
     """hessian/analog: inference time (s) of the noise samples and of the drift evaluation."""
     search_models: tuple[str, ...] = ("resnet8", "resnet20")

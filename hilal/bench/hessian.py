@@ -130,6 +130,36 @@ def hvp_costs(model: nn.Module, batch: Any, layers: Sequence[str], repeats: int 
             "output_hvp_cost_ratio": b / o}
 
 
+def curvature_pass(model: nn.Module, splits: Any, cfg: BenchConfig) -> dict[str, Any]:
+    """:func:`hilal.hessian.layer_metrics` at its default settings, noise draws batched and stopped by the
+    sequential rule (``batched``) against one aihwkit programming per draw, all of them (``loop``, the path
+    before both): each side's pass and ELI seconds, the ELI's share of the pass, its draws (the mean over
+    layers; per layer in ``pass_estimates``), and the ELI's agreement in units of the combined standard
+    error (the sides share their first draws, so these z-scores understate a disagreement)."""
+    from hilal.hessian import HessianConfig, layer_metrics  # local: the report loads hilal.bench without the kit
+
+    base = {"max_samples": cfg.max_samples, "t_inference": cfg.t_inference, "seed": cfg.seed}
+    sides = {"batched": HessianConfig(**base), "loop": HessianConfig(**base, noise_draws="loop", eli_rtol=0.0)}
+    out: dict[str, Any] = {}
+    tables = {}
+    for side, hc in sides.items():
+        t, df = _clock(lambda hc=hc: layer_metrics(model, splits, cfg.preset, hc, progress=False))
+        tables[side] = df
+        out.update({f"pass_{side}_s": t, f"eli_{side}_s": df.attrs["eli_s"],
+                    f"eli_share_{side}": df.attrs["eli_s"] / df.attrs["total_s"],
+                    f"eli_draws_{side}": float(np.mean(df.attrs["eli_draws"]))})
+    b, lp = tables["batched"], tables["loop"]
+    z = _z(b["eli"].to_numpy(), b["eli_se"].to_numpy(), lp["eli"].to_numpy(), lp["eli_se"].to_numpy())
+    out.update({"pass_speedup": out["pass_loop_s"] / out["pass_batched_s"], "pass_max_z_eli": float(z.max()),
+                "pass_median_z_eli": float(np.median(z)),
+                "pass_estimates": pd.DataFrame({"layer": b["layer"], "eli_batched": b["eli"],
+                                                "eli_batched_se": b["eli_se"], "eli_loop": lp["eli"],
+                                                "eli_loop_se": lp["eli_se"], "z": z,
+                                                "draws_batched": b.attrs["eli_draws"],
+                                                "draws_loop": lp.attrs["eli_draws"]}).to_dict(orient="records")})
+    return out
+
+
 def bench_hessian(cfg: BenchConfig, notes: list[str], progress: bool = True) -> Iterator[dict[str, Any]]:
     """One record per model: times (median over repeats) and HVP counts of both sides, the speed-up, and the
     agreement of the estimates (relative difference, and difference in units of the combined Monte-Carlo
@@ -148,6 +178,9 @@ def _hessian_one(name: str, splits: Any, cfg: BenchConfig, progress: bool) -> di
 
     model = _trained(name, splits, cfg.seed, cfg.device)
     layers = mappable_layers(model)
+    if not cfg.pyhessian:
+        return {"model": name, "dataset": cfg.dataset, "preset": cfg.preset, "layers": len(layers),
+                "samples": cfg.max_samples, **(curvature_pass(model, splits, cfg) if cfg.curvature_pass else {})}
     (batch,) = calibration_batches(splits, HessianConfig(max_samples=cfg.max_samples, batch_size=cfg.max_samples))
     batch = to_device(batch, torch.device(cfg.device))
     noise_s, noise = _clock(lambda: sample_weight_noise(model, layers, cfg.preset, cfg.t_inference,
@@ -167,6 +200,8 @@ def _hessian_one(name: str, splits: Any, cfg: BenchConfig, progress: bool) -> di
     joint, pl = first["joint"], first["per_layer"]
     joint_t, pl_t = times["joint"], times["per_layer"]
     costs = hvp_costs(model, batch, layers, max(cfg.repeats, 3))
+    if cfg.curvature_pass:
+        costs.update(curvature_pass(model, splits, cfg))
     rel_tr, rel_eli = _rel(joint["trace"], pl["trace"]), _rel(joint["eli"], pl["eli"])
     z_tr = _z(joint["trace"], joint["trace_se"], pl["trace"], pl["trace_se"])
     z_eli = _z(joint["eli"], joint["eli_se"], pl["eli"], pl["eli_se"])

@@ -25,7 +25,11 @@ def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
         cols = ["model", "layers", "curvature", "hvps_joint", "hvps_per_layer", "joint_s", "per_layer_s", "speedup",
                 "output_hvp_cost_ratio", "max_rel_diff", "max_z_trace", "max_z_eli", "se_ratio_trace", "se_ratio_eli",
                 "equal_error_speedup"]
-        return pd.DataFrame([r if "equal_error_speedup" in r else agreement(dict(r)) for r in records], columns=cols)
+        passes = ["pass_loop_s", "pass_batched_s", "pass_speedup", "eli_share_loop", "eli_share_batched",
+                  "eli_draws_loop", "eli_draws_batched", "pass_max_z_eli"]
+        cols += [c for c in passes if any(c in r for r in records)]
+        return pd.DataFrame([r if "equal_error_speedup" in r or "estimates" not in r else agreement(dict(r))
+                             for r in records], columns=cols)
     if kind == "analog":
         cols = ["model", "layers", "batch", "digital_s", "analog_s", "overhead", "digital_eval_s", "drift_eval_s",
                 "drift_eval_overhead"]

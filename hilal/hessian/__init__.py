@@ -34,9 +34,12 @@ One concern per module, each importing only from those listed before it (``a | b
 - ``strata``: :func:`gradient_strata`, :func:`strata_for`
 - ``operators``: :class:`HessianOperator` (weight space), :class:`OutputOperator` (output space)
 - ``gauss_newton``: exact :class:`GaussNewton` blocks and the check that decides where they apply
+- ``draws``: many weight-noise draws replayed at once, to the bit the per-draw aihwkit path
+  (:func:`batched_weight_noise`, :func:`draws_unsupported`)
 - ``noise``: aihwkit weight and output noise (:func:`weight_noise_stream`, :func:`output_error_stream`),
   fixed-input analog forwards and their unfold cache
 - ``estimators``: traces, top eigenvalues, the ELI in weight and output space, :func:`probe_counts`
+- ``sequential``: the ELI's first-order draws in blocks until every layer's estimate is settled
 - ``metrics``: the table, :func:`layer_metrics`
 
 Import from ``hilal.hessian``; to replace a function in a test, patch it in the module that calls it (e.g.
@@ -50,6 +53,7 @@ from hilal.hessian.config import (
     COLUMNS,
     GAUSS_NEWTON,
     MODES,
+    NOISE_DRAWS,
     NOISE_SPACES,
     HessianConfig,
     _apply,
@@ -59,6 +63,7 @@ from hilal.hessian.config import (
     _se,
     calibration_batches,
 )
+from hilal.hessian.draws import batched_weight_noise, draws_unsupported
 from hilal.hessian.estimators import (
     STRATUM_EXPONENT,
     STRATUM_FLOOR,
@@ -91,10 +96,12 @@ from hilal.hessian.strata import MIN_STRATUM_PROBES, MIN_STRATUM_SAMPLES, gradie
 
 __all__ = [
     "COLUMNS", "DEFAULT_GRAPH_BYTES", "GAUSS_NEWTON", "MIN_STRATUM_PROBES", "MIN_STRATUM_SAMPLES", "MODES",
-    "NOISE_SPACES", "STRATUM_EXPONENT", "STRATUM_FLOOR", "AnalogOutputErrors", "GaussNewton", "GraphBudget",
+    "NOISE_DRAWS", "NOISE_SPACES", "STRATUM_EXPONENT", "STRATUM_FLOOR", "AnalogOutputErrors", "GaussNewton",
+    "GraphBudget",
     "HessianConfig", "HessianOperator", "OutputOperator", "OutputState", "SecondOrderRules", "WeightOutputErrors",
     "_analog_weight", "_apply", "_batch_size_of", "_check_finite", "_dot", "_hooked", "_hvp_graph", "_nonfinite",
-    "_rademacher", "_rank_one_probe", "_se", "calibration_batches", "expected_loss_increase", "fixed_input_forward",
+    "_rademacher", "_rank_one_probe", "_se", "batched_weight_noise", "calibration_batches",
+    "draws_unsupported", "expected_loss_increase", "fixed_input_forward",
     "gauss_newton", "gradient_strata", "hutchinson_traces", "layer_metrics", "output_error_stream",
     "output_loss_increase", "output_traces", "probe_counts", "sample_weight_noise", "strata_for", "top_eigenvalues",
     "try_gauss_newton", "unfolded_bytes", "weight_noise_stream", "weight_output_errors",

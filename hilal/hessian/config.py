@@ -22,6 +22,7 @@ from hilal.registry import HilalError, check_choice
 MODES = ("joint", "per_layer")
 GAUSS_NEWTON = ("auto", "off")
 NOISE_SPACES = ("weight", "output")
+NOISE_DRAWS = ("batched", "loop")
 COLUMNS = ["layer", "params", "macs", "trace", "trace_se", "lambda_max", "concentration", "eli", "eli_first",
            "eli_second", "eli_se"]
 
@@ -43,6 +44,15 @@ class HessianConfig:
     first_order_samples: int = 128
     """Noise samples for the first-order ELI term g . dw (no HVP, only a programming each; its Monte-Carlo
     error dominates otherwise). The larger of this and ``eli_samples`` is drawn."""
+    eli_rtol: float = 0.1
+    """Sequential rule for the first-order draws (weight noise, ``joint`` mode): after the quadratic draws (at
+    least ``eli_block``), each layer whose ELI standard error exceeds ``eli_rtol`` times the larger of |ELI| and
+    its gap to the nearest other layer's ELI gets ``eli_block`` more, from a stream of its own
+    (:func:`hilal.hessian.draws.layer_noise`), until it does not; the larger of ``first_order_samples`` and
+    ``eli_samples`` stays the upper bound. 0 takes them all from the loop's stream (the estimates before the
+    rule, to the bit)."""
+    eli_block: int = 16
+    """Draws per step of the sequential rule (``eli_rtol``)."""
     t_inference: float = 86400.0
     """Inference time in seconds after programming at which the weight noise is sampled."""
     max_samples: int = 512
@@ -78,6 +88,10 @@ class HessianConfig:
     ``off``: always HVPs."""
     seed: int = 0
     """Seed of the probes, power-iteration starts and noise samples."""
+    noise_draws: str = "batched"
+    """How the weight-noise draws are taken from aihwkit: ``batched`` replays groups of programmings at once
+    (:func:`hilal.hessian.draws.batched_weight_noise`), ``loop`` programs the converted model once per draw
+    (the reference); the same draws to the bit."""
 
     def __post_init__(self) -> None:
         for name, low in (("probes", 1), ("power_iters", 1), ("eli_samples", 0), ("first_order_samples", 0),

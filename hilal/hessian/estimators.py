@@ -273,8 +273,8 @@ class _ListErrors:
 
 def output_loss_increase(op: OutputOperator | GaussNewton,
                          errors: AnalogOutputErrors | WeightOutputErrors | Iterable[Sequence[Sequence[torch.Tensor]]],
-                         mode: str = "joint", seed: int = 0, quadratic_samples: int | None = None
-                         ) -> dict[str, np.ndarray]:
+                         mode: str = "joint", seed: int = 0, quadratic_samples: int | None = None,
+                         return_samples: bool = False) -> dict[str, np.ndarray]:
     """ELI_l = E[g_l . e_l] + 1/2 E[e_l^T H_l e_l] in output space, summed over batches with their weights;
     the same estimators as :func:`expected_loss_increase`, except that the joint pass draws its random
     signs per sample and layer, not per layer: samples do not interact in the loss (the model is in eval
@@ -286,7 +286,10 @@ def output_loss_increase(op: OutputOperator | GaussNewton,
     ``errors``: a :func:`output_error_stream` or :func:`weight_output_errors` source, or the draws given as
     draws x batches x layers. Pieces of samples outermost: one pass over the data per group of draws the
     source holds (one for analog errors; weight draws by their ``hold_bytes``), with the signs drawn in the
-    order draws, batches, layers and redrawn per piece from the generator state recorded for them."""
+    order draws, batches, layers and redrawn per piece from the generator state recorded for them.
+    ``return_samples``: the per-draw terms instead, ``first`` (draws x layers) and ``quadratic`` (the
+    quadratic draws x layers, halved), possibly without a quadratic draw; a layer a draw left out (``None``
+    errors, first-order draws only) has NaN there."""
     check_choice("mode", mode, MODES)
     source = errors if isinstance(errors, (AnalogOutputErrors, WeightOutputErrors)) else _ListErrors(op, errors)
     exact = isinstance(op, GaussNewton)
@@ -309,7 +312,8 @@ def output_loss_increase(op: OutputOperator | GaussNewton,
             st = op.state(c)
             w, fr = op.batch_weights[b], op.frac[c]
             for s, err in source.chunk_errors(c, st, group):
-                f[s] += w * (fr * np.array([_dot(gi.detach(), ei) for gi, ei in zip(st.grads, err, strict=True)]))
+                f[s] += w * (fr * np.array([np.nan if ei is None else _dot(gi.detach(), ei)
+                                            for gi, ei in zip(st.grads, err, strict=True)]))
                 if s not in q:
                     continue
                 if exact:
@@ -327,6 +331,8 @@ def output_loss_increase(op: OutputOperator | GaussNewton,
             st = err = v = hv = None  # the next piece is built without this one
         first.extend(f[s] for s in group)
         quad.extend(q[s] for s in todo)
+    if return_samples:
+        return {"first": np.asarray(first).reshape(-1, n), "quadratic": 0.5 * np.asarray(quad).reshape(-1, n)}
     if not quad:
         raise HilalError("the expected loss increase needs at least one noise sample")
     f, q = np.asarray(first), 0.5 * np.asarray(quad)

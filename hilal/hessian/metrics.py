@@ -4,6 +4,7 @@ within one graph budget, and every estimator run once, with HVP counts, graph bu
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -14,19 +15,21 @@ import pandas as pd
 from torch import nn
 from tqdm.auto import tqdm
 
-from hilal.analog import ANALOG_TYPES, check_layers, count_macs, mappable_layers
+from hilal.analog import ANALOG_TYPES, check_layers, count_macs, mappable_layers, to_analog
 from hilal.data import LossFn, Splits
 from hilal.device import model_device, to_device
 from hilal.hessian.config import (
     COLUMNS,
     GAUSS_NEWTON,
     MODES,
+    NOISE_DRAWS,
     NOISE_SPACES,
     HessianConfig,
     _batch_size_of,
     _truncate,
     calibration_batches,
 )
+from hilal.hessian.draws import draws_unsupported, layer_noise
 from hilal.hessian.estimators import (
     expected_loss_increase,
     hutchinson_traces,
@@ -44,8 +47,9 @@ from hilal.hessian.noise import (
     weight_output_errors,
 )
 from hilal.hessian.operators import HessianOperator, OutputOperator
+from hilal.hessian.sequential import sequential_loss_increase
 from hilal.hessian.strata import _check_strata, strata_for
-from hilal.registry import HilalError, check_choice
+from hilal.registry import HilalError, check_choice, is_count
 
 
 def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any = "pcm",
@@ -75,7 +79,12 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
     check_choice("mode", cfg.mode, MODES)
     check_choice("noise", cfg.noise, NOISE_SPACES)
     check_choice("gauss_newton", cfg.gauss_newton, GAUSS_NEWTON)
+    check_choice("noise_draws", cfg.noise_draws, NOISE_DRAWS)
     _check_strata(cfg.strata)
+    if not (isinstance(cfg.eli_rtol, (int, float)) and math.isfinite(cfg.eli_rtol) and cfg.eli_rtol >= 0):
+        raise HilalError(f"eli_rtol must be a finite number >= 0, got {cfg.eli_rtol!r}")
+    if not is_count(cfg.eli_block):
+        raise HilalError(f"eli_block must be a whole number >= 1, got {cfg.eli_block!r}")
     budget = GraphBudget(cfg.graph_bytes)
     all_layers = mappable_layers(model)
     if not all_layers:
@@ -139,20 +148,34 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
         bar.update()
         t0 = time.perf_counter()
         draws = max(cfg.first_order_samples, cfg.eli_samples)
+        eli_draws = np.full(len(layers), draws)
         if draws == 0 or cfg.eli_samples == 0:  # curvature only
             eli = {k: np.full(len(layers), np.nan) for k in ("eli", "eli_first", "eli_second", "eli_se")}
+            eli_draws = np.zeros(len(layers), int)
         elif out_op is not None or cfg.noise == "output":
             op.release()  # no more weight-space products
             if out_op is None:
                 out_op = OutputOperator(model, batches, layers, graph_bytes=budget, loss_fn=loss_fn)
             if cfg.noise == "output":
                 errors = output_error_stream(model, out_op, preset, cfg.t_inference, draws, cfg.seed)
+                eli = output_loss_increase(out_op, errors, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples)
             else:
-                errors = weight_output_errors(
-                    out_op, weight_noise_stream(model, layers, preset, cfg.t_inference, draws, cfg.seed))
-            eli = output_loss_increase(out_op, errors, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples)
+                analog = to_analog(model, layers, preset)
+                own = cfg.noise_draws == "batched" and draws_unsupported(analog, layers) is None
+
+                def weight_errors(start: int, count: int, op: Any = out_op) -> Any:
+                    return weight_output_errors(op, weight_noise_stream(
+                        model, layers, preset, cfg.t_inference, count, cfg.seed, cfg.noise_draws, start))
+
+                def layer_draws(start: int, count: int, only: list[int]) -> Any:
+                    return layer_noise(model, layers, [layers[i] for i in only], preset, cfg.t_inference, count,
+                                       cfg.seed, start, analog=analog)
+
+                eli, eli_draws = sequential_loss_increase(out_op, weight_errors, draws, cfg.eli_samples, cfg.mode,
+                                                          cfg.seed, cfg.eli_rtol, cfg.eli_block,
+                                                          layer_draws if own else None)
         else:  # per_layer mode, weight noise
-            noise = weight_noise_stream(model, layers, preset, cfg.t_inference, draws, cfg.seed)
+            noise = weight_noise_stream(model, layers, preset, cfg.t_inference, draws, cfg.seed, cfg.noise_draws)
             eli = expected_loss_increase(op, noise, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples)
         hv_eli = hvps() - hv_trace - hv_eig
         timings["eli_s"] = time.perf_counter() - t0
@@ -185,5 +208,6 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
                      "gauss_newton_mismatch": check, "strata": used_strata, "samples": samples,
                      "graph_builds": builds_w + builds_o, "graph_builds_weight": builds_w,
                      "graph_builds_output": builds_o, "graph_bytes": cfg.graph_bytes,
-                     "graph_bytes_kept": budget.peak, **timings, "total_s": sum(timings.values())})
+                     "graph_bytes_kept": budget.peak, "eli_draws": [int(d) for d in eli_draws], **timings,
+                     "total_s": sum(timings.values())})
     return df

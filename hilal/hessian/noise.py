@@ -17,10 +17,11 @@ from hilal.device import model_device, rng_state, set_rng_state
 from hilal.hessian.config import (
     _apply,
 )
+from hilal.hessian.draws import DRAW_MODES, batched_weight_noise, draws_unsupported
 from hilal.hessian.gauss_newton import GaussNewton
 from hilal.hessian.graphs import held_groups
 from hilal.hessian.operators import OutputOperator, OutputState
-from hilal.registry import HilalError
+from hilal.registry import HilalError, check_choice
 
 
 def _analog_weight(layer: nn.Module) -> torch.Tensor:
@@ -47,33 +48,46 @@ def _analog_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def weight_noise_stream(model: nn.Module, layers: Sequence[str], preset: Any = "pcm",
-                        t_inference: float = 86400.0, samples: int = 16, seed: int = 0) -> Iterator[list[torch.Tensor]]:
+                        t_inference: float = 86400.0, samples: int = 16, seed: int = 0,
+                        draws: str = "batched", start: int = 0) -> Iterator[list[torch.Tensor]]:
     """Draws of dw_l = (effective analog weight at ``t_inference``) - (digital weight) for every named layer,
     sampled through aihwkit: the layers are converted once with the preset, and each draw is a seeded
     ``program_analog_weights`` + ``drift_analog_weights`` (programming noise, drift, read noise and the
     drift compensation measured with the preset's IO). Yields one list per draw, tensors shaped like the
-    digital weights, on the model's device and dtype."""
+    digital weights, on the model's device and dtype. ``draws="batched"`` replays groups of draws at once
+    (:func:`hilal.hessian.draws.batched_weight_noise`, the same numbers), ``"loop"`` programs one at a time.
+    ``start``: the number of the first draw (draws ``start`` to ``start + samples - 1`` of the seed's stream)."""
     from hilal.evaluate import inference_state, program_repetition
 
+    check_choice("draws", draws, DRAW_MODES)
     layers = check_layers(model, layers)
     analog = to_analog(model, layers, preset)
+    if draws == "batched" and draws_unsupported(analog, layers) is None:
+        yield from batched_weight_noise(model, layers, preset, t_inference, samples, seed, analog=analog,
+                                        start=start)
+        return
     mods, amods = dict(model.named_modules()), dict(analog.named_modules())
     ref = [mods[n].weight.detach() for n in layers]
     with inference_state(analog):
-        for s in range(samples):
+        for s in range(start, start + samples):
             program_repetition(analog, t_inference, seed, s)
             yield [_analog_weight(amods[n]).to(device=r.device, dtype=r.dtype).reshape(r.shape) - r
                    for n, r in zip(layers, ref, strict=True)]
 
 
 def sample_weight_noise(model: nn.Module, layers: Sequence[str], preset: Any = "pcm",
-                        t_inference: float = 86400.0, samples: int = 16, seed: int = 0) -> list[list[torch.Tensor]]:
+                        t_inference: float = 86400.0, samples: int = 16, seed: int = 0,
+                        draws: str = "batched") -> list[list[torch.Tensor]]:
     """``samples`` draws of :func:`weight_noise_stream` as a list (samples x layers)."""
-    return list(weight_noise_stream(model, layers, preset, t_inference, samples, seed))
+    return list(weight_noise_stream(model, layers, preset, t_inference, samples, seed, draws))
 
 
-def _draw_bytes(draw: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in draw)
+def _draw_bytes(draw: Sequence[torch.Tensor | None]) -> int:
+    return sum(t.numel() * t.element_size() for t in draw if t is not None)
+
+
+def _error(m: nn.Module, x: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor | None:
+    return None if d is None else _apply(m, x, d.to(x))
 
 
 class WeightOutputErrors:
@@ -81,7 +95,8 @@ class WeightOutputErrors:
     weight-shaped), a source of errors for :func:`output_loss_increase`: the weight-space ELI in output space,
     whose joint pass draws its signs per sample (the quadratic terms are equal: H_ll = X_l^T H_{z_l} X_l).
     The draws are read once, held in groups of at most ``hold_bytes``, and applied to each piece of
-    calibration samples in turn. Iterating it instead yields every draw's errors as (batches x layers)."""
+    calibration samples in turn. Iterating it instead yields every draw's errors as (batches x layers). A draw
+    may leave layers out (``None``, as :func:`hilal.hessian.draws.layer_noise` does): their errors are ``None``."""
 
     def __init__(self, op: OutputOperator | GaussNewton, noise: Iterable[Sequence[torch.Tensor]],
                  hold_bytes: float = 2**30) -> None:
@@ -102,13 +117,12 @@ class WeightOutputErrors:
         """(draw, errors of piece ``c``'s samples per layer) for every draw of ``group``."""
         with torch.no_grad():
             for s in group:
-                yield s, [_apply(m, x, d.to(x)) for m, x, d in zip(self.op.modules, st.inputs, self.held[s],
-                                                                     strict=True)]
+                yield s, [_error(m, x, d) for m, x, d in zip(self.op.modules, st.inputs, self.held[s], strict=True)]
 
     def __iter__(self) -> Iterator[list[list[torch.Tensor]]]:
         for dw in self.noise:
             with torch.no_grad():
-                yield [[_apply(m, x, d.to(x)) for m, x, d in zip(self.op.modules, xs, dw, strict=True)]
+                yield [[_error(m, x, d) for m, x, d in zip(self.op.modules, xs, dw, strict=True)]
                        for xs in self.op.inputs]
 
 
