@@ -236,16 +236,17 @@ def mapping_counts(nb: str, method: str, model: str, dataset: str, layers: int, 
     steps = int(p["FINETUNE_STEPS"]) if int(p["FINETUNE_STEPS"]) > 0 else _steps_per_pass(dataset, 64)
     stages = {"lionheart": layers, "random": layers, "hilal-paper": layers, "all-analog-ft": 1,
               "hilal": HILAL_STAGES}.get(method, 0)
-    screens = HILAL_STAGES * math.ceil(math.log2(layers + 1)) if method == "hilal" else 0
+    log = math.ceil(math.log2(layers + 1))  # a bisection's screens over a frontier or order of about ``layers``
+    screens = {"hilal": HILAL_STAGES * log, "hilal-zeroshot": 2 * log, "max-norm": log}.get(method, 0)
     final = 2 if method == "hilal-paper" else 1  # the paper variant adds an evaluation without drift
     rows = [_row(nb, model, dataset, f"map {method}", ft_steps=stages * rounds * steps),
             _evals(nb, model, dataset, (stages * rounds + screens) * reps, "calib", f"map {method}: in-loop"),
             _evals(nb, model, dataset, final * reps if method != "all-digital" else 0, "test",
                    f"map {method}: final")]
-    if method == "hilal":
+    if method in ("hilal", "hilal-zeroshot"):
         h = {**MAPPING_HESSIAN, **dict(p.get("HESSIAN") or {})}
         rows.append(_curvature(nb, model, dataset, h["probes"], h["power_iters"], h["eli_samples"],
-                               min(h["max_samples"], SPLIT_SIZES[dataset]["calib"]), "map hilal: curvature"))
+                               min(h["max_samples"], SPLIT_SIZES[dataset]["calib"]), f"map {method}: curvature"))
     return rows
 
 
