@@ -307,6 +307,12 @@ def profile_counts(profile: str | Path = "paper", layers: Callable[[str, str], i
             rows += [_row(nb, m, d, "frontier: retraining", ft_steps=sets * rounds * steps),
                      _evals(nb, m, d, sets * rounds * int(p["REPS"]), "calib", "frontier: in-loop"),
                      _evals(nb, m, d, sets * int(p["REPS"]), "test", "frontier: judged")]
+        elif nb == "13":  # per model: all-digital, all-analog and hilal-paper once per ablation (and COMPARE)
+            for i, m in enumerate(p["MODELS"]):
+                train(nb, m, p["DATASET"], p["EPOCHS"])
+                runs = len(p["ABLATIONS"]) + int(bool(p["COMPARE"]) and i == 0 and bool(p["ABLATIONS"]))
+                for method in ["all-digital", "all-analog"] + ["hilal-paper"] * runs:
+                    rows += mapping_counts(nb, method, m, p["DATASET"], layers(m, p["DATASET"]), p)
         elif nb == "08":
             from hilal.mapping import MAPPING_HESSIAN
 

@@ -33,6 +33,7 @@ FIGURES = {
     "09": ["09_layer_profile", "09_mapping_overview", "09_mapping_layers"],
     "10": ["10_energy_frontier"],
     "11": ["11_sweep_seeds"],
+    "13": ["13_ablations"],
 }
 MAX_LINES = 30
 OWN_MODEL = {"09"}
@@ -318,6 +319,21 @@ def test_10_energy_frontier_numbers(smoke):
         assert p["energy_uj"] < lh["energy_uj"] and p["accuracy_drop"] <= lh["accuracy_drop"] + 1e-12
     if s["chosen"] is not None:
         assert s["chosen"]["analog_tiles"] <= s["max_tiles"]
+@pytest.mark.slow
+def test_13_ablations_numbers(smoke):
+    """The chart's baselines are what they say; the kit's guard keeps ``hilal-paper`` nearer the tolerance than
+    the paper-faithful variant, which keeps every robust layer it tries (as many analog, or more)."""
+    s = summary(smoke, "13")
+    m = s["models"]["resnet8"]
+    assert m["full digital"]["analog_mac_share"] == 0 and abs(m["full digital"]["drop"]) < 1e-9
+    assert m["full analog"]["analog_mac_share"] == pytest.approx(1.0) and m["full analog"]["drop"] > 0.05
+    assert s["variant"] == "kit" and set(s["tried"]["resnet8"]) <= set(m)
+    g = s["guard"]
+    kit, faithful = g["eli-r (kit)"], g["eli-r (paper-faithful)"]
+    assert faithful["kept"] == s["tried"]["resnet8"]["eli-r"] >= kit["kept"]
+    assert faithful["analog_mac_share"] >= kit["analog_mac_share"] and kit["drop"] <= faithful["drop"]
+
+
 def test_11_sweeps_numbers(smoke):
     """The notebook's numbers are those of the sweep table it read (the committed smoke sweep), recomputed."""
     from hilal.sweep import criteria, read_table
