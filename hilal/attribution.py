@@ -8,7 +8,6 @@ noise, drift, read noise, DAC and ADC resolution, output noise, I/O clipping) sw
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,16 @@ from tqdm.auto import tqdm
 from hilal.analog import check_layers, get_preset, mappable_layers, to_analog
 from hilal.data import Splits
 from hilal.evaluate import _loss_and_accuracy, per_repetition
-from hilal.hessian import HessianConfig, layer_metrics
+from hilal.hessian import (
+    HessianConfig,
+    HessianOperator,
+    OutputOperator,
+    calibration_batches,
+    expected_loss_increase,
+    output_error_stream,
+    output_loss_increase,
+    weight_noise_stream,
+)
 from hilal.registry import HilalError
 
 WEIGHT_SOURCES = ("programming", "drift", "read")
@@ -139,26 +147,32 @@ def dominant_sources(table: pd.DataFrame, by: str = "accuracy_drop") -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def eli_capture(model: nn.Module, splits: Splits, preset: str, table: pd.DataFrame,
-                cfg: HessianConfig | None = None, sources: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per (source, time) of ``table``'s all-analog rows: the summed per-layer ELI in weight space and in output
-    space under that source alone, next to the measured loss increase, and their ratios (what share of the
-    measured loss each predicts). Weight space cannot see the periphery's sources; that is what this shows."""
-    cfg = cfg or HessianConfig(probes=4, power_iters=4, eli_samples=16, first_order_samples=16)
+def eli_capture(model: nn.Module, splits: Splits, preset: str, table: pd.DataFrame, samples: int = 16,
+                max_samples: int = 360, sources: Sequence[str] | None = None, seed: int = 0) -> pd.DataFrame:
+    """Per (source, time) of ``table``'s all-analog ``alone`` rows: the ELI summed over layers in weight space
+    and in output space under that source alone (``samples`` aihwkit draws, joint estimator, on the first
+    ``max_samples`` calibration samples), next to the measured loss increase, and their ratios (the share of
+    the measured loss each predicts). The weight-space ELI of a periphery source is 0 by construction (it
+    changes no weight) and is not computed."""
     t = table[table["scope"] == "all-analog"]
     t = t[t["mode"] == "alone"] if "mode" in t else t
     sources = check_sources(sources or [s for s in dict.fromkeys(t["source"]) if s != "none"])
+    layers = mappable_layers(model)
+    batches = calibration_batches(splits, HessianConfig(max_samples=max_samples))
+    wop, oop = HessianOperator(model.eval(), batches, layers), OutputOperator(model, batches, layers)
     rows: list[dict[str, Any]] = []
     for source in sources:
+        cfg = source_config(preset, source)
         for time in sorted(set(t.loc[t["source"] == source, "t_inference"])):
             measured = float(t[(t["source"] == source) & (t["t_inference"] == time)]["loss_increase"].iloc[0])
-            row = {"source": source, "t_inference": time, "measured": measured}
-            for space in ("weight", "output"):
-                h = replace(cfg, noise=space, t_inference=time)
-                df = layer_metrics(model, splits, source_config(preset, source), h, progress=False)
-                row[f"eli_{space}"] = float(df["eli"].sum())
-                row[f"captured_{space}"] = row[f"eli_{space}"] / measured if measured > 0 else float("nan")
-            rows.append(row)
+            w = 0.0 if source in IO_SOURCES else float(expected_loss_increase(
+                wop, weight_noise_stream(model, layers, cfg, time, samples, seed), "joint", seed=seed)["eli"].sum())
+            o = float(output_loss_increase(oop, output_error_stream(model, oop, cfg, time, samples, seed), "joint",
+                                           seed=seed)["eli"].sum())
+            nan = float("nan")
+            rows.append({"source": source, "t_inference": time, "measured": measured, "eli_weight": w,
+                         "eli_output": o, "captured_weight": w / measured if measured > 0 else nan,
+                         "captured_output": o / measured if measured > 0 else nan})
     return pd.DataFrame(rows)
 
 

@@ -307,6 +307,17 @@ def profile_counts(profile: str | Path = "paper", layers: Callable[[str, str], i
             rows += [_row(nb, m, d, "frontier: retraining", ft_steps=sets * rounds * steps),
                      _evals(nb, m, d, sets * rounds * int(p["REPS"]), "calib", "frontier: in-loop"),
                      _evals(nb, m, d, sets * int(p["REPS"]), "test", "frontier: judged")]
+        elif nb == "12":  # every source alone and removed, all-analog; per layer at one time; the ELI comparison
+            d, n = p["DATASET"], len(p["TIMES"])
+            for i, m in enumerate(p["MODELS"]):
+                train(nb, m, d, p["EPOCHS"])
+                rows.append(_evals(nb, m, d, 16 * n * p["REPS"], p["SPLIT"], "attribution: all-analog"))
+                if i == 0:
+                    if p["PER_LAYER"]:
+                        rows.append(_evals(nb, m, d, 8 * layers(m, d) * p["LAYER_REPS"], p["SPLIT"],
+                                           "attribution: per layer"))
+                    rows.append(_curvature(nb, m, d, 0, 0, 2 * len(p["CAPTURE_SOURCES"]) * p["ELI_SAMPLES"],
+                                           min(p["MAX_SAMPLES"], SPLIT_SIZES[d]["calib"]), "attribution: ELI"))
         elif nb == "13":  # per model: all-digital, all-analog and hilal-paper once per ablation (and COMPARE)
             for i, m in enumerate(p["MODELS"]):
                 train(nb, m, p["DATASET"], p["EPOCHS"])

@@ -33,6 +33,7 @@ FIGURES = {
     "09": ["09_layer_profile", "09_mapping_overview", "09_mapping_layers"],
     "10": ["10_energy_frontier"],
     "11": ["11_sweep_seeds"],
+    "12": ["12_noise_attribution", "12_drift_compensation", "12_layer_attribution"],
     "13": ["13_ablations"],
 }
 MAX_LINES = 30
@@ -319,6 +320,24 @@ def test_10_energy_frontier_numbers(smoke):
         assert p["energy_uj"] < lh["energy_uj"] and p["accuracy_drop"] <= lh["accuracy_drop"] + 1e-12
     if s["chosen"] is not None:
         assert s["chosen"]["analog_tiles"] <= s["max_tiles"]
+@pytest.mark.slow
+def test_12_noise_attribution_numbers(smoke):
+    """Each source alone costs less than the whole preset; the dominant sources named are sources; the output-space
+    ELI sees output noise, which the weight-space one cannot; with exact converters the drift-compensation factor
+    is the same for every layer, through the preset's periphery it is not."""
+    s = summary(smoke, "12")
+    sources = {"programming", "drift", "read", "dac", "adc", "output", "clipping"}
+    for by_time in s["dominant"].values():
+        for d in by_time.values():
+            assert d["alone"] in sources and d["removed"] in sources
+            assert d["share_alone"] < 1 and d["all_drop"] > 0
+    cap = s["capture"]
+    assert cap["output"]["eli_weight"] == 0 and cap["output"]["eli_output"] > 0
+    comp = pd.read_csv(smoke["figures"] / "12_drift_compensation.csv")
+    spread = comp.groupby("setting")["alpha"].std()
+    assert spread["drift"] < 0.05 and spread["all"] > spread["drift"]
+
+
 @pytest.mark.slow
 def test_13_ablations_numbers(smoke):
     """The chart's baselines are what they say; the kit's guard keeps ``hilal-paper`` nearer the tolerance than
