@@ -282,6 +282,15 @@ def profile_counts(profile: str | Path = "paper", layers: Callable[[str, str], i
                                        min(p["MAX_SAMPLES"], SPLIT_SIZES[d]["calib"]), "curvature"))
             if nb == "03":
                 rows.append(_evals(nb, m, d, layers(m, d) * p["SENS_REPS"], "calib", "single-layer sensitivity"))
+                for vm in p["VALIDITY_MODELS"]:  # section 5: every model and preset but the one above
+                    train(nb, vm, d, p["EPOCHS"])
+                    for preset in p["VALIDITY_PRESETS"]:
+                        if (vm, preset) != (m, p["PRESET"]):
+                            n = min(p["MAX_SAMPLES"], SPLIT_SIZES[d]["calib"])
+                            rows.append(_curvature(nb, vm, d, p["PROBES"], p["POWER_ITERS"], p["ELI_SAMPLES"], n,
+                                                   "validity: curvature"))
+                            rows.append(_evals(nb, vm, d, layers(vm, d) * p["VALIDITY_REPS"], "calib",
+                                               "validity: single-layer sensitivity"))
         elif nb in ("05", "06", "07"):
             m, d = p["MODEL"], p["DATASET"]
             train(nb, m, d, p["EPOCHS"])

@@ -24,7 +24,7 @@ FIGURES = {
     "00": ["00_quickstart_drift"],
     "01": ["01_digital_baselines"],
     "02": ["02_analog_drift"],
-    "03": ["03_layer_profile", "03_metric_vs_measured"],
+    "03": ["03_layer_profile", "03_metric_vs_measured", "03_validity"],
     "04": ["04_clusters"],
     "05": ["05_mapping_overview", "05_mapping_layers", "05_mapping_recheck"],
     "06": ["06_runtime"],
@@ -198,6 +198,10 @@ def test_03_eli_ranks_the_layers_best(smoke):
     assert s["layers"] == 10
     assert rho["eli"] > 0.6
     assert rho["eli"] >= max(rho["trace"], rho["lambda_max"]) - 0.05
+    # the validity section: the model and preset of sections 1-2, its ceiling the root of their split-half
+    assert s["validity"]["resnet8/pcm_harsh"] == pytest.approx(rho)
+    assert s["ceiling"]["resnet8"]["pcm_harsh"] == pytest.approx(math.sqrt(max(s["split_half"], 0)))
+    assert rho["eli"] <= s["ceiling"]["resnet8"]["pcm_harsh"] + 0.25
 
 
 @pytest.mark.slow
