@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("map", help="allocate layers to analog tiles with one method")
     _common(m)
     m.add_argument("--method", required=True,
-                   help="hilal, hilal-paper, lionheart, random, all-analog, all-analog-ft, all-digital")
+                   help="hilal, hilal-paper, hilal-zeroshot, max-norm, lionheart, random, all-analog, all-analog-ft, "
+                        "all-digital")
     m.add_argument("--reps", type=int, default=10)
     m.add_argument("--drop-threshold", type=float, default=0.02, help="tolerated accuracy drop (fraction)")
     m.add_argument("--patience", type=int, default=2)

@@ -236,16 +236,17 @@ def mapping_counts(nb: str, method: str, model: str, dataset: str, layers: int, 
     steps = int(p["FINETUNE_STEPS"]) if int(p["FINETUNE_STEPS"]) > 0 else _steps_per_pass(dataset, 64)
     stages = {"lionheart": layers, "random": layers, "hilal-paper": layers, "all-analog-ft": 1,
               "hilal": HILAL_STAGES}.get(method, 0)
-    screens = HILAL_STAGES * math.ceil(math.log2(layers + 1)) if method == "hilal" else 0
+    log = math.ceil(math.log2(layers + 1))  # a bisection's screens over a frontier or order of about ``layers``
+    screens = {"hilal": HILAL_STAGES * log, "hilal-zeroshot": 2 * log, "max-norm": log}.get(method, 0)
     final = 2 if method == "hilal-paper" else 1  # the paper variant adds an evaluation without drift
     rows = [_row(nb, model, dataset, f"map {method}", ft_steps=stages * rounds * steps),
             _evals(nb, model, dataset, (stages * rounds + screens) * reps, "calib", f"map {method}: in-loop"),
             _evals(nb, model, dataset, final * reps if method != "all-digital" else 0, "test",
                    f"map {method}: final")]
-    if method == "hilal":
+    if method in ("hilal", "hilal-zeroshot"):
         h = {**MAPPING_HESSIAN, **dict(p.get("HESSIAN") or {})}
         rows.append(_curvature(nb, model, dataset, h["probes"], h["power_iters"], h["eli_samples"],
-                               min(h["max_samples"], SPLIT_SIZES[dataset]["calib"]), "map hilal: curvature"))
+                               min(h["max_samples"], SPLIT_SIZES[dataset]["calib"]), f"map {method}: curvature"))
     return rows
 
 
@@ -281,6 +282,15 @@ def profile_counts(profile: str | Path = "paper", layers: Callable[[str, str], i
                                        min(p["MAX_SAMPLES"], SPLIT_SIZES[d]["calib"]), "curvature"))
             if nb == "03":
                 rows.append(_evals(nb, m, d, layers(m, d) * p["SENS_REPS"], "calib", "single-layer sensitivity"))
+                for vm in p["VALIDITY_MODELS"]:  # section 5: every model and preset but the one above
+                    train(nb, vm, d, p["EPOCHS"])
+                    for preset in p["VALIDITY_PRESETS"]:
+                        if (vm, preset) != (m, p["PRESET"]):
+                            n = min(p["MAX_SAMPLES"], SPLIT_SIZES[d]["calib"])
+                            rows.append(_curvature(nb, vm, d, p["PROBES"], p["POWER_ITERS"], p["ELI_SAMPLES"], n,
+                                                   "validity: curvature"))
+                            rows.append(_evals(nb, vm, d, layers(vm, d) * p["VALIDITY_REPS"], "calib",
+                                               "validity: single-layer sensitivity"))
         elif nb in ("05", "06", "07"):
             m, d = p["MODEL"], p["DATASET"]
             train(nb, m, d, p["EPOCHS"])
@@ -306,6 +316,23 @@ def profile_counts(profile: str | Path = "paper", layers: Callable[[str, str], i
             rows += [_row(nb, m, d, "frontier: retraining", ft_steps=sets * rounds * steps),
                      _evals(nb, m, d, sets * rounds * int(p["REPS"]), "calib", "frontier: in-loop"),
                      _evals(nb, m, d, sets * int(p["REPS"]), "test", "frontier: judged")]
+        elif nb == "12":  # every source alone and removed, all-analog; per layer at one time; the ELI comparison
+            d, n = p["DATASET"], len(p["TIMES"])
+            for i, m in enumerate(p["MODELS"]):
+                train(nb, m, d, p["EPOCHS"])
+                rows.append(_evals(nb, m, d, 16 * n * p["REPS"], p["SPLIT"], "attribution: all-analog"))
+                if i == 0:
+                    if p["PER_LAYER"]:
+                        rows.append(_evals(nb, m, d, 8 * layers(m, d) * p["LAYER_REPS"], p["SPLIT"],
+                                           "attribution: per layer"))
+                    rows.append(_curvature(nb, m, d, 0, 0, 2 * len(p["CAPTURE_SOURCES"]) * p["ELI_SAMPLES"],
+                                           min(p["MAX_SAMPLES"], SPLIT_SIZES[d]["calib"]), "attribution: ELI"))
+        elif nb == "13":  # per model: all-digital, all-analog and hilal-paper once per ablation (and COMPARE)
+            for i, m in enumerate(p["MODELS"]):
+                train(nb, m, p["DATASET"], p["EPOCHS"])
+                runs = len(p["ABLATIONS"]) + int(bool(p["COMPARE"]) and i == 0 and bool(p["ABLATIONS"]))
+                for method in ["all-digital", "all-analog"] + ["hilal-paper"] * runs:
+                    rows += mapping_counts(nb, method, m, p["DATASET"], layers(m, p["DATASET"]), p)
         elif nb == "08":
             from hilal.mapping import MAPPING_HESSIAN
 

@@ -198,3 +198,59 @@ def test_revert_to_digital_keeps_the_trained_tile_weights():
         revert_to_digital(analog, ["b"])
     with pytest.raises(HilalError, match="unknown layer"):
         revert_to_digital(analog, ["zz"])
+
+
+# The HILAL repository's tile configuration (anissbslh/HILAL, HILAL/models/common/gen_rpu_config.py), field by
+# field as the kit's names give them: ``pcm_hilal`` must hold exactly these values.
+HILAL_REPO_CONFIG = {
+    "mapping.digital_bias": True, "mapping.weight_scaling_omega": 1.0, "mapping.weight_scaling_columnwise": True,
+    "mapping.learn_out_scaling": True, "mapping.out_scaling_columnwise": True, "mapping.max_input_size": 256,
+    "mapping.max_output_size": 255, "noise_model.g_max": 25.0, "noise_model.prog_noise_scale": 1.0,
+    "noise_model.read_noise_scale": 1.0, "remap.type": "LAYERWISE_SYMMETRIC", "clip.type": "LAYER_GAUSSIAN",
+    "clip.sigma": 2.0, "modifier.type": "ADD_NORMAL", "modifier.rel_to_actual_wmax": True,
+    "modifier.std_dev": 0.08, "forward.out_noise": 0.06, "forward.inp_res": 1 / 254, "forward.out_res": 1 / 254,
+    "drift_compensation": "GlobalDriftCompensation", "noise_model": "PCMLikeNoiseModel",
+}
+
+
+def _field(cfg, path: str):
+    obj = cfg
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return getattr(obj, "name", None) or (type(obj).__name__ if not isinstance(obj, (bool, int, float)) else obj)
+
+
+def test_pcm_hilal_is_the_hilal_repositorys_configuration_and_differs_from_pcm_only_in_training(resnet8):
+    """``pcm_hilal`` holds the HILAL repository's values field by field, and differs from ``pcm`` only in
+    remapping, clipping and the training-noise modifier, which aihwkit applies during training (the modifier in
+    the training forward, clip and remap after each analog optimizer step): at inference, after the same
+    programming and drift, both give the same outputs to the bit; one analog optimizer step (learning rate 0,
+    so only clip and remap act) makes their weights differ."""
+    from aihwkit.optim import AnalogSGD
+
+    from hilal.analog import get_preset
+
+    hil, pcm = get_preset("pcm_hilal"), get_preset("pcm")
+    assert {k: _field(hil, k) for k in HILAL_REPO_CONFIG} == pytest.approx(HILAL_REPO_CONFIG)
+    differ = {k for k in HILAL_REPO_CONFIG if _field(hil, k) != _field(pcm, k)}
+    assert differ == {"remap.type", "clip.type", "clip.sigma", "modifier.type"}
+
+    model, x = resnet8, torch.randn(8, 1, 8, 8)
+    nets = {p: to_analog(model, mappable_layers(model), p).eval() for p in ("pcm", "pcm_hilal")}
+    for t in (60.0, 86400.0, 365 * 86400.0):
+        out = {}
+        for p, net in nets.items():
+            torch.manual_seed(1)
+            with torch.no_grad():
+                net.program_analog_weights()
+                net.drift_analog_weights(t)
+                out[p] = net(x)
+        assert torch.equal(out["pcm"], out["pcm_hilal"])
+    weights = {}
+    for p, net in nets.items():
+        net.train()
+        opt = AnalogSGD(net.parameters(), lr=0.0)
+        net(x).sum().backward()
+        opt.step()
+        weights[p] = torch.cat([w.flatten() for w, _ in (t.get_weights() for t in net.analog_tiles())])
+    assert not torch.allclose(weights["pcm"], weights["pcm_hilal"])

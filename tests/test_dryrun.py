@@ -225,7 +225,12 @@ def test_paper_counts_follow_the_profile():
     curv = counts[(counts.notebook == "03") & (counts.what == "curvature")].iloc[0]
     h = p["common"]["HESSIAN"]
     assert (curv.passes, curv.pass_samples) == (h["probes"] + h["power_iters"] + h["eli_samples"], h["max_samples"])
-    assert set(counts.notebook) == {"00", "01", "02", "03", "05", "07", "08", "10"}  # 04 and 06 reuse 03's and 05's
+    # 04 and 06 reuse 03's and 05's mappings
+    assert set(counts.notebook) == {"00", "01", "02", "03", "05", "07", "08", "10", "12", "13"}
+    p13 = p["notebooks"]["13"]
+    ablations = cost.notebook_parameters("paper")["13"]["ABLATIONS"]
+    paper_runs = counts[(counts.notebook == "13") & (counts.what == "map hilal-paper")]
+    assert len(paper_runs) == len(p13["MODELS"]) * len(ablations) + 1  # one more: the guard's comparison
 
 
 def test_cut_qa_split_scores_as_the_kit_does(small_root, monkeypatch):
@@ -267,7 +272,7 @@ def test_dry_run_end_to_end(tmp_path, monkeypatch):
     for nb, g in body.groupby("notebook"):
         row = table[(table.notebook == nb) & (table.model == "all")]
         assert row["hours"].iloc[0] == pytest.approx(g["hours"].sum())
-    assert set(body["notebook"]) == {"00", "01", "02", "03", "05", "07", "08", "10"}
+    assert set(body["notebook"]) == {"00", "01", "02", "03", "05", "07", "08", "10", "12", "13"}
 
 
 def test_latest_runs_keep_each_notebooks_last_row(tmp_path):

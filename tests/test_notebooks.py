@@ -24,7 +24,7 @@ FIGURES = {
     "00": ["00_quickstart_drift"],
     "01": ["01_digital_baselines"],
     "02": ["02_analog_drift"],
-    "03": ["03_layer_profile", "03_metric_vs_measured"],
+    "03": ["03_layer_profile", "03_metric_vs_measured", "03_validity"],
     "04": ["04_clusters"],
     "05": ["05_mapping_overview", "05_mapping_layers", "05_mapping_recheck"],
     "06": ["06_runtime"],
@@ -33,6 +33,8 @@ FIGURES = {
     "09": ["09_layer_profile", "09_mapping_overview", "09_mapping_layers"],
     "10": ["10_energy_frontier"],
     "11": ["11_sweep_seeds"],
+    "12": ["12_noise_attribution", "12_drift_compensation", "12_layer_attribution"],
+    "13": ["13_ablations"],
 }
 MAX_LINES = 30
 OWN_MODEL = {"09"}
@@ -196,6 +198,10 @@ def test_03_eli_ranks_the_layers_best(smoke):
     assert s["layers"] == 10
     assert rho["eli"] > 0.6
     assert rho["eli"] >= max(rho["trace"], rho["lambda_max"]) - 0.05
+    # the validity section: the model and preset of sections 1-2, its ceiling the root of their split-half
+    assert s["validity"]["resnet8/pcm_harsh"] == pytest.approx(rho)
+    assert s["ceiling"]["resnet8"]["pcm_harsh"] == pytest.approx(math.sqrt(max(s["split_half"], 0)))
+    assert rho["eli"] <= s["ceiling"]["resnet8"]["pcm_harsh"] + 0.25
 
 
 @pytest.mark.slow
@@ -318,6 +324,39 @@ def test_10_energy_frontier_numbers(smoke):
         assert p["energy_uj"] < lh["energy_uj"] and p["accuracy_drop"] <= lh["accuracy_drop"] + 1e-12
     if s["chosen"] is not None:
         assert s["chosen"]["analog_tiles"] <= s["max_tiles"]
+@pytest.mark.slow
+def test_12_noise_attribution_numbers(smoke):
+    """Each source alone costs less than the whole preset; the dominant sources named are sources; the output-space
+    ELI sees output noise, which the weight-space one cannot; with exact converters the drift-compensation factor
+    is the same for every layer, through the preset's periphery it is not."""
+    s = summary(smoke, "12")
+    sources = {"programming", "drift", "read", "dac", "adc", "output", "clipping"}
+    for by_time in s["dominant"].values():
+        for d in by_time.values():
+            assert d["alone"] in sources and d["removed"] in sources
+            assert d["share_alone"] < 1 and d["all_drop"] > 0
+    cap = s["capture"]
+    assert cap["output"]["eli_weight"] == 0 and cap["output"]["eli_output"] > 0
+    comp = pd.read_csv(smoke["figures"] / "12_drift_compensation.csv")
+    spread = comp.groupby("setting")["alpha"].std()
+    assert spread["drift"] < 0.05 and spread["all"] > spread["drift"]
+
+
+@pytest.mark.slow
+def test_13_ablations_numbers(smoke):
+    """The chart's baselines are what they say; the kit's guard keeps ``hilal-paper`` nearer the tolerance than
+    the paper-faithful variant, which keeps every robust layer it tries (as many analog, or more)."""
+    s = summary(smoke, "13")
+    m = s["models"]["resnet8"]
+    assert m["full digital"]["analog_mac_share"] == 0 and abs(m["full digital"]["drop"]) < 1e-9
+    assert m["full analog"]["analog_mac_share"] == pytest.approx(1.0) and m["full analog"]["drop"] > 0.05
+    assert s["variant"] == "kit" and set(s["tried"]["resnet8"]) <= set(m)
+    g = s["guard"]
+    kit, faithful = g["eli-r (kit)"], g["eli-r (paper-faithful)"]
+    assert faithful["kept"] == s["tried"]["resnet8"]["eli-r"] >= kit["kept"]
+    assert faithful["analog_mac_share"] >= kit["analog_mac_share"] and kit["drop"] <= faithful["drop"]
+
+
 def test_11_sweeps_numbers(smoke):
     """The notebook's numbers are those of the sweep table it read (the committed smoke sweep), recomputed."""
     from hilal.sweep import criteria, read_table

@@ -19,6 +19,7 @@ One concern per module, each importing only from those listed before it:
 - ``search``: HILAL (:func:`hilal`): curvature order and the stage searches (:func:`pareto_sets`)
 - ``paper``: the paper's variant (:func:`hilal_paper`) and its ablations
 - ``baselines``: LionHeart and the plain baselines
+- ``zeroshot``: the retraining-free methods (:func:`max_norm`, :func:`hilal_zeroshot`)
 - ``methods``: the :data:`METHODS` registry and :func:`run_mapping`
 - ``frontier``: :func:`energy_frontier`, accuracy against hardware cost along HILAL's knapsack frontier
 
@@ -37,12 +38,13 @@ from hilal.mapping.paper import ABLATIONS, hilal_paper, paper_clusters, paper_de
 from hilal.mapping.recheck import RECHECK_SEED, fresh_pass_rate, recheck
 from hilal.mapping.run import CONFIRM_SEED, Round, _decided, _Run, retrain
 from hilal.mapping.search import _extend_prefix, _knapsack, _scan, _screened, _trim, hilal, pareto_sets
+from hilal.mapping.zeroshot import hilal_zeroshot, longest_prefix, max_norm, row_norm_ratio, zeroshot_knapsack
 
 __all__ = [
     "ABLATIONS", "CONFIRM_SEED", "COSTS", "Journal", "MAPPING_HESSIAN", "METHODS", "MappingConfig", "MappingResult",
     "ORDERS", "RECHECK_SEED", "Round", "SEARCHES", "_Run", "_decided", "_extend_prefix", "_hessian_cfg", "_knapsack",
     "_scan", "_screened", "_trim", "all_analog", "all_analog_ft", "all_digital", "beats", "budget_choice",
-    "check_max_tiles", "energy_frontier", "fresh_pass_rate", "frontier_sets", "hilal", "hilal_paper", "lionheart",
-    "paper_clusters", "paper_descriptors", "pareto_sets", "random_order", "recheck", "restore", "retrain",
-    "run_mapping", "snapshot",
+    "check_max_tiles", "energy_frontier", "fresh_pass_rate", "frontier_sets", "hilal", "hilal_paper", "hilal_zeroshot",
+    "lionheart", "longest_prefix", "max_norm", "paper_clusters", "paper_descriptors", "pareto_sets", "random_order",
+    "recheck", "restore", "retrain", "row_norm_ratio", "run_mapping", "snapshot", "zeroshot_knapsack",
 ]

@@ -16,6 +16,7 @@ from hilal.mapping.config import COSTS, ORDERS, SEARCHES, MappingConfig, Mapping
 from hilal.mapping.paper import hilal_paper
 from hilal.mapping.run import _Run
 from hilal.mapping.search import hilal
+from hilal.mapping.zeroshot import hilal_zeroshot, max_norm
 from hilal.registry import HilalError, Registry, check_choice
 
 METHODS: Registry[Callable[..., MappingResult]] = Registry("method")
@@ -27,6 +28,8 @@ METHODS.add("random", random_order)
 METHODS.add("all-digital", all_digital)
 METHODS.add("all-analog", all_analog)
 METHODS.add("all-analog-ft", all_analog_ft)
+METHODS.add("max-norm", max_norm)
+METHODS.add("hilal-zeroshot", hilal_zeroshot)
 
 
 def run_mapping(method: str, model: nn.Module, splits: Splits, cfg: MappingConfig | None = None,
@@ -41,6 +44,8 @@ def run_mapping(method: str, model: nn.Module, splits: Splits, cfg: MappingConfi
     check_max_tiles(cfg.max_tiles)
     make_chip(cfg.chip, cfg.preset)  # an unknown or invalid chip setting fails before any work
     check_engine(cfg.engine)
+    if not isinstance(cfg.paper_guard, bool):
+        raise HilalError(f"paper_guard must be True or False, got {cfg.paper_guard!r}")
     return fn(_Run(method, model, splits, cfg, progress))
 
 

@@ -1,7 +1,9 @@
 """The HILAL paper's own variant (``hilal-paper``) and its ablations, kept faithful so the paper can be
 reproduced: descriptors on training mini-batches with isotropic noise (ELI_norm = 1/2 (gamma max|W|)^2
 tr(H_ll) / n_params, r = lambda_max / tr), k-means on their z-scores, and the robust layers offloaded one per
-stage with retraining judged without drift; sensitive layers are never tried (docs/design.md)."""
+stage with retraining judged without drift; sensitive layers are never tried (docs/design.md). The kit
+rejects a stage that breaks the tolerance unless ``MappingConfig.paper_guard`` is off (the paper-faithful
+variant, labelled so in the result)."""
 
 from __future__ import annotations
 
@@ -58,13 +60,17 @@ def paper_clusters(df: pd.DataFrame, ablation: str, seed: int, restarts: int = 8
 def hilal_paper(run: _Run) -> MappingResult:
     """The HILAL paper's variant: descriptors on training batches, isotropic noise, k-means on
     [ELI_norm, r] (or an ablation's feature), robust layers sorted by (ELI_norm, r) and offloaded one per
-    stage with retraining judged without drift; sensitive layers never tried."""
+    stage with retraining judged without drift; sensitive layers never tried. With ``paper_guard`` (the
+    default) a stage is judged at ``t_eval`` and rejected if it breaks the tolerance; without it, as
+    published, every stage is kept."""
     cfg = run.cfg
     df = run.timed_search(lambda: paper_clusters(paper_descriptors(run), cfg.ablation, cfg.seed))
     robust = df[df["cluster"] == "robust"].sort_values(["eli_norm", "r"], kind="stable")["layer"].tolist()
+    guard = cfg.paper_guard
     for i, name in enumerate(robust):
-        run.stage(f"robust-{i}", [name], drift=False)
-    res = run.finish(metrics=df, robust=robust, ablation=cfg.ablation)
+        run.stage(f"robust-{i}", [name], (lambda s: s >= run.floor()) if guard else None, drift=guard)
+    res = run.finish(metrics=df, robust=robust, ablation=cfg.ablation,
+                     variant="kit" if guard else "paper-faithful")
     nodrift = noisy_scores(run.model, run.splits, 0.0, res.reps, cfg.seed + 2, split="test",
                            engine=cfg.engine)
     res.extra["accuracy_t0_mean"] = float(nodrift.mean())

@@ -269,6 +269,13 @@ class _Run:
         self._record(key, layers, done, False, replayed=replayed)
         return float(done["score"])
 
+    def convert(self, layers: list[str]) -> None:
+        """Make ``layers`` analog on top of the current model as they are, without retraining (the last step of
+        a retraining-free method, whose screens already judged them)."""
+        if layers:
+            self.model = extend_analog(self.model, layers, self.cfg.preset)
+            self.layers = self.layers + list(layers)
+
     def _record(self, key: str, layers: list[str], done: dict[str, Any], kept: bool, replayed: bool = False) -> None:
         """Record a step against the current floor (:meth:`Ledger.record`)."""
         self.ledger.record(key, layers, done, kept, self.floor(), replayed)

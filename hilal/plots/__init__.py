@@ -17,6 +17,9 @@ One concern per module, each importing only from those listed before it:
 - ``hardware``: accuracy against energy and latency per sample along HILAL's frontier
   (:func:`energy_frontier_plot`, :func:`frontier_table`)
 - ``sweeps``: a sweep's runs across seeds per model and method (:func:`sweep_seeds`, :func:`seed_table`)
+- ``ablations``: the HILAL paper's ablation chart (:func:`ablation_table`, :func:`ablation_chart`)
+- ``noise``: noise attribution (:func:`attribution_bars`, :func:`layer_attribution`, :func:`compensation_plot`)
+- ``validity``: each metric against the measurement's ceiling across models and presets (:func:`validity_plot`)
 - ``transformer``: projections block by block (:func:`projection_groups`, :func:`transformer_layers`) and
   :func:`transformer_mapping`
 
@@ -26,6 +29,7 @@ function in a test, patch it in the module that calls it, not here.
 
 from __future__ import annotations
 
+from hilal.plots.ablations import ablation_chart, ablation_table
 from hilal.plots.base import (
     CLUSTER_COLORS,
     METHOD_ORDER,
@@ -50,14 +54,17 @@ from hilal.plots.comparison import (
 from hilal.plots.drift import accuracy_bars, drift_curves, headline, share_labels
 from hilal.plots.hardware import energy_frontier_plot, frontier_summary, frontier_table
 from hilal.plots.layers import METRIC_LABELS, cluster_plane, layer_profile, rank_correlations, sensitivity_scatter
+from hilal.plots.noise import attribution_bars, compensation_plot, layer_attribution
 from hilal.plots.sweeps import seed_table, sweep_seeds
 from hilal.plots.transformer import projection_groups, transformer_layers, transformer_mapping
+from hilal.plots.validity import validity_plot
 
 __all__ = [
-    "CLUSTER_COLORS", "HARDWARE_COLUMNS", "METHOD_ORDER", "METRIC_LABELS", "PALETTE", "accuracy_bars",
+    "CLUSTER_COLORS", "HARDWARE_COLUMNS", "METHOD_ORDER", "METRIC_LABELS", "PALETTE", "ablation_chart",
+    "ablation_table", "accuracy_bars", "attribution_bars", "compensation_plot", "layer_attribution",
     "cluster_plane", "drift_curves", "energy_frontier_plot", "frontier_summary", "frontier_table", "headline",
     "layer_heatmap", "layer_matrix", "layer_profile", "mapping_overview", "mapping_summary", "mapping_table",
     "projection_groups", "rank_correlations", "recheck_plot", "recheck_table", "runtime_bars", "save_summary",
     "savefig", "seed_table", "sensitivity_scatter", "share_labels", "speedup", "style", "sweep_seeds", "time_axis",
-    "transformer_layers", "transformer_mapping",
+    "transformer_layers", "transformer_mapping", "validity_plot",
 ]

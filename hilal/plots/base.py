@@ -39,7 +39,8 @@ _RC: dict[str, Any] = {
 }
 PALETTE = "colorblind"
 CLUSTER_COLORS = {"robust": "#2a9d8f", "sensitive": "#e76f51"}
-METHOD_ORDER = ("hilal", "hilal-paper", "lionheart", "random", "all-analog", "all-analog-ft", "all-digital")
+METHOD_ORDER = ("hilal", "hilal-paper", "hilal-zeroshot", "max-norm", "lionheart", "random", "all-analog",
+                "all-analog-ft", "all-digital")
 _NAME = re.compile(r"^\d\d_[A-Za-z0-9_\-]+$")
 # ticks drawn on time axes, where they fall inside the plotted range
 _TIME_TICKS = (1.0, 60.0, 3600.0, ONE_DAY, 30 * ONE_DAY, ONE_YEAR, 10 * ONE_YEAR)
