@@ -227,7 +227,7 @@ def validate_mapping_config(cfg: MappingConfig) -> None:
     check_count("seed", cfg.seed, 0)
     if cfg.final_reps is not None:
         check_count("final_reps", cfg.final_reps)
-    for name in ("robust_only", "trim", "confirm"):
+    for name in ("robust_only", "trim", "confirm", "paper_guard"):
         if not isinstance(getattr(cfg, name), bool):
             raise HilalError(f"{name} must be True or False; got {getattr(cfg, name)!r}")
     if not isinstance(cfg.finetune, FinetuneConfig):
