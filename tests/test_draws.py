@@ -74,7 +74,7 @@ def test_noise_draws_option_is_checked():
         next(weight_noise_stream(_Net(), ["head"], "pcm", 60.0, 1, draws="fast"))
 
 
-class _Small(nn.Module):
+class _DrawsNet(nn.Module):  # a name of its own: aihwkit caches its analog wrapper classes by class name
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 4, 3)
@@ -86,7 +86,7 @@ class _Small(nn.Module):
 
 def _small_case() -> tuple[nn.Module, list, list[str]]:
     torch.manual_seed(0)
-    model = _Small().eval()
+    model = _DrawsNet().eval()
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(24, 2, 5, 5, generator=g), torch.randint(0, 5, (24,), generator=g)
     return model, [(x[:16], y[:16]), (x[16:], y[16:])], ["conv", "fc"]
