@@ -254,7 +254,8 @@ def reproduce(profile: str | Path = "smoke", only: str | int | Iterable[str | in
     source = provenance_source(threads=int(omp))  # the kernels' threads, not this process's
     # inline backend: the executed copies under runs/ show their figures (an inherited Agg would hide them)
     with _environ(HILAL_FIGURES_DIR=str(fig_dir.resolve()), PYTHONPATH=pypath,
-                  MPLBACKEND="module://matplotlib_inline.backend_inline", OMP_NUM_THREADS=omp, **allocator_env(),
+                  MPLBACKEND="module://matplotlib_inline.backend_inline", OMP_NUM_THREADS=omp, MKL_NUM_THREADS=omp,
+                  **allocator_env(),
                   **extra_env):
         for key, (path, params) in todo.items():
             out_nb = run_dir / path.name
