@@ -155,19 +155,17 @@ def to_analog(model: nn.Module, layers: Iterable[str], preset: str | TorchInfere
     return analog
 
 
-def count_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
-    """Multiply-accumulates per sample of every mappable layer, measured with forward hooks on a real input.
-
-    Conv: output elements x (in_channels / groups) x kernel size; Linear: output elements x in_features.
-    """
-    macs: dict[str, int] = {}
+def output_elements(model: nn.Module, example_input: Any) -> dict[str, int]:
+    """Output elements per sample of every mappable layer the forward pass calls (summed over its calls),
+    measured with forward hooks on a real input in eval mode; the count MACs and tile activations derive from."""
+    found: dict[str, int] = {}
     hooks = []
     example_input = to_device(example_input, model_device(model))
     batch = _batch_of(example_input)
 
     def hook(name: str) -> Callable:
         def fn(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-            macs[name] = macs.get(name, 0) + int(out.numel() // batch * _fan_in(mod))
+            found[name] = found.get(name, 0) + int(out.numel() // batch)
         return fn
 
     for name, mod in model.named_modules():
@@ -182,7 +180,16 @@ def count_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return macs
+    return found
+
+
+def count_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
+    """Multiply-accumulates per sample of every mappable layer, measured with forward hooks on a real input.
+
+    Conv: output elements x (in_channels / groups) x kernel size; Linear: output elements x in_features.
+    """
+    mods = dict(model.named_modules())
+    return {n: e * _fan_in(mods[n]) for n, e in output_elements(model, example_input).items()}
 
 
 def _fan_in(mod: nn.Module) -> int:

@@ -13,16 +13,14 @@ them digital) are not costed: the model compares the two ways of running the wei
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import pandas as pd
-import torch
 from torch import nn
 
-from hilal.analog import ANALOG_TYPES, DIGITAL_TYPES, _batch_of, _call, _fan_in, get_preset
-from hilal.device import model_device, to_device
+from hilal.analog import ANALOG_TYPES, DIGITAL_TYPES, _fan_in, get_preset, output_elements
 from hilal.registry import HilalError, check_choice
 
 # Horowitz, "Computing's energy problem (and what we can do about it)", ISSCC 2014, 45 nm: multiply + add (pJ)
@@ -121,31 +119,12 @@ def layer_shapes(model: nn.Module, example_input: Any) -> pd.DataFrame:
     kernel size, or in_features), ``cols`` (out_channels / out_features) and ``activations`` per sample (output
     positions: a convolution's output pixels, a linear layer's tokens), measured with forward hooks on a real
     input; ``macs`` = rows x cols x activations, as :func:`hilal.analog.count_macs` counts them."""
-    found: dict[str, int] = {}
-    example_input = to_device(example_input, model_device(model))
-    batch = _batch_of(example_input)
-
-    def hook(name: str) -> Callable:
-        def fn(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-            cols = mod.out_channels if hasattr(mod, "out_channels") else mod.out_features
-            found[name] = found.get(name, 0) + int(out.numel() // batch // cols)
-        return fn
-
+    found = output_elements(model, example_input)
     mods = {n: m for n, m in model.named_modules() if isinstance(m, DIGITAL_TYPES + ANALOG_TYPES) and n}
-    hooks = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            _call(model, example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
     rows = []
     for n, m in mods.items():
         cols = m.out_channels if hasattr(m, "out_channels") else m.out_features
-        r, a = _fan_in(m), found.get(n, 0)
+        r, a = _fan_in(m), found.get(n, 0) // int(cols)
         rows.append({"layer": n, "rows": r, "cols": int(cols), "activations": a, "macs": r * int(cols) * a})
     return pd.DataFrame(rows, columns=["layer", "rows", "cols", "activations", "macs"])
 
