@@ -51,6 +51,9 @@ def test_hessian_bench_json(tmp_path, resnet8_digits):
     with pytest.raises(HilalError, match="unknown model 'no_such_model'; valid choices: "):  # before any work
         run_bench("hessian", out=out, models=["resnet8", "no_such_model"], progress=False)
     assert not out.exists()
+    for sides in (("batched", "exact"), ("batched",), ("loop", "loop")):
+        with pytest.raises(HilalError, match="pass_sides must be two or three different sides of: batched, sampled"):
+            run_bench("hessian", out=out, models=["resnet8"], pass_sides=sides, progress=False)
     run_bench("hessian", out=out, models=["resnet8"], repeats=2, probes=16, eli_samples=2, max_samples=48,
               progress=False)
     data = _load(out)

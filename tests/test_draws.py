@@ -135,13 +135,19 @@ def test_layer_metrics_reports_the_draws_and_checks_the_rule():
     cfg = HessianConfig(probes=4, power_iters=3, eli_samples=4, first_order_samples=40, eli_block=4)
     df = layer_metrics(model, batches, "pcm_harsh", cfg, progress=False)
     assert all(4 <= d <= 40 for d in df.attrs["eli_draws"])
-    full = layer_metrics(model, batches, "pcm_harsh", HessianConfig(**{**cfg.__dict__, "eli_rtol": 0.0}),
-                         progress=False)
+    full = layer_metrics(model, batches, "pcm_harsh",
+                         HessianConfig(**{**cfg.__dict__, "eli_rtol": 0.0, "first_order": "sampled"}), progress=False)
     assert full.attrs["eli_draws"] == [40, 40]
     loop = layer_metrics(model, batches, "pcm_harsh",
                          HessianConfig(**{**cfg.__dict__, "eli_rtol": 0.0, "noise_draws": "loop"}), progress=False)
-    np.testing.assert_array_equal(full["eli"].to_numpy(), loop["eli"].to_numpy())
-    for bad in ({"eli_rtol": -1.0}, {"eli_rtol": float("nan")}, {"eli_block": 0}):
+    np.testing.assert_array_equal(full["eli"].to_numpy(), loop["eli"].to_numpy())  # the loop has no surrogate
+    # the surrogate: the same draws, the same estimand, a smaller standard error of the first-order term
+    sur = layer_metrics(model, batches, "pcm_harsh", HessianConfig(**{**cfg.__dict__, "eli_rtol": 0.0}),
+                        progress=False)
+    np.testing.assert_array_equal(sur["eli_second"].to_numpy(), full["eli_second"].to_numpy())
+    z = (sur["eli"] - full["eli"]).abs() / np.hypot(sur["eli_se"], full["eli_se"])
+    assert (z < 4).all() and (sur["eli_se"] < full["eli_se"]).all()
+    for bad in ({"eli_rtol": -1.0}, {"eli_rtol": float("nan")}, {"eli_block": 0}, {"first_order": "exact"}):
         with pytest.raises(HilalError, match=next(iter(bad))):
             layer_metrics(model, batches, "pcm_harsh", HessianConfig(**{**cfg.__dict__, **bad}), progress=False)
 

@@ -44,6 +44,9 @@ class BenchConfig:
     """hessian: also time :func:`hilal.hessian.layer_metrics` at its default settings (on the preset, calibration
     samples and seed) with the batched, sequential noise draws against the loop of every draw (untimed
     agreement: z-scores of the ELI)."""
+    pass_sides: tuple[str, ...] = ("batched", "loop")
+    """hessian: sides of the curvature pass (:data:`hilal.bench.hessian.PASS_SIDES`), ``batched`` first, the
+    last one the reference of the speed-up and the z-scores."""
     t_inference: float = 86400.0
     """hessian/analog: inference time (s) of the noise samples and of the drift evaluation."""
     search_models: tuple[str, ...] = ("resnet8", "resnet20")
@@ -84,6 +87,11 @@ class BenchConfig:
         check_number("t_inference", self.t_inference, 0, low_open=True)
         if not self.mapping_seeds or not all(isinstance(s, int) and s >= 0 for s in self.mapping_seeds):
             raise HilalError(f"mapping_seeds must be one or more whole numbers >= 0; got {self.mapping_seeds!r}")
+        sides = ("batched", "sampled", "loop")  # hilal.bench.hessian.PASS_SIDES (that module imports this one)
+        bad = [s for s in self.pass_sides if s not in sides]
+        if bad or len(self.pass_sides) < 2 or len(set(self.pass_sides)) < len(self.pass_sides):
+            raise HilalError(f"pass_sides must be two or three different sides of: {', '.join(sides)}; "
+                             f"got {self.pass_sides!r}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:

@@ -130,33 +130,43 @@ def hvp_costs(model: nn.Module, batch: Any, layers: Sequence[str], repeats: int 
             "output_hvp_cost_ratio": b / o}
 
 
+PASS_SIDES = ("batched", "sampled", "loop")
+"""Sides of :func:`curvature_pass`: the default settings; the same without the first-order surrogate
+(``first_order="sampled"``); all draws from aihwkit one programming at a time (the path before both)."""
+
+
 def curvature_pass(model: nn.Module, splits: Any, cfg: BenchConfig) -> dict[str, Any]:
-    """:func:`hilal.hessian.layer_metrics` at its default settings, noise draws batched and stopped by the
-    sequential rule (``batched``) against one aihwkit programming per draw, all of them (``loop``, the path
-    before both): each side's pass and ELI seconds, the ELI's share of the pass, its draws (the mean over
-    layers; per layer in ``pass_estimates``), and the ELI's agreement in units of the combined standard
-    error (the sides share their first draws, so these z-scores understate a disagreement)."""
+    """:func:`hilal.hessian.layer_metrics` at its default settings (noise draws batched, first-order terms
+    around their closed-form surrogate, stopped by the sequential rule: ``batched``) against the sides of
+    ``cfg.pass_sides`` (:data:`PASS_SIDES`), the last one the reference: each side's pass and ELI seconds,
+    the ELI's share of the pass, its draws (the mean over layers; per layer in ``pass_estimates``), and the
+    ELI's agreement with the reference in units of the combined standard error (the sides share their first
+    draws, so these z-scores understate a disagreement)."""
     from hilal.hessian import HessianConfig, layer_metrics  # local: the report loads hilal.bench without the kit
 
     base = {"max_samples": cfg.max_samples, "t_inference": cfg.t_inference, "seed": cfg.seed}
-    sides = {"batched": HessianConfig(**base), "loop": HessianConfig(**base, noise_draws="loop", eli_rtol=0.0)}
-    out: dict[str, Any] = {}
+    configs = {"batched": HessianConfig(**base), "sampled": HessianConfig(**base, first_order="sampled"),
+               "loop": HessianConfig(**base, noise_draws="loop", eli_rtol=0.0)}
+    sides = ["batched", *[s for s in cfg.pass_sides if s != "batched"]]
+    out: dict[str, Any] = {"pass_reference": sides[-1]}
     tables = {}
-    for side, hc in sides.items():
+    for side in sides:
+        hc = configs[side]
         t, df = _clock(lambda hc=hc: layer_metrics(model, splits, cfg.preset, hc, progress=False))
         tables[side] = df
         out.update({f"pass_{side}_s": t, f"eli_{side}_s": df.attrs["eli_s"],
                     f"eli_share_{side}": df.attrs["eli_s"] / df.attrs["total_s"],
                     f"eli_draws_{side}": float(np.mean(df.attrs["eli_draws"]))})
-    b, lp = tables["batched"], tables["loop"]
+    ref = sides[-1]
+    b, lp = tables["batched"], tables[ref]
     z = _z(b["eli"].to_numpy(), b["eli_se"].to_numpy(), lp["eli"].to_numpy(), lp["eli_se"].to_numpy())
-    out.update({"pass_speedup": out["pass_loop_s"] / out["pass_batched_s"], "pass_max_z_eli": float(z.max()),
+    out.update({"pass_speedup": out[f"pass_{ref}_s"] / out["pass_batched_s"], "pass_max_z_eli": float(z.max()),
                 "pass_median_z_eli": float(np.median(z)),
                 "pass_estimates": pd.DataFrame({"layer": b["layer"], "eli_batched": b["eli"],
-                                                "eli_batched_se": b["eli_se"], "eli_loop": lp["eli"],
-                                                "eli_loop_se": lp["eli_se"], "z": z,
+                                                "eli_batched_se": b["eli_se"], "eli_ref": lp["eli"],
+                                                "eli_ref_se": lp["eli_se"], "z": z,
                                                 "draws_batched": b.attrs["eli_draws"],
-                                                "draws_loop": lp.attrs["eli_draws"]}).to_dict(orient="records")})
+                                                "draws_ref": lp.attrs["eli_draws"]}).to_dict(orient="records")})
     return out
 
 

@@ -25,8 +25,9 @@ def table(kind: str, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
         cols = ["model", "layers", "curvature", "hvps_joint", "hvps_per_layer", "joint_s", "per_layer_s", "speedup",
                 "output_hvp_cost_ratio", "max_rel_diff", "max_z_trace", "max_z_eli", "se_ratio_trace", "se_ratio_eli",
                 "equal_error_speedup"]
-        passes = ["pass_loop_s", "pass_batched_s", "pass_speedup", "eli_share_loop", "eli_share_batched",
-                  "eli_draws_loop", "eli_draws_batched", "pass_max_z_eli"]
+        passes = ["pass_loop_s", "pass_sampled_s", "pass_batched_s", "pass_speedup", "eli_share_loop",
+                  "eli_share_sampled", "eli_share_batched", "eli_draws_loop", "eli_draws_sampled",
+                  "eli_draws_batched", "pass_max_z_eli"]
         cols += [c for c in passes if any(c in r for r in records)]
         return pd.DataFrame([r if "equal_error_speedup" in r or "estimates" not in r else agreement(dict(r))
                              for r in records], columns=cols)

@@ -23,6 +23,7 @@ MODES = ("joint", "per_layer")
 GAUSS_NEWTON = ("auto", "off")
 NOISE_SPACES = ("weight", "output")
 NOISE_DRAWS = ("batched", "loop")
+FIRST_ORDER = ("surrogate", "sampled")
 COLUMNS = ["layer", "params", "macs", "trace", "trace_se", "lambda_max", "concentration", "eli", "eli_first",
            "eli_second", "eli_se"]
 
@@ -92,6 +93,12 @@ class HessianConfig:
     """How the weight-noise draws are taken from aihwkit: ``batched`` replays groups of programmings at once
     (:func:`hilal.hessian.draws.batched_weight_noise`), ``loop`` programs the converted model once per draw
     (the reference); the same draws to the bit."""
+    first_order: str = "surrogate"
+    """How the ELI's first-order term is estimated from the draws (``batched`` draws, ``joint`` mode):
+    ``surrogate`` takes each draw's term around a surrogate built from the same noise whose mean is known in
+    closed form (programming noise clamped at zero, drift, read noise; :mod:`hilal.hessian.systematic`), so
+    only the draw's remainder is sampled, a much smaller spread at the same mean; ``sampled`` averages the
+    draws' terms as they are (the estimates before, to the bit)."""
 
     def __post_init__(self) -> None:
         for name, low in (("probes", 1), ("power_iters", 1), ("eli_samples", 0), ("first_order_samples", 0),
@@ -102,6 +109,7 @@ class HessianConfig:
         check_choice("mode", self.mode, MODES)
         check_choice("noise space", self.noise, NOISE_SPACES)
         check_choice("gauss_newton", self.gauss_newton, GAUSS_NEWTON)
+        check_choice("first_order", self.first_order, FIRST_ORDER)
 
 
 def _batch_size_of(batch: Any) -> int:

@@ -9,7 +9,7 @@ of its own (the sequential ELI's extra draws)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch import nn
 from hilal.analog import check_layers, to_analog
 from hilal.batched_tile import _managed_product, _tiles_of, layer_tiles
 from hilal.hessian.config import NOISE_DRAWS
+from hilal.hessian.systematic import clamped_normal_mean, folded_exp_mean
 from hilal.registry import HilalError
 
 DRAW_MODES = NOISE_DRAWS
@@ -63,6 +64,7 @@ class _Tile:
     prog_sigma: list[torch.Tensor]
     mu_drift: list[torch.Tensor]
     sig_drift: list[torch.Tensor]
+    positive: torch.Tensor
 
 
 def _plan(tile: Any) -> _Tile:
@@ -81,7 +83,7 @@ def _plan(tile: Any) -> _Tile:
         rel = torch.clamp(torch.abs(g / nm.g_max), min=_ZERO_CLIP)
         mus.append((-0.0155 * torch.log(rel) + 0.0244).clamp(min=0.049, max=0.1))
         sigs.append((-0.0125 * torch.log(rel) - 0.0059).clamp(min=0.008, max=0.045))
-    return _Tile(tile, targets, params["scale_ratio"], prog, mus, sigs)
+    return _Tile(tile, targets, params["scale_ratio"], prog, mus, sigs, ref > 0)
 
 
 def _diagonal_product(x: torch.Tensor, w: torch.Tensor, axis: int) -> torch.Tensor:
@@ -154,36 +156,91 @@ def _program(p: _Tile, gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, l
 
 
 def _drift(p: _Tile, w: torch.Tensor, nus: Sequence[torch.Tensor], baseline: Any, t_inference: float,
-           gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """``apply_drift_noise`` of every draw's programmed weights, then the compensation factor alpha."""
+           gens: Sequence[torch.Generator], surrogate: bool = False
+           ) -> tuple[torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]:
+    """``apply_drift_noise`` of every draw's programmed weights, then the compensation factor alpha; with
+    ``surrogate``, also the draw's surrogate tile weights (:func:`hilal.hessian.systematic.surrogate_mean`):
+    the programmed weights times the drift and read-noise factor of the device the reference weight's sign
+    names, without the final clamp, a product of independent parts whose mean is known in closed form."""
     nm = p.tile.rpu_config.noise_model
     g_prog, ratio = _conductances(nm, w)
     t = t_inference + nm.t_0
     noise = [_randn(g[0], gens) for g in g_prog]  # per slice: read noise
-    finals = []
+    finals, factors = [], []
     for g, nu, n in zip(g_prog, nus, noise, strict=True):
         g_drift = g * _per_draw(lambda v: (t / nm.t_0) ** (-v), nu) if t > nm.t_0 else g
+        factor = (t / nm.t_0) ** (-nu) if t > nm.t_0 else torch.ones_like(g)
         if t > 0:
             q_s = (0.0088 / _per_draw(lambda v: v ** 0.65, torch.abs(g) / nm.g_max).clamp(min=1e-3)).clamp(max=0.2)
             sig_noise = q_s * np.sqrt(np.log((t + nm.t_read) / (2 * nm.t_read)))
             g = g_drift + torch.abs(g_drift) * nm.read_noise_scale * sig_noise * n
+            factor = factor * (1 + nm.read_noise_scale * sig_noise * n) if surrogate else factor
         finals.append(g.clamp(min=0.0))
+        factors.append(factor)
+    sur = w * torch.where(p.positive, factors[0], factors[1]) if surrogate else None
     w = _weights(nm, finals, ratio)
     current = _readout(p.tile, w, gens)
     if current is None:
-        return w, None
+        return w, None, sur
     dc = p.tile.rpu_config.drift_compensation
-    return w, [dc.apply(c, b) for c, b in zip(current, baseline, strict=True)]
+    return w, [dc.apply(c, b) for c, b in zip(current, baseline, strict=True)], sur
 
 
-def _effective(p: _Tile, w: torch.Tensor, alphas: list[torch.Tensor] | None) -> torch.Tensor:
-    """The weights the tile computes with per draw (as :func:`hilal.hessian.noise._analog_weight` reads them)."""
+def _effective(p: _Tile, w: torch.Tensor, alphas: list[torch.Tensor] | float | None) -> torch.Tensor:
+    """The weights the tile computes with per draw (as :func:`hilal.hessian.noise._analog_weight` reads them);
+    ``alphas`` one compensation factor per draw, or one for all."""
     scales = p.tile.get_scales()
     if scales is not None:
-        w = w * scales.detach().to(w.device).view(-1, 1)
-    if alphas is not None:
+        w = w * scales.detach().to(w.device, w.dtype).view(-1, 1)
+    if isinstance(alphas, float):
+        w = w * alphas
+    elif alphas is not None:
         w = w * torch.stack([torch.as_tensor(a).detach().to(w.device).reshape(-1)[0] for a in alphas]).view(-1, 1, 1)
     return w
+
+
+def _surrogate_mean(p: _Tile, t_inference: float) -> tuple[torch.Tensor, float]:
+    """The closed-form mean of a tile's surrogate weights (:func:`_drift`), tile-shaped, float64, and the
+    constant compensation factor the surrogate uses: the one global compensation finds for the mean weights."""
+    nm = p.tile.rpu_config.noise_model
+    prog = [clamped_normal_mean(g, sp) for g, sp in zip(p.targets, p.prog_sigma, strict=True)]
+    w = (prog[0] - prog[1]) / p.scale_ratio.double()
+    t = t_inference + nm.t_0
+    if t > nm.t_0:
+        rate = nm.drift_scale * float(np.log(t / nm.t_0))
+        d = [folded_exp_mean(mu, sd, rate) for mu, sd in zip(p.mu_drift, p.sig_drift, strict=True)]
+        mean = w * torch.where(p.positive, d[0], d[1])
+    else:
+        mean = w
+    alpha = 1.0
+    if p.tile.rpu_config.drift_compensation is not None:
+        alpha = float(w.abs().sum() / mean.abs().sum().clamp(min=1e-300))
+    return mean, alpha
+
+
+def surrogate_shift(model: nn.Module, layers: Sequence[str], preset: Any = "pcm", t_inference: float = 86400.0,
+                    analog: nn.Module | None = None) -> list[torch.Tensor]:
+    """Per layer, E[dS_l]: the mean, in closed form, of the surrogate weight change that
+    :func:`batched_weight_noise` and :func:`layer_noise` report beside each draw (float64, digital-weight
+    shaped). A draw's first-order term is the surrogate's plus a small remainder, so E[<dW, G>] is
+    <E[dS], G> plus the remainder's sampled mean."""
+    layers = check_layers(model, layers)
+    analog = analog if analog is not None else to_analog(model, layers, preset)
+    reason = draws_unsupported(analog, layers)
+    if reason is not None:
+        raise HilalError(f"the closed-form surrogate does not support {reason}")
+    mods, amods = dict(model.named_modules()), dict(analog.named_modules())
+    out = []
+    for n in layers:
+        tiles = {}
+        for t in _tiles_of(amods[n].analog_module):
+            p = _plan(t)
+            mean, alpha = _surrogate_mean(p, t_inference)
+            tiles[id(t)] = _effective(p, mean[None], alpha)[0]
+        ref = mods[n].weight.detach()
+        out.append(_assemble(amods[n].analog_module, {k: v[None] for k, v in tiles.items()})[0].reshape(ref.shape)
+                   .to(ref.device) - ref.double())
+    return out
 
 
 def _assemble(module: nn.Module, per_tile: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -194,23 +251,25 @@ def _assemble(module: nn.Module, per_tile: dict[int, torch.Tensor]) -> torch.Ten
     return per_tile[id(module)]
 
 
-def group_size(model: nn.Module, layers: Sequence[str], hold_bytes: float) -> int:
+def group_size(model: nn.Module, layers: Sequence[str], hold_bytes: float, tensors: int = 5) -> int:
     """Draws replayed together so that a group's state (programmed weights, drift coefficients, results:
-    about five weight-sized tensors a draw) stays within ``hold_bytes``; at least one."""
+    about ``tensors`` weight-sized tensors a draw) stays within ``hold_bytes``; at least one."""
     mods = dict(model.named_modules())
-    per_draw = 5 * sum(mods[n].weight.numel() * mods[n].weight.element_size() for n in layers)
+    per_draw = tensors * sum(mods[n].weight.numel() * mods[n].weight.element_size() for n in layers)
     return max(1, int(hold_bytes // max(per_draw, 1)))
 
 
 def batched_weight_noise(model: nn.Module, layers: Sequence[str], preset: Any = "pcm",
                          t_inference: float = 86400.0, samples: int = 16, seed: int = 0,
-                         hold_bytes: float = 2**30, analog: nn.Module | None = None, start: int = 0
+                         hold_bytes: float = 2**30, analog: nn.Module | None = None, start: int = 0,
+                         surrogate: Callable[[list[torch.Tensor]], None] | None = None
                          ) -> Iterator[list[torch.Tensor]]:
     """The draws of :func:`hilal.hessian.weight_noise_stream` (dw_l per layer, digital-weight shaped), equal to
     them to the bit, replayed in groups of draws (:func:`group_size`) instead of one aihwkit programming at a
     time, draws ``start`` to ``start + samples - 1``. ``analog``: the layers already converted with the
     preset. Tiles :func:`draws_unsupported` names a reason for are a :class:`HilalError`
-    (``weight_noise_stream`` runs the loop for them)."""
+    (``weight_noise_stream`` runs the loop for them). ``surrogate``: called with each draw's surrogate weight
+    changes (dS_l per layer, :func:`surrogate_shift`) before the draw is yielded."""
     layers = check_layers(model, layers)
     analog = analog if analog is not None else to_analog(model, layers, preset)
     reason = draws_unsupported(analog, layers)
@@ -220,29 +279,37 @@ def batched_weight_noise(model: nn.Module, layers: Sequence[str], preset: Any = 
     ref = [mods[n].weight.detach() for n in layers]
     modules = [amods[n].analog_module for n in layers]
     plans = [_plan(t) for t in layer_tiles(analog)]  # aihwkit's order: module order
-    step = group_size(model, layers, hold_bytes)
+    step = group_size(model, layers, hold_bytes, 5 if surrogate is None else 7)
     with torch.no_grad():
         for first in range(start, start + samples, step):
             reps = range(first, min(start + samples, first + step))
             device = plans[0].targets[0].device
             gens = [torch.Generator(device=device).manual_seed(seed * 100_003 + r) for r in reps]
-            layer_w = _replay(plans, modules, gens, t_inference)
+            layer_w, layer_s = _replay(plans, modules, gens, t_inference, surrogate is not None)
             for j in range(len(reps)):
+                if surrogate is not None:
+                    surrogate([v[j].reshape(r.shape).to(r.device) - r.double()
+                               for v, r in zip(layer_s, ref, strict=True)])
                 yield [w[j].to(device=r.device, dtype=r.dtype).reshape(r.shape) - r
                        for w, r in zip(layer_w, ref, strict=True)]
 
 
 def _replay(plans: list[_Tile], modules: Sequence[nn.Module], gens: Sequence[torch.Generator],
-            t_inference: float) -> list[torch.Tensor]:
+            t_inference: float, surrogate: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Every tile of ``plans`` programmed, then every tile drifted, as aihwkit does, each draw from its
-    generator; the effective weights of ``modules`` (draws first)."""
+    generator; the effective weights of ``modules`` (draws first), and with ``surrogate`` their surrogate
+    weights (float64, :func:`_drift`) at the constant compensation factor of :func:`_surrogate_mean`."""
     programmed: list[Any] = [_program(p, gens) for p in plans]
     eff: dict[int, torch.Tensor] = {}
+    sur: dict[int, torch.Tensor] = {}
     for i, p in enumerate(plans):
         w, nus, baseline = programmed[i]
         programmed[i] = None
-        eff[id(p.tile)] = _effective(p, *_drift(p, w, nus, baseline, t_inference, gens))
-    return [_assemble(m, eff) for m in modules]
+        w, alphas, s = _drift(p, w, nus, baseline, t_inference, gens, surrogate)
+        eff[id(p.tile)] = _effective(p, w, alphas)
+        if s is not None:
+            sur[id(p.tile)] = _effective(p, s.double(), _surrogate_mean(p, t_inference)[1])
+    return [_assemble(m, eff) for m in modules], [_assemble(m, sur) for m in modules] if surrogate else None
 
 
 LAYER_STREAM = 2**40
@@ -252,12 +319,13 @@ LAYER_STREAM = 2**40
 
 def layer_noise(model: nn.Module, layers: Sequence[str], active: Sequence[str], preset: Any = "pcm",
                 t_inference: float = 86400.0, samples: int = 16, seed: int = 0, start: int = 0,
-                hold_bytes: float = 2**30, analog: nn.Module | None = None
-                ) -> Iterator[list[torch.Tensor | None]]:
+                hold_bytes: float = 2**30, analog: nn.Module | None = None, surrogate: bool = False
+                ) -> Iterator[Any]:
     """Draws of dw_l like :func:`batched_weight_noise`'s, but only for the ``active`` layers (``None`` for the
     others), each layer's tiles from a stream of their own (:data:`LAYER_STREAM`): aihwkit's noise model and
     compensation, and so its distribution, per layer (aihwkit's draws of different tiles are independent),
-    without the arithmetic of the layers left out. Not the loop's numbers: its draws pass through every tile."""
+    without the arithmetic of the layers left out. Not the loop's numbers: its draws pass through every tile.
+    ``surrogate``: each draw is a pair, the changes and their surrogates (:func:`surrogate_shift`)."""
     layers = check_layers(model, layers)
     analog = analog if analog is not None else to_analog(model, layers, preset)
     reason = draws_unsupported(analog, layers)
@@ -267,16 +335,20 @@ def layer_noise(model: nn.Module, layers: Sequence[str], active: Sequence[str], 
     want = set(active)
     chosen = [(i, n) for i, n in enumerate(layers) if n in want]
     plans = {n: [_plan(t) for t in _tiles_of(amods[n].analog_module)] for _, n in chosen}
-    step = group_size(model, [n for _, n in chosen], hold_bytes) if chosen else max(samples, 1)
+    tensors = 5 if not surrogate else 7
+    step = group_size(model, [n for _, n in chosen], hold_bytes, tensors) if chosen else max(samples, 1)
     with torch.no_grad():
         for first in range(start, start + samples, step):
             reps = range(first, min(start + samples, first + step))
             out: list[list[torch.Tensor | None]] = [[None] * len(layers) for _ in reps]
+            sur: list[list[torch.Tensor | None]] = [[None] * len(layers) for _ in reps]
             for i, n in chosen:
                 device, ref = plans[n][0].targets[0].device, mods[n].weight.detach()
                 gens = [torch.Generator(device=device).manual_seed(seed * 100_003 + r + (i + 1) * LAYER_STREAM)
                         for r in reps]
-                (w,) = _replay(plans[n], [amods[n].analog_module], gens, t_inference)
+                (w,), s = _replay(plans[n], [amods[n].analog_module], gens, t_inference, surrogate)
                 for j in range(len(reps)):
                     out[j][i] = w[j].to(device=ref.device, dtype=ref.dtype).reshape(ref.shape) - ref
-            yield from out
+                    if s is not None:
+                        sur[j][i] = s[0][j].reshape(ref.shape).to(ref.device) - ref.double()
+            yield from (zip(out, sur, strict=True) if surrogate else out)

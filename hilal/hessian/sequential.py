@@ -7,6 +7,8 @@ the estimates of one pass over all draws."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,9 +21,26 @@ from hilal.hessian.operators import OutputOperator
 from hilal.registry import HilalError
 
 
-def eli_summary(first: np.ndarray | list[np.ndarray], quad: np.ndarray) -> dict[str, np.ndarray]:
+@dataclass
+class Control:
+    """The first-order terms' surrogate (:func:`hilal.hessian.draws.surrogate_shift`): ``closed`` per layer
+    <E[dS_l], G_l> in closed form, ``head`` per draw of the head (filled while the draws are read) the
+    layers' <dS_l, G_l>, ``grads`` the weight gradients G_l (:func:`weight_gradients`)."""
+
+    closed: np.ndarray
+    grads: list[torch.Tensor]
+    head: list[np.ndarray] = field(default_factory=list)
+
+    def record(self, ds: Sequence[torch.Tensor]) -> None:
+        """Keep one draw's <dS_l, G_l> (the ``surrogate`` callback of the head's draws)."""
+        self.head.append(np.array([_dot(g, d) for g, d in zip(self.grads, ds, strict=True)]))
+
+
+def eli_summary(first: np.ndarray | list[np.ndarray], quad: np.ndarray, offset: np.ndarray | None = None
+                ) -> dict[str, np.ndarray]:
     """``eli``, ``eli_first``, ``eli_second`` and ``eli_se`` from per-draw terms (draws x layers, or one array of
-    draws per layer), as :func:`hilal.hessian.output_loss_increase` combines them."""
+    draws per layer), as :func:`hilal.hessian.output_loss_increase` combines them; ``offset`` (per layer)
+    is added to the first-order means (the surrogate's closed-form part, the draws being remainders)."""
     if len(quad) == 0:
         raise HilalError("the expected loss increase needs at least one noise sample")
     if not isinstance(first, np.ndarray) and len({len(f) for f in first}) == 1:
@@ -32,6 +51,8 @@ def eli_summary(first: np.ndarray | list[np.ndarray], quad: np.ndarray) -> dict[
         mean = np.array([f.mean() for f in first])
         se_f = np.array([_se(f[:, None])[0] for f in first])
     se = np.sqrt(se_f**2 + _se(quad) ** 2)
+    if offset is not None:
+        mean = mean + offset
     return {"eli": mean + quad.mean(0), "eli_first": mean, "eli_second": quad.mean(0), "eli_se": se}
 
 
@@ -68,23 +89,31 @@ def weight_gradients(op: OutputOperator | GaussNewton) -> list[torch.Tensor]:
 def sequential_loss_increase(op: OutputOperator | GaussNewton, errors: Callable[[int, int], WeightOutputErrors],
                              samples: int, quadratic_samples: int, mode: str = "joint", seed: int = 0,
                              rtol: float = 0.0, block: int = 16,
-                             draws: Callable[[int, int, list[int]], Iterable[Sequence[torch.Tensor | None]]]
-                             | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                             draws: Callable[[int, int, list[int]], Iterable[Any]] | None = None,
+                             control: Control | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The output-space ELI of :func:`hilal.hessian.output_loss_increase` over at most ``samples`` draws per
     layer: the first ``quadratic_samples`` (at least ``block``) for all layers together, then ``block`` more
     at a time for each layer not yet :func:`settled` (``rtol`` 0: all ``samples`` in one pass, the estimates of
     :func:`hilal.hessian.output_loss_increase` to the bit). ``errors(start, count)``: the error source of draws
     ``start`` to ``start + count - 1`` of every layer. ``draws(start, count, layers)``: the weight changes of
     those draws for the layers numbered (``None`` for the others), whose first-order terms are dot products
-    with :func:`weight_gradients`; without it the extra draws come from ``errors``. Returns the estimates and
-    the draws each layer took."""
+    with :func:`weight_gradients`; without it the extra draws come from ``errors``. ``control``: every
+    first-order term is taken around its surrogate (``errors`` fills ``control.head``, ``draws`` yields
+    (changes, surrogates) pairs) and the closed-form part added back. Returns the estimates and the draws
+    each layer took."""
     head = min(samples, max(quadratic_samples, block if rtol > 0 else samples))
     out = output_loss_increase(op, errors(0, head), mode, seed, quadratic_samples, return_samples=True)
-    grads = None
+    grads = control.grads if control is not None else None
     quad = out["quadratic"]
     first = [out["first"][:, i] for i in range(out["first"].shape[1])]
+    offset = None
+    if control is not None:
+        sur = np.array(control.head)
+        if sur.shape != out["first"].shape:
+            raise HilalError(f"{len(sur)} surrogate terms for {len(out['first'])} draws")
+        first, offset = [f - sur[:, i] for i, f in enumerate(first)], control.closed
     while len(quad) > 0 and rtol > 0:
-        est = eli_summary(first, quad)
+        est = eli_summary(first, quad, offset)
         done = settled(est["eli"], est["eli_se"], rtol)
         todo = [i for i, ok in enumerate(done) if not ok and len(first[i]) < samples]
         if not todo:
@@ -96,8 +125,13 @@ def sequential_loss_increase(op: OutputOperator | GaussNewton, errors: Callable[
             more = output_loss_increase(op, errors(start, count), mode, seed, 0, return_samples=True)["first"]
         else:
             grads = grads if grads is not None else weight_gradients(op)
-            more = np.array([[np.nan if d is None else _dot(g, d.to(g)) for g, d in zip(grads, dw, strict=True)]
-                             for dw in draws(start, count, todo)])
+            if control is None:
+                more = np.array([[np.nan if d is None else _dot(g, d.to(g)) for g, d in zip(grads, dw, strict=True)]
+                                 for dw in draws(start, count, todo)])
+            else:
+                more = np.array([[np.nan if d is None else _dot(g, d.to(g)) - _dot(g, s)
+                                  for g, d, s in zip(grads, dw, ds, strict=True)]
+                                 for dw, ds in draws(start, count, todo)])
         for i in todo:
             first[i] = np.concatenate([first[i], more[:, i]])
-    return eli_summary(first, quad), np.array([len(f) for f in first])
+    return eli_summary(first, quad, offset), np.array([len(f) for f in first])
