@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from hilal import cost, dryrun, synthetic
+from hilal import cost, cost_units, dryrun, synthetic
 from hilal.paths import DRYRUN_MARKER
 from hilal.registry import HilalError
 from hilal.reproduce import list_notebooks
@@ -245,9 +245,9 @@ def test_cut_qa_split_scores_as_the_kit_does(small_root, monkeypatch):
     splits = load_dataset("squad", root=small_root)
     torch.manual_seed(0)
     model = model_for("mobilebert_tiny", splits).eval()
-    whole = cost._head(splits, "test", len(splits.test))
+    whole = cost_units._head(splits, "test", len(splits.test))
     assert evaluate(model, whole, "test") == evaluate(model, splits, "test")
-    part = cost._head(splits, "test", 3)
+    part = cost_units._head(splits, "test", 3)
     assert len(part.test) == 3 and len(part.test.examples) == len(set(splits.test.example_index[:3].tolist()))
 
 
