@@ -218,18 +218,25 @@ def _surrogate_mean(p: _Tile, t_inference: float) -> tuple[torch.Tensor, float]:
     return mean, alpha
 
 
+def _converted(model: nn.Module, layers: Sequence[str], preset: Any, analog: nn.Module | None, what: str
+               ) -> tuple[list[str], nn.Module, dict[str, nn.Module], dict[str, nn.Module]]:
+    """The checked layers, the analog copy (``analog``, or ``model`` converted with ``preset``) and the named
+    modules of both; a :class:`HilalError` naming ``what`` where :func:`draws_unsupported` gives a reason."""
+    layers = check_layers(model, layers)
+    analog = analog if analog is not None else to_analog(model, layers, preset)
+    reason = draws_unsupported(analog, layers)
+    if reason is not None:
+        raise HilalError(f"{what} do not support {reason}")
+    return layers, analog, dict(model.named_modules()), dict(analog.named_modules())
+
+
 def surrogate_shift(model: nn.Module, layers: Sequence[str], preset: Any = "pcm", t_inference: float = 86400.0,
                     analog: nn.Module | None = None) -> list[torch.Tensor]:
     """Per layer, E[dS_l]: the mean, in closed form, of the surrogate weight change that
     :func:`batched_weight_noise` and :func:`layer_noise` report beside each draw (float64, digital-weight
     shaped). A draw's first-order term is the surrogate's plus a small remainder, so E[<dW, G>] is
     <E[dS], G> plus the remainder's sampled mean."""
-    layers = check_layers(model, layers)
-    analog = analog if analog is not None else to_analog(model, layers, preset)
-    reason = draws_unsupported(analog, layers)
-    if reason is not None:
-        raise HilalError(f"the closed-form surrogate does not support {reason}")
-    mods, amods = dict(model.named_modules()), dict(analog.named_modules())
+    layers, analog, mods, amods = _converted(model, layers, preset, analog, "closed-form surrogates")
     out = []
     for n in layers:
         tiles = {}
@@ -270,12 +277,7 @@ def batched_weight_noise(model: nn.Module, layers: Sequence[str], preset: Any = 
     preset. Tiles :func:`draws_unsupported` names a reason for are a :class:`HilalError`
     (``weight_noise_stream`` runs the loop for them). ``surrogate``: called with each draw's surrogate weight
     changes (dS_l per layer, :func:`surrogate_shift`) before the draw is yielded."""
-    layers = check_layers(model, layers)
-    analog = analog if analog is not None else to_analog(model, layers, preset)
-    reason = draws_unsupported(analog, layers)
-    if reason is not None:
-        raise HilalError(f"batched noise draws do not support {reason}; use draws='loop'")
-    mods, amods = dict(model.named_modules()), dict(analog.named_modules())
+    layers, analog, mods, amods = _converted(model, layers, preset, analog, "batched noise draws (use draws='loop')")
     ref = [mods[n].weight.detach() for n in layers]
     modules = [amods[n].analog_module for n in layers]
     plans = [_plan(t) for t in layer_tiles(analog)]  # aihwkit's order: module order
@@ -326,12 +328,7 @@ def layer_noise(model: nn.Module, layers: Sequence[str], active: Sequence[str], 
     compensation, and so its distribution, per layer (aihwkit's draws of different tiles are independent),
     without the arithmetic of the layers left out. Not the loop's numbers: its draws pass through every tile.
     ``surrogate``: each draw is a pair, the changes and their surrogates (:func:`surrogate_shift`)."""
-    layers = check_layers(model, layers)
-    analog = analog if analog is not None else to_analog(model, layers, preset)
-    reason = draws_unsupported(analog, layers)
-    if reason is not None:
-        raise HilalError(f"batched noise draws do not support {reason}")
-    mods, amods = dict(model.named_modules()), dict(analog.named_modules())
+    layers, analog, mods, amods = _converted(model, layers, preset, analog, "batched noise draws")
     want = set(active)
     chosen = [(i, n) for i, n in enumerate(layers) if n in want]
     plans = {n: [_plan(t) for t in _tiles_of(amods[n].analog_module)] for _, n in chosen}
