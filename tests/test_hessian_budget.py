@@ -102,14 +102,14 @@ def test_graph_builds_are_what_the_docstring_says():
         p = 4
         assert df.attrs["strata"] == 2
         # weight space: construction + one pass per power iteration; output space: the first piece at
-        # construction, then traces, the weight gradients (the ELI's surrogate) and ELI, one pass each
-        assert _passes(df) == ((b + iters * b, 1 + 3 * p) if budget == 0 else (b, p)), budget
+        # construction, then traces and ELI, one pass each
+        assert _passes(df) == ((b + iters * b, 1 + 2 * p) if budget == 0 else (b, p)), budget
     # piecewise linear: Gauss-Newton blocks. Weight space: construction + the check's block HVPs; blocks:
     # construction (first batch), the check (which notes the traces), one per power iteration, ELI
     for budget in (0.0, math.inf):
         df = layer_metrics(_model(torch.relu), _data(), "pcm_harsh", _cfg(graph_bytes=budget), progress=False)
         assert df.attrs["curvature"] == "gauss-newton"
-        assert _passes(df) == ((2 * b, 1 + b + iters * b + 2 * b) if budget == 0 else (b, b)), budget
+        assert _passes(df) == ((2 * b, 1 + b + iters * b + b) if budget == 0 else (b, b)), budget
     # per_layer, weight noise: construction, traces, power iteration, ELI; nothing in output space
     df = layer_metrics(_model(torch.relu), _data(), "pcm_harsh", _cfg(graph_bytes=0, mode="per_layer"),
                        progress=False)

@@ -9,8 +9,8 @@ of its own (the sequential ELI's extra draws)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,8 @@ class _Tile:
     mu_drift: list[torch.Tensor]
     sig_drift: list[torch.Tensor]
     positive: torch.Tensor
+    alphas: dict[float, float] = field(default_factory=dict)
+    """The surrogate's compensation factor per inference time (:func:`_surrogate_mean`), once computed."""
 
 
 def _plan(tile: Any) -> _Tile:
@@ -159,7 +161,7 @@ def _drift(p: _Tile, w: torch.Tensor, nus: Sequence[torch.Tensor], baseline: Any
            gens: Sequence[torch.Generator], surrogate: bool = False
            ) -> tuple[torch.Tensor, list[torch.Tensor] | None, torch.Tensor | None]:
     """``apply_drift_noise`` of every draw's programmed weights, then the compensation factor alpha; with
-    ``surrogate``, also the draw's surrogate tile weights (:func:`hilal.hessian.systematic.surrogate_mean`):
+    ``surrogate``, also the draw's surrogate tile weights (:func:`surrogate_shift`):
     the programmed weights times the drift and read-noise factor of the device the reference weight's sign
     names, without the final clamp, a product of independent parts whose mean is known in closed form."""
     nm = p.tile.rpu_config.noise_model
@@ -168,16 +170,20 @@ def _drift(p: _Tile, w: torch.Tensor, nus: Sequence[torch.Tensor], baseline: Any
     noise = [_randn(g[0], gens) for g in g_prog]  # per slice: read noise
     finals, factors = [], []
     for g, nu, n in zip(g_prog, nus, noise, strict=True):
-        g_drift = g * _per_draw(lambda v: (t / nm.t_0) ** (-v), nu) if t > nm.t_0 else g
-        factor = (t / nm.t_0) ** (-nu) if t > nm.t_0 else torch.ones_like(g)
+        factor = _per_draw(lambda v: (t / nm.t_0) ** (-v), nu) if t > nm.t_0 else None
+        g_drift = g * factor if factor is not None else g
         if t > 0:
             q_s = (0.0088 / _per_draw(lambda v: v ** 0.65, torch.abs(g) / nm.g_max).clamp(min=1e-3)).clamp(max=0.2)
             sig_noise = q_s * np.sqrt(np.log((t + nm.t_read) / (2 * nm.t_read)))
             g = g_drift + torch.abs(g_drift) * nm.read_noise_scale * sig_noise * n
-            factor = factor * (1 + nm.read_noise_scale * sig_noise * n) if surrogate else factor
+            if surrogate:
+                read = (sig_noise * n).mul_(nm.read_noise_scale).add_(1.0)
+                factor = read.mul_(factor) if factor is not None else read
         finals.append(g.clamp(min=0.0))
         factors.append(factor)
-    sur = w * torch.where(p.positive, factors[0], factors[1]) if surrogate else None
+    sur = None
+    if surrogate:
+        sur = w if factors[0] is None else w * torch.where(p.positive, factors[0], factors[1])
     w = _weights(nm, finals, ratio)
     current = _readout(p.tile, w, gens)
     if current is None:
@@ -233,7 +239,7 @@ def _converted(model: nn.Module, layers: Sequence[str], preset: Any, analog: nn.
 def surrogate_shift(model: nn.Module, layers: Sequence[str], preset: Any = "pcm", t_inference: float = 86400.0,
                     analog: nn.Module | None = None) -> list[torch.Tensor]:
     """Per layer, E[dS_l]: the mean, in closed form, of the surrogate weight change that
-    :func:`batched_weight_noise` and :func:`layer_noise` report beside each draw (float64, digital-weight
+    :func:`layer_noise` reports beside each draw (float64, digital-weight
     shaped). A draw's first-order term is the surrogate's plus a small remainder, so E[<dW, G>] is
     <E[dS], G> plus the remainder's sampled mean."""
     layers, analog, mods, amods = _converted(model, layers, preset, analog, "closed-form surrogates")
@@ -268,30 +274,25 @@ def group_size(model: nn.Module, layers: Sequence[str], hold_bytes: float, tenso
 
 def batched_weight_noise(model: nn.Module, layers: Sequence[str], preset: Any = "pcm",
                          t_inference: float = 86400.0, samples: int = 16, seed: int = 0,
-                         hold_bytes: float = 2**30, analog: nn.Module | None = None, start: int = 0,
-                         surrogate: Callable[[list[torch.Tensor]], None] | None = None
+                         hold_bytes: float = 2**30, analog: nn.Module | None = None, start: int = 0
                          ) -> Iterator[list[torch.Tensor]]:
     """The draws of :func:`hilal.hessian.weight_noise_stream` (dw_l per layer, digital-weight shaped), equal to
     them to the bit, replayed in groups of draws (:func:`group_size`) instead of one aihwkit programming at a
     time, draws ``start`` to ``start + samples - 1``. ``analog``: the layers already converted with the
     preset. Tiles :func:`draws_unsupported` names a reason for are a :class:`HilalError`
-    (``weight_noise_stream`` runs the loop for them). ``surrogate``: called with each draw's surrogate weight
-    changes (dS_l per layer, :func:`surrogate_shift`) before the draw is yielded."""
+    (``weight_noise_stream`` runs the loop for them)."""
     layers, analog, mods, amods = _converted(model, layers, preset, analog, "batched noise draws (use draws='loop')")
     ref = [mods[n].weight.detach() for n in layers]
     modules = [amods[n].analog_module for n in layers]
     plans = [_plan(t) for t in layer_tiles(analog)]  # aihwkit's order: module order
-    step = group_size(model, layers, hold_bytes, 5 if surrogate is None else 7)
+    step = group_size(model, layers, hold_bytes)
     with torch.no_grad():
         for first in range(start, start + samples, step):
             reps = range(first, min(start + samples, first + step))
             device = plans[0].targets[0].device
             gens = [torch.Generator(device=device).manual_seed(seed * 100_003 + r) for r in reps]
-            layer_w, layer_s = _replay(plans, modules, gens, t_inference, surrogate is not None)
+            layer_w, _ = _replay(plans, modules, gens, t_inference)
             for j in range(len(reps)):
-                if surrogate is not None:
-                    surrogate([v[j].reshape(r.shape).to(r.device) - r.double()
-                               for v, r in zip(layer_s, ref, strict=True)])
                 yield [w[j].to(device=r.device, dtype=r.dtype).reshape(r.shape) - r
                        for w, r in zip(layer_w, ref, strict=True)]
 
@@ -300,7 +301,7 @@ def _replay(plans: list[_Tile], modules: Sequence[nn.Module], gens: Sequence[tor
             t_inference: float, surrogate: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Every tile of ``plans`` programmed, then every tile drifted, as aihwkit does, each draw from its
     generator; the effective weights of ``modules`` (draws first), and with ``surrogate`` their surrogate
-    weights (float64, :func:`_drift`) at the constant compensation factor of :func:`_surrogate_mean`."""
+    weights (:func:`_drift`) at the constant compensation factor of :func:`_surrogate_mean`."""
     programmed: list[Any] = [_program(p, gens) for p in plans]
     eff: dict[int, torch.Tensor] = {}
     sur: dict[int, torch.Tensor] = {}
@@ -310,7 +311,9 @@ def _replay(plans: list[_Tile], modules: Sequence[nn.Module], gens: Sequence[tor
         w, alphas, s = _drift(p, w, nus, baseline, t_inference, gens, surrogate)
         eff[id(p.tile)] = _effective(p, w, alphas)
         if s is not None:
-            sur[id(p.tile)] = _effective(p, s.double(), _surrogate_mean(p, t_inference)[1])
+            if t_inference not in p.alphas:
+                p.alphas[t_inference] = _surrogate_mean(p, t_inference)[1]
+            sur[id(p.tile)] = _effective(p, s, p.alphas[t_inference])
     return [_assemble(m, eff) for m in modules], [_assemble(m, sur) for m in modules] if surrogate else None
 
 
@@ -347,5 +350,5 @@ def layer_noise(model: nn.Module, layers: Sequence[str], active: Sequence[str], 
                 for j in range(len(reps)):
                     out[j][i] = w[j].to(device=ref.device, dtype=ref.dtype).reshape(ref.shape) - ref
                     if s is not None:
-                        sur[j][i] = s[0][j].reshape(ref.shape).to(ref.device) - ref.double()
+                        sur[j][i] = s[0][j].reshape(ref.shape).to(ref.device) - ref
             yield from (zip(out, sur, strict=True) if surrogate else out)

@@ -26,7 +26,6 @@ from hilal.hessian.config import (
     NOISE_SPACES,
     HessianConfig,
     _batch_size_of,
-    _dot,
     _truncate,
     calibration_batches,
 )
@@ -48,7 +47,7 @@ from hilal.hessian.noise import (
     weight_output_errors,
 )
 from hilal.hessian.operators import HessianOperator, OutputOperator
-from hilal.hessian.sequential import Control, sequential_loss_increase, weight_gradients
+from hilal.hessian.sequential import sequential_loss_increase
 from hilal.hessian.strata import _check_strata, strata_for
 from hilal.registry import HilalError, check_choice, is_count
 
@@ -75,8 +74,8 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
     state (graphs, or Gauss-Newton signals) is built once at construction, then P times per pass of: the
     Gauss-Newton check (1), traces (1; none on Gauss-Newton blocks, whose traces come with the check's
     pass), power iteration on Gauss-Newton blocks (1 per iteration) and ELI (1; weight noise: 1 per 1 GiB of
-    weight draws, plus 1 for the weight gradients of the first-order surrogate or of the sequential rule's
-    extra draws). With a budget that holds everything each is built once."""
+    weight draws, plus 1 for the weight gradients of the sequential rule's extra draws). With a budget that
+    holds everything each is built once."""
     cfg = cfg or HessianConfig()
     check_choice("mode", cfg.mode, MODES)
     check_choice("noise", cfg.noise, NOISE_SPACES)
@@ -164,24 +163,22 @@ def layer_metrics(model: nn.Module, splits: Splits | Sequence[Any], preset: Any 
             else:
                 analog = to_analog(model, layers, preset)
                 own = cfg.noise_draws == "batched" and draws_unsupported(analog, layers) is None
-                control = None
-                if own and cfg.first_order == "surrogate" and cfg.mode == "joint":
-                    grads = weight_gradients(out_op)
-                    shift = surrogate_shift(model, layers, preset, cfg.t_inference, analog=analog)
-                    control = Control(np.array([_dot(g, m) for g, m in zip(grads, shift, strict=True)]), grads)
+                surrogate = own and cfg.first_order == "surrogate" and cfg.mode == "joint"
 
                 def weight_errors(start: int, count: int, op: Any = out_op) -> Any:
                     return weight_output_errors(op, weight_noise_stream(
-                        model, layers, preset, cfg.t_inference, count, cfg.seed, cfg.noise_draws, start,
-                        surrogate=control.record if control is not None else None))
+                        model, layers, preset, cfg.t_inference, count, cfg.seed, cfg.noise_draws, start))
 
                 def layer_draws(start: int, count: int, only: list[int]) -> Any:
                     return layer_noise(model, layers, [layers[i] for i in only], preset, cfg.t_inference, count,
-                                       cfg.seed, start, analog=analog, surrogate=control is not None)
+                                       cfg.seed, start, analog=analog, surrogate=surrogate)
+
+                def shift() -> Any:
+                    return surrogate_shift(model, layers, preset, cfg.t_inference, analog=analog)
 
                 eli, eli_draws = sequential_loss_increase(out_op, weight_errors, draws, cfg.eli_samples, cfg.mode,
                                                           cfg.seed, cfg.eli_rtol, cfg.eli_block,
-                                                          layer_draws if own else None, control)
+                                                          layer_draws if own else None, shift if surrogate else None)
         else:  # per_layer mode, weight noise
             noise = weight_noise_stream(model, layers, preset, cfg.t_inference, draws, cfg.seed, cfg.noise_draws)
             eli = expected_loss_increase(op, noise, cfg.mode, cfg.seed, quadratic_samples=cfg.eli_samples)

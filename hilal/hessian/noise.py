@@ -5,7 +5,7 @@ inputs (:class:`WeightOutputErrors`), and the whole analog error of each layer's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -49,17 +49,14 @@ def _analog_weight(layer: nn.Module) -> torch.Tensor:
 
 def weight_noise_stream(model: nn.Module, layers: Sequence[str], preset: Any = "pcm",
                         t_inference: float = 86400.0, samples: int = 16, seed: int = 0,
-                        draws: str = "batched", start: int = 0,
-                        surrogate: Callable[[list[torch.Tensor]], None] | None = None
-                        ) -> Iterator[list[torch.Tensor]]:
+                        draws: str = "batched", start: int = 0) -> Iterator[list[torch.Tensor]]:
     """Draws of dw_l = (effective analog weight at ``t_inference``) - (digital weight) for every named layer,
     sampled through aihwkit: the layers are converted once with the preset, and each draw is a seeded
     ``program_analog_weights`` + ``drift_analog_weights`` (programming noise, drift, read noise and the
     drift compensation measured with the preset's IO). Yields one list per draw, tensors shaped like the
     digital weights, on the model's device and dtype. ``draws="batched"`` replays groups of draws at once
     (:func:`hilal.hessian.draws.batched_weight_noise`, the same numbers), ``"loop"`` programs one at a time.
-    ``start``: the number of the first draw (draws ``start`` to ``start + samples - 1`` of the seed's stream);
-    ``surrogate``: see :func:`hilal.hessian.draws.batched_weight_noise` (batched draws only)."""
+    ``start``: the number of the first draw (draws ``start`` to ``start + samples - 1`` of the seed's stream)."""
     from hilal.evaluate import inference_state, program_repetition
 
     check_choice("draws", draws, DRAW_MODES)
@@ -67,10 +64,8 @@ def weight_noise_stream(model: nn.Module, layers: Sequence[str], preset: Any = "
     analog = to_analog(model, layers, preset)
     if draws == "batched" and draws_unsupported(analog, layers) is None:
         yield from batched_weight_noise(model, layers, preset, t_inference, samples, seed, analog=analog,
-                                        start=start, surrogate=surrogate)
+                                        start=start)
         return
-    if surrogate is not None:
-        raise HilalError("the first-order surrogate needs batched draws of a supported noise model")
     mods, amods = dict(model.named_modules()), dict(analog.named_modules())
     ref = [mods[n].weight.detach() for n in layers]
     with inference_state(analog):

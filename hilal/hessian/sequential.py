@@ -7,7 +7,6 @@ the estimates of one pass over all draws."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,21 +18,6 @@ from hilal.hessian.gauss_newton import GaussNewton
 from hilal.hessian.noise import WeightOutputErrors
 from hilal.hessian.operators import OutputOperator
 from hilal.registry import HilalError
-
-
-@dataclass
-class Control:
-    """The first-order terms' surrogate (:func:`hilal.hessian.draws.surrogate_shift`): ``closed`` per layer
-    <E[dS_l], G_l> in closed form, ``head`` per draw of the head (filled while the draws are read) the
-    layers' <dS_l, G_l>, ``grads`` the weight gradients G_l (:func:`weight_gradients`)."""
-
-    closed: np.ndarray
-    grads: list[torch.Tensor]
-    head: list[np.ndarray] = field(default_factory=list)
-
-    def record(self, ds: Sequence[torch.Tensor]) -> None:
-        """Keep one draw's <dS_l, G_l> (the ``surrogate`` callback of the head's draws)."""
-        self.head.append(np.array([_dot(g, d) for g, d in zip(self.grads, ds, strict=True)]))
 
 
 def eli_summary(first: np.ndarray | list[np.ndarray], quad: np.ndarray, offset: np.ndarray | None = None
@@ -90,48 +74,56 @@ def sequential_loss_increase(op: OutputOperator | GaussNewton, errors: Callable[
                              samples: int, quadratic_samples: int, mode: str = "joint", seed: int = 0,
                              rtol: float = 0.0, block: int = 16,
                              draws: Callable[[int, int, list[int]], Iterable[Any]] | None = None,
-                             control: Control | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                             shift: Callable[[], Sequence[torch.Tensor]] | None = None
+                             ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The output-space ELI of :func:`hilal.hessian.output_loss_increase` over at most ``samples`` draws per
     layer: the first ``quadratic_samples`` (at least ``block``) for all layers together, then ``block`` more
     at a time for each layer not yet :func:`settled` (``rtol`` 0: all ``samples`` in one pass, the estimates of
     :func:`hilal.hessian.output_loss_increase` to the bit). ``errors(start, count)``: the error source of draws
     ``start`` to ``start + count - 1`` of every layer. ``draws(start, count, layers)``: the weight changes of
     those draws for the layers numbered (``None`` for the others), whose first-order terms are dot products
-    with :func:`weight_gradients`; without it the extra draws come from ``errors``. ``control``: every
-    first-order term is taken around its surrogate (``errors`` fills ``control.head``, ``draws`` yields
-    (changes, surrogates) pairs) and the closed-form part added back. Returns the estimates and the draws
-    each layer took."""
+    with :func:`weight_gradients`; without it the extra draws come from ``errors``.
+
+    ``shift``: the closed-form mean of the draws' first-order surrogates per layer
+    (:func:`hilal.hessian.draws.surrogate_shift`, called once, when needed); ``draws`` then yields (changes,
+    surrogates) pairs, and a layer not settled after the first draws takes its first-order term from its own
+    draws alone, as <E[dS], G> plus the mean of <dW - dS, G> (the first draws' plain terms, ten to fifty times
+    more spread, are set aside; its quadratic term keeps them). Returns the estimates and the draws each
+    layer took."""
     head = min(samples, max(quadratic_samples, block if rtol > 0 else samples))
     out = output_loss_increase(op, errors(0, head), mode, seed, quadratic_samples, return_samples=True)
-    grads = control.grads if control is not None else None
     quad = out["quadratic"]
-    first = [out["first"][:, i] for i in range(out["first"].shape[1])]
-    offset = None
-    if control is not None:
-        sur = np.array(control.head)
-        if sur.shape != out["first"].shape:
-            raise HilalError(f"{len(sur)} surrogate terms for {len(out['first'])} draws")
-        first, offset = [f - sur[:, i] for i, f in enumerate(first)], control.closed
+    n = out["first"].shape[1]
+    first = [out["first"][:, i] for i in range(n)]
+    taken, offset = np.full(n, len(out["first"])), np.zeros(n)
+    own = np.zeros(n, bool)  # first-order terms from the layer's own surrogate draws
+    grads = None
     while len(quad) > 0 and rtol > 0:
         est = eli_summary(first, quad, offset)
         done = settled(est["eli"], est["eli_se"], rtol)
-        todo = [i for i, ok in enumerate(done) if not ok and len(first[i]) < samples]
+        todo = [i for i, ok in enumerate(done) if not ok and taken[i] < samples]
         if not todo:
             break
+        if draws is not None:
+            grads = grads if grads is not None else weight_gradients(op)
+            if shift is not None and not own[todo].all():
+                closed = np.array([_dot(g, m) for g, m in zip(grads, shift(), strict=True)])
+                for i in todo:
+                    if not own[i]:
+                        own[i], first[i], offset[i] = True, np.empty(0), closed[i]
         start = min(len(first[i]) for i in todo)
-        count = min(block, samples - start)
         todo = [i for i in todo if len(first[i]) == start]
+        count = int(min(block, min(samples - taken[i] for i in todo)))
         if draws is None:
             more = output_loss_increase(op, errors(start, count), mode, seed, 0, return_samples=True)["first"]
+        elif shift is None:
+            more = np.array([[np.nan if d is None else _dot(g, d.to(g)) for g, d in zip(grads, dw, strict=True)]
+                             for dw in draws(start, count, todo)])
         else:
-            grads = grads if grads is not None else weight_gradients(op)
-            if control is None:
-                more = np.array([[np.nan if d is None else _dot(g, d.to(g)) for g, d in zip(grads, dw, strict=True)]
-                                 for dw in draws(start, count, todo)])
-            else:
-                more = np.array([[np.nan if d is None else _dot(g, d.to(g)) - _dot(g, s)
-                                  for g, d, s in zip(grads, dw, ds, strict=True)]
-                                 for dw, ds in draws(start, count, todo)])
+            more = np.array([[np.nan if d is None else _dot(g, d.to(g)) - _dot(g, ds)
+                              for g, d, ds in zip(grads, dw, dss, strict=True)]
+                             for dw, dss in draws(start, count, todo)])
         for i in todo:
             first[i] = np.concatenate([first[i], more[:, i]])
-    return eli_summary(first, quad, offset), np.array([len(f) for f in first])
+            taken[i] += count
+    return eli_summary(first, quad, offset), taken
