@@ -62,9 +62,10 @@ def measure_units(model_name: str, splits: Any, preset: str = "pcm", t_eval: flo
                   seed: int = 0, strict: bool = True) -> dict[str, Any]:
     """The unit costs (module docstring) of ``model_name`` on ``splits`` (random weights: costs do not depend
     on them), each the median of ``repeats`` timings after a warm-up. ``hvp_samples``: calibration samples of
-    the timed HVP (default 16, 1 for question answering); ``eval_samples``: test samples evaluated (at most the
-    split's); ``max_batch``: time training steps at most this large and scale them per sample to the real
-    batch (for models whose training batch does not fit the machine). Without ``strict`` a unit whose code
+    the timed HVP (default 16, 1 for question answering, at most ``max_batch``); ``eval_samples``: test samples
+    evaluated (at most the split's); ``max_batch``: time training steps at most this large and scale them per
+    sample to the real batch (for models whose training batch, or whose HVP's graph over 16 samples, does not
+    fit the machine). Without ``strict`` a unit whose code
     fails is NaN and its error goes into ``error`` (one line per unit), so the others are still measured."""
     from hilal.analog import mappable_layers, to_analog
     from hilal.evaluate import inference_state, program_repetition
@@ -83,7 +84,7 @@ def measure_units(model_name: str, splits: Any, preset: str = "pcm", t_eval: flo
     for name, v in (("repeats", repeats), ("eval_samples", eval_samples), ("max_batch", max_batch or 1)):
         if not is_count(v):
             raise HilalError(f"{name} must be a positive integer; got {v!r}")
-    hvp_samples = hvp_samples or (1 if splits.task == "qa" else 16)
+    hvp_samples = hvp_samples or min(1 if splits.task == "qa" else 16, max_batch or 16)
     torch.manual_seed(seed)
     model = model_for(model_name, splits).to(default_device())
     layers = mappable_layers(model)

@@ -155,9 +155,10 @@ SIZE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
 }
 """Per size, notebook number -> parameters that replace the profile's for that notebook."""
 
-MEASURE_BATCH: dict[str, dict[str, int]] = {"paper": {}, "cpu": {"squad": 1}}
+MEASURE_BATCH: dict[str, dict[str, int]] = {"paper": {}, "cpu": {"squad": 1, "imagenet": 8}}
 """Per size, dataset -> the largest batch :func:`hilal.cost.measure_units` times a step at (scaled per sample to
-the paper's batch): full-size MobileBERT's training batch does not fit a small machine's memory."""
+the paper's batch): full-size MobileBERT's training batch, and ViT-B/16's all-analog fine-tuning batch of 64 at
+224x224, do not fit a small machine's memory."""
 
 
 def default_root(size: str = "paper") -> Path:
