@@ -18,6 +18,12 @@ def pytest_collection_modifyitems(config, items):
     # The notebooks' file, the longest by far, runs first: with two workers (pytest-xdist, a file at a time)
     # the other takes every other file meanwhile.
     items.sort(key=lambda item: item.path.name != "test_notebooks.py")
+    # The paper-scale dry run only when a -m expression names it: any other (-m "not slow") keeps it out
+    if "paper" not in (config.getoption("markexpr") or ""):
+        paper = [item for item in items if "paper" in item.keywords]
+        if paper:
+            config.hook.pytest_deselected(items=paper)
+            items[:] = [item for item in items if "paper" not in item.keywords]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
