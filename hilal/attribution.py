@@ -49,12 +49,19 @@ def check_sources(sources: Sequence[str]) -> list[str]:
     return sources
 
 
-def source_config(preset: str | TorchInferenceRPUConfig, source: str, alone: bool = True
+def source_config(preset: str | TorchInferenceRPUConfig, source: str | Sequence[str], alone: bool = True
                   ) -> TorchInferenceRPUConfig:
     """The preset with only ``source`` switched on, at the preset's own strength (``all``: the preset as it is;
     ``none``: no noise, exact converters, no bounds); with ``alone=False`` the preset with only ``source``
     switched off (what removing it recovers, interactions included). Drift keeps the preset's drift
-    compensation."""
+    compensation. A sequence of sources switches those on together (``WEIGHT_SOURCES``: the weight noise with
+    an exact periphery)."""
+    if not isinstance(source, str):
+        on = check_sources(source)
+        if not alone or any(s in ("all", "none") for s in on):
+            raise HilalError(f"several sources are switched on together (alone=True), without 'all' or 'none'; "
+                             f"got {on!r} with alone={alone}")
+        return _switch(get_preset(preset), on)
     check_sources([source])
     cfg = get_preset(preset)
     if not alone:
@@ -65,6 +72,11 @@ def source_config(preset: str | TorchInferenceRPUConfig, source: str, alone: boo
         on = {"all": [*WEIGHT_SOURCES, *IO_SOURCES], "none": []}.get(source, [source])
     if source == "all":
         return cfg
+    return _switch(cfg, on)
+
+
+def _switch(cfg: TorchInferenceRPUConfig, on: Sequence[str]) -> TorchInferenceRPUConfig:
+    """``cfg`` (changed in place) with every source not in ``on`` switched off."""
     nm, f = cfg.noise_model, cfg.forward
     for s, attr in {"programming": "prog_noise_scale", "drift": "drift_scale", "read": "read_noise_scale"}.items():
         if s not in on:
