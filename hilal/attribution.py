@@ -75,6 +75,20 @@ def source_config(preset: str | TorchInferenceRPUConfig, source: str | Sequence[
     return _switch(cfg, on)
 
 
+def noise_conditions(preset: str | Any, removed: Sequence[str] = IO_SOURCES) -> dict[str, Any]:
+    """Labelled configs for :func:`hilal.validity.validity_table`'s ``presets``: the preset itself (under its
+    name, or ``preset``), its weight noise alone with an exact periphery (``weights only``: programming, drift,
+    read noise; what weight-space draws model), and the preset without each source of ``removed``
+    (``without <source>``, :func:`source_config`). Why: where ELI reaches the ceiling under one condition and
+    not under another, the sources that differ are what it misses. Note that ``without clipping`` also makes
+    the ADC finer: aihwkit sets the ADC step to ``out_res`` times twice the output bound, and with no bound to
+    ``out_res`` times 2 (12 times finer at the presets' bound of 12)."""
+    removed = check_sources(removed) if len(removed) else []
+    out = {preset if isinstance(preset, str) else "preset": preset,
+           "weights only": source_config(preset, list(WEIGHT_SOURCES))}
+    return out | {f"without {s}": source_config(preset, s, alone=False) for s in removed}
+
+
 def _switch(cfg: TorchInferenceRPUConfig, on: Sequence[str]) -> TorchInferenceRPUConfig:
     """``cfg`` (changed in place) with every source not in ``on`` switched off."""
     nm, f = cfg.noise_model, cfg.forward

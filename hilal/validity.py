@@ -2,7 +2,7 @@
 (:func:`measured_sensitivity`), the measurement's split-half reliability (:func:`split_half`: how well two
 halves of the draws rank the layers alike, the ceiling any metric's rank correlation with it can reach), and
 both for several models and presets (:func:`validity_table`), under the preset with single noise sources
-switched off (:func:`noise_conditions`), and per layer (:func:`layer_agreement`)."""
+switched off (:func:`hilal.attribution.noise_conditions`), and per layer (:func:`layer_agreement`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hilal.analog import check_layers, mappable_layers, to_analog
-from hilal.attribution import IO_SOURCES, WEIGHT_SOURCES, check_sources, source_config
 from hilal.data import Splits
 from hilal.evaluate import _loss_and_accuracy, per_repetition
 from hilal.hessian import HessianConfig, layer_metrics
@@ -85,7 +84,8 @@ def validity_table(models: Mapping[str, nn.Module], splits: Splits, presets: Seq
     """One row per (model, preset, metric): the Spearman correlation of the metric (:func:`layer_metrics` with
     ``cfg`` at ``t_inference``) with the measured single-layer loss increase, the measurement's split-half
     reliability (:func:`split_half` with ``halves``) and its ceiling. ``presets`` are names, or a mapping of
-    labels to presets or configs (:func:`noise_conditions`); ``done`` maps (model, label) to (metrics, draws)
+    labels to presets or configs
+    (:func:`hilal.attribution.noise_conditions`); ``done`` maps (model, label) to (metrics, draws)
     already computed."""
     cfg = cfg or HessianConfig()
     presets = dict(presets) if isinstance(presets, Mapping) else {p: p for p in presets}
@@ -106,18 +106,6 @@ def validity_table(models: Mapping[str, nn.Module], splits: Splits, presets: Seq
                              "ceiling": ceiling(rel), "layers": len(measured),
                              "reps": int(draws["rep"].nunique())})
     return pd.DataFrame(rows)
-
-
-def noise_conditions(preset: str | Any, removed: Sequence[str] = IO_SOURCES) -> dict[str, Any]:
-    """Labelled configs for :func:`validity_table`'s ``presets``: the preset itself (under its name, or
-    ``preset``), its weight noise alone with an exact periphery (``weights only``: programming, drift, read
-    noise; what weight-space draws model), and the preset without each source of ``removed``
-    (``without <source>``, :func:`hilal.attribution.source_config`). Why: where ELI reaches the ceiling under
-    one condition and not under another, the sources that differ are what it misses."""
-    check_sources(removed)
-    out = {preset if isinstance(preset, str) else "preset": preset,
-           "weights only": source_config(preset, list(WEIGHT_SOURCES))}
-    return out | {f"without {s}": source_config(preset, s, alone=False) for s in removed}
 
 
 def layer_agreement(metrics: pd.DataFrame, draws: pd.DataFrame, metric: str = "eli",

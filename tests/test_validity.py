@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
+from hilal.attribution import noise_conditions
 from hilal.evaluate import single_layer_sensitivity
 from hilal.registry import HilalError
 from hilal.validity import (
     ceiling,
     layer_agreement,
     measured_sensitivity,
-    noise_conditions,
     split_half,
     validity_table,
 )
@@ -117,6 +117,7 @@ def test_noise_conditions_switch_the_sources_off():
     assert w.forward.is_perfect and w.noise_model.prog_noise_scale > 0 and w.drift_compensation is not None
     assert cond["without output"].forward.out_noise == 0 and not cond["without output"].forward.is_perfect
     assert cond["without clipping"].forward.out_bound == -1.0 and cond["without clipping"].forward.out_noise > 0
+    assert list(noise_conditions("pcm", removed=[])) == ["pcm", "weights only"]
     with pytest.raises(HilalError, match="unknown noise source"):
         noise_conditions("pcm_harsh", removed=["bogus"])
 
