@@ -49,12 +49,19 @@ def check_sources(sources: Sequence[str]) -> list[str]:
     return sources
 
 
-def source_config(preset: str | TorchInferenceRPUConfig, source: str, alone: bool = True
+def source_config(preset: str | TorchInferenceRPUConfig, source: str | Sequence[str], alone: bool = True
                   ) -> TorchInferenceRPUConfig:
     """The preset with only ``source`` switched on, at the preset's own strength (``all``: the preset as it is;
     ``none``: no noise, exact converters, no bounds); with ``alone=False`` the preset with only ``source``
     switched off (what removing it recovers, interactions included). Drift keeps the preset's drift
-    compensation."""
+    compensation. A sequence of sources switches those on together (``WEIGHT_SOURCES``: the weight noise with
+    an exact periphery)."""
+    if not isinstance(source, str):
+        on = check_sources(source)
+        if not alone or any(s in ("all", "none") for s in on):
+            raise HilalError(f"several sources are switched on together (alone=True), without 'all' or 'none'; "
+                             f"got {on!r} with alone={alone}")
+        return _switch(get_preset(preset), on)
     check_sources([source])
     cfg = get_preset(preset)
     if not alone:
@@ -65,6 +72,25 @@ def source_config(preset: str | TorchInferenceRPUConfig, source: str, alone: boo
         on = {"all": [*WEIGHT_SOURCES, *IO_SOURCES], "none": []}.get(source, [source])
     if source == "all":
         return cfg
+    return _switch(cfg, on)
+
+
+def noise_conditions(preset: str | Any, removed: Sequence[str] = IO_SOURCES) -> dict[str, Any]:
+    """Labelled configs for :func:`hilal.validity.validity_table`'s ``presets``: the preset itself (under its
+    name, or ``preset``), its weight noise alone with an exact periphery (``weights only``: programming, drift,
+    read noise; what weight-space draws model), and the preset without each source of ``removed``
+    (``without <source>``, :func:`source_config`). Why: where ELI reaches the ceiling under one condition and
+    not under another, the sources that differ are what it misses. Note that ``without clipping`` also makes
+    the ADC finer: aihwkit sets the ADC step to ``out_res`` times twice the output bound, and with no bound to
+    ``out_res`` times 2 (12 times finer at the presets' bound of 12)."""
+    removed = check_sources(removed) if len(removed) else []
+    out = {preset if isinstance(preset, str) else "preset": preset,
+           "weights only": source_config(preset, list(WEIGHT_SOURCES))}
+    return out | {f"without {s}": source_config(preset, s, alone=False) for s in removed}
+
+
+def _switch(cfg: TorchInferenceRPUConfig, on: Sequence[str]) -> TorchInferenceRPUConfig:
+    """``cfg`` (changed in place) with every source not in ``on`` switched off."""
     nm, f = cfg.noise_model, cfg.forward
     for s, attr in {"programming": "prog_noise_scale", "drift": "drift_scale", "read": "read_noise_scale"}.items():
         if s not in on:

@@ -167,6 +167,14 @@ def profile_counts(profile: str | Path = "paper", layers: Callable[[str, str], i
                                                    "validity: curvature"))
                             rows.append(_evals(nb, vm, d, layers(vm, d) * p["VALIDITY_REPS"], "calib",
                                                "validity: single-layer sensitivity"))
+                wm = p["WHY_MODEL"]  # section 6: weight noise only, and without each source of WHY_REMOVED
+                train(nb, wm, d, p["EPOCHS"])
+                reused = wm == m and p["WHY_REPS"] == p["SENS_REPS"]  # the preset itself is sections 1-2's
+                for _ in range(len(p["WHY_REMOVED"]) + (1 if reused else 2)):
+                    rows.append(_curvature(nb, wm, d, p["PROBES"], p["POWER_ITERS"], p["ELI_SAMPLES"],
+                                           min(p["MAX_SAMPLES"], SPLIT_SIZES[d]["calib"]), "why: curvature"))
+                    rows.append(_evals(nb, wm, d, layers(wm, d) * p["WHY_REPS"], "calib",
+                                       "why: single-layer sensitivity"))
         elif nb in ("05", "06", "07"):
             m, d = p["MODEL"], p["DATASET"]
             train(nb, m, d, p["EPOCHS"])

@@ -24,7 +24,7 @@ FIGURES = {
     "00": ["00_quickstart_drift"],
     "01": ["01_digital_baselines"],
     "02": ["02_analog_drift"],
-    "03": ["03_layer_profile", "03_metric_vs_measured", "03_validity"],
+    "03": ["03_layer_profile", "03_metric_vs_measured", "03_validity", "03_validity_sources"],
     "04": ["04_clusters"],
     "05": ["05_mapping_overview", "05_mapping_layers", "05_mapping_recheck"],
     "06": ["06_runtime"],
@@ -202,6 +202,10 @@ def test_03_eli_ranks_the_layers_best(smoke):
     assert s["validity"]["resnet8/pcm_harsh"] == pytest.approx(rho)
     assert s["ceiling"]["resnet8"]["pcm_harsh"] == pytest.approx(math.sqrt(max(s["split_half"], 0)))
     assert rho["eli"] <= s["ceiling"]["resnet8"]["pcm_harsh"] + 0.25
+    # section 6: the preset again (sections 1-2 reused) and its weight noise alone
+    assert list(s["why"]) == ["model", "pcm_harsh", "weights only"] and s["why"]["model"] == "resnet8"
+    assert s["why"]["pcm_harsh"]["eli"] == pytest.approx(rho["eli"])
+    assert 0 <= s["why"]["weights only"]["ceiling"] <= 1
 
 
 @pytest.mark.slow
