@@ -63,6 +63,8 @@ def test_notebook_is_stripped_and_follows_the_conventions(key):
     path = NOTEBOOKS[key]
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
+    ids = [c.get("id") for c in json.loads(path.read_text())["cells"]]  # as committed: nbformat fills missing ones
+    assert all(ids) and len(set(ids)) == len(ids), f"{path.name}: every cell needs an id of its own (nbformat 4.5)"
     cells = code_cells(nb)
     for c in cells:
         assert c.outputs == [] and c.execution_count is None, f"{path.name}: commit it with outputs stripped"
