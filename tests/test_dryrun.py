@@ -151,7 +151,7 @@ def test_dryrun_profile_keeps_the_paper_choices_and_cuts_every_count():
         for k in choices & set(p):
             assert d[k] == p[k], (nb, k)
         for k in ("EPOCHS", "VIT_EPOCHS", "QA_EPOCHS", "REPS", "PATIENCE", "MAX_ROUNDS", "PROBES", "POWER_ITERS",
-                  "ELI_SAMPLES", "SENS_REPS", "DRIFT_REPS"):
+                  "ELI_SAMPLES", "FIRST_ORDER_SAMPLES", "SENS_REPS", "DRIFT_REPS"):
             if k in p and p[k] == 0:  # 0 epochs: pretrained weights as loaded, in both
                 assert d[k] == 0, (nb, k)
             elif k in p:
