@@ -10,7 +10,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from hilal.plots.base import PALETTE, _percent_axis, style
+from hilal.plots.base import PALETTE, _percent_axis, finish_grid, style
 
 BASELINES = {"all-digital": "full digital", "all-analog": "full analog"}
 
@@ -51,9 +51,5 @@ def ablation_chart(table: pd.DataFrame, title: str = "") -> tuple[Figure, pd.Dat
             ax.set_ylim(max(0.0, float((table["accuracy"] - table["accuracy_std"]).min()) - 0.1), 1.05)
             _percent_axis(ax, "y")
             ax.set_xlabel("")
-        g.set_axis_labels("", "test accuracy (label: analog MAC share)")
-        g.set_titles("{col_name}")
-        if title:
-            g.figure.suptitle(title, y=1.0)
-            g.figure.subplots_adjust(top=0.82)
+        finish_grid(g, "test accuracy (label: analog MAC share)", title)
     return g.figure, table

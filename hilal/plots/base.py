@@ -117,3 +117,12 @@ def _order(values: Iterable[str], preferred: Sequence[str] = ()) -> list[str]:
 
 def _short(layer: str, width: int = 20) -> str:
     return layer if len(layer) <= width else "…" + layer[-(width - 1):]
+
+
+def finish_grid(g: Any, ylabel: str, title: str | None) -> None:
+    """A seaborn grid's axis labels (no x label), facet titles by column value and an optional title above."""
+    g.set_axis_labels("", ylabel)
+    g.set_titles("{col_name}")
+    if title:
+        g.figure.suptitle(title, y=1.0)
+        g.figure.subplots_adjust(top=0.82)

@@ -7,7 +7,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from hilal.plots.base import PALETTE, style
+from hilal.plots.base import PALETTE, finish_grid, style
 
 
 def validity_plot(table: pd.DataFrame, title: str = "") -> tuple[Figure, pd.DataFrame]:
@@ -28,9 +28,5 @@ def validity_plot(table: pd.DataFrame, title: str = "") -> tuple[Figure, pd.Data
             ax.set_ylim(-1, 1.05)
             ax.set_xlabel("")
         g.axes.flat[0].legend(loc="lower left", fontsize=8)
-        g.set_axis_labels("", "Spearman with measured loss increase")
-        g.set_titles("{col_name}")
-        if title:
-            g.figure.suptitle(title, y=1.0)
-            g.figure.subplots_adjust(top=0.82)
+        finish_grid(g, "Spearman with measured loss increase", title)
     return g.figure, table
