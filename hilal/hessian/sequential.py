@@ -97,7 +97,7 @@ def sequential_loss_increase(op: OutputOperator | GaussNewton, errors: Callable[
     first = [out["first"][:, i] for i in range(n)]
     taken, offset = np.full(n, len(out["first"])), np.zeros(n)
     own = np.zeros(n, bool)  # first-order terms from the layer's own surrogate draws
-    grads = None
+    grads = closed = None
     while len(quad) > 0 and rtol > 0:
         est = eli_summary(first, quad, offset)
         done = settled(est["eli"], est["eli_se"], rtol)
@@ -107,7 +107,8 @@ def sequential_loss_increase(op: OutputOperator | GaussNewton, errors: Callable[
         if draws is not None:
             grads = grads if grads is not None else weight_gradients(op)
             if shift is not None and not own[todo].all():
-                closed = np.array([_dot(g, m) for g, m in zip(grads, shift(), strict=True)])
+                if closed is None:  # once: a layer settled before may need draws again as its neighbours move
+                    closed = np.array([_dot(g, m) for g, m in zip(grads, shift(), strict=True)])
                 for i in todo:
                     if not own[i]:
                         own[i], first[i], offset[i] = True, np.empty(0), closed[i]
